@@ -1,0 +1,211 @@
+"""Typed, validated experiment configuration: the single source of every default.
+
+A YAML file in ``configs/`` has up to three sections (``train``, ``calibrate``,
+``certify``); anything left out takes the defaults below. CLI flags override single
+fields and take their defaults from these models too, so a default lives in one place.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TbnError
+
+Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn"]
+DataSource = Literal["auto", "official", "jpeg", "partial"]
+Norm = Literal["l2", "linf"]
+Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units")]
+
+#: Radii at which certified accuracy is tabulated (science.md: 0, 0.25, ..., 2.25).
+REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
+
+
+def _number(v: Any) -> Any:
+    """Accept ``8/255``-style strings, the way l-inf budgets are usually written."""
+    if isinstance(v, str):
+        try:
+            return float(Fraction(v.strip()))
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"not a number: {v!r}") from e
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where CIFAR-10 comes from (``auto``: official files, else the JPEG mirror, else the exact subset)."""
+
+    source: DataSource = "auto"
+    root: str | None = Field(None, description="directory of the official cifar-10-batches-py (downloaded here if missing)")
+    shared_dir: str | None = Field(None, description="offline copies (shared/data); auto-detected when unset")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N training images only")
+
+
+class ModelConfig(_Strict):
+    arch: Arch = "resnet20"
+    depth: int = Field(28, ge=10, description="WideResNet depth (6k+4)")
+    width: int = Field(10, ge=1, description="WideResNet widening factor")
+
+    @model_validator(mode="after")
+    def _wrn_depth(self) -> ModelConfig:
+        if self.arch == "wrn" and (self.depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6k+4 (e.g. 28, 34), got {self.depth}")
+        return self
+
+
+class AttackConfig(_Strict):
+    """A PGD threat model; budgets are in [0,1] pixel units (``8/255`` accepted)."""
+
+    norm: Norm = "l2"
+    eps: float = Field(0.5, gt=0)
+    steps: int = Field(7, ge=1)
+    step_size: float | None = Field(None, gt=0, description="default 2.5 * eps / steps (Madry et al.)")
+    random_start: bool = True
+    restarts: int = Field(1, ge=1)
+
+    _num = field_validator("eps", "step_size", mode="before")(_number)
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size, split across workers")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[float, ...] = Field((0.5, 0.75), description="step schedule: fractions of training")
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype; used on GPU only")
+    channels_last: bool = False
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation after each epoch (clean and PGD accuracy)."""
+
+    images: int = Field(1000, ge=1, description="held-out images evaluated per epoch")
+    attack: AttackConfig | None = Field(None, description="default: the training attack with 10 steps")
+    batch_size: int = Field(500, ge=1)
+
+
+class TrainConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    augment: bool = True
+
+    @property
+    def eval_attack(self) -> AttackConfig:
+        if self.eval.attack is not None:
+            return self.eval.attack
+        return self.attack.model_copy(update={"steps": 10, "step_size": None})
+
+
+def check_sigma(sigma: float) -> float:
+    if not sigma > 0:
+        raise TbnError(f"sigma must be > 0, got {sigma}")
+    return float(sigma)
+
+
+class CalibrateConfig(_Strict):
+    """TBN: BN statistics re-estimated on Gaussian-noised held-out training images."""
+
+    sigmas: tuple[Sigma, ...] = Field((0.12, 0.25, 0.5, 1.0), min_length=1)
+    samples: int = Field(10000, ge=1, description="noisy images averaged (held-out images cycled with fresh noise)")
+    batch_size: int = Field(500, ge=1)
+    seed: int = 0
+
+
+class CertifyConfig(_Strict):
+    """Cohen et al.'s CERTIFY on the test set (science.md)."""
+
+    sigmas: tuple[Sigma, ...] = Field((0.25,), min_length=1)
+    n0: int = Field(100, ge=1)
+    n: int = Field(100000, ge=1)
+    alpha: float = Field(0.001, gt=0, lt=1)
+    batch_size: int = Field(1000, ge=1, description="noisy copies per forward pass")
+    skip: int = Field(1, ge=1, description="certify every skip-th test image")
+    start: int = Field(0, ge=0)
+    max_images: int | None = Field(None, ge=1)
+    seed: int = 0
+    bn: str = Field("tbn", description="'tbn' (BN statistics calibrated at the same sigma) or 'clean'")
+
+    @field_validator("bn")
+    @classmethod
+    def _bn_mode(cls, v: str) -> str:
+        if v not in ("tbn", "clean"):
+            raise ValueError(f"bn must be 'tbn' or 'clean' (a certificate needs frozen statistics), got {v!r}")
+        return v
+
+
+class ExperimentConfig(_Strict):
+    train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    certify: CertifyConfig = CertifyConfig()
+
+
+def _one_line(e: ValidationError, where: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"invalid config {where}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    where = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise TbnError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TbnError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise TbnError(f"config file {p} must hold a mapping with train/calibrate/certify sections")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        where = f"{where} with command-line flags" if "flags" not in where else where
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise TbnError(_one_line(e, where)) from None
+
+
+def parse_config(model: type[BaseModel], raw: dict[str, Any], where: str) -> Any:
+    """Validate a stored config section (e.g. from a checkpoint) with a one-line error."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise TbnError(_one_line(e, where)) from None
+
+
+def default(model: type[BaseModel], field: str) -> Any:
+    """The default of one field, for CLI help texts."""
+    return model.model_fields[field].default

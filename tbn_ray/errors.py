@@ -1,0 +1,15 @@
+"""The one exception type users see.
+
+Anything raised as ``TbnError`` is a problem with the user's input or environment
+(a wrong sigma, a missing checkpoint, an unreachable bucket). The CLI prints its
+message on one line and exits with status 2; any other exception is a bug and keeps
+its traceback.
+"""
+
+
+class TbnError(Exception):
+    """A user-facing error whose message says what is wrong and what to do."""
+
+
+class SoundnessError(TbnError):
+    """Refused because the result would not be a valid certificate."""

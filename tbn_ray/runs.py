@@ -1,0 +1,179 @@
+"""A run: one trained model and everything derived from it, in one storage location.
+
+Layout under ``<storage>/<run-name>/`` (local directory or S3 prefix)::
+
+    checkpoint.pt     model + optimizer + scheduler + epoch + config + metadata (latest epoch)
+    config.yaml       the training config, human-readable
+    metrics.csv       one row per epoch (and metrics.png)
+    bn_stats.pt       TBN statistics sets: "clean" plus one per calibrated sigma
+    certify/          certification results (see smoothing.write_results)
+
+Everything is written as whole objects through ``storage.Storage`` and loaded with
+``torch.load(weights_only=True)``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .config import TrainConfig, parse_config
+from .errors import TbnError
+from .models import build_model
+from .storage import Storage
+from .tbn import CLEAN, BNStats, get_bn_stats
+
+CHECKPOINT = "checkpoint.pt"
+BN_STATS = "bn_stats.pt"
+FORMAT = "tbn-ray/checkpoint-v1"
+BN_FORMAT = "tbn-ray/bn-stats-v1"
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, torch.Tensor]
+    config: TrainConfig
+    epoch: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "format": FORMAT,
+                "model": self.model,
+                "config": self.config.model_dump(mode="json"),
+                "epoch": self.epoch,
+                "meta": self.meta,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (state_dict keys without 'module.')."""
+    return getattr(model, "module", model)
+
+
+def make_checkpoint(
+    model: nn.Module, config: TrainConfig, epoch: int, meta: dict[str, Any], optimizer=None, scheduler=None
+) -> Checkpoint:
+    return Checkpoint(
+        model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        config=config,
+        epoch=epoch,
+        meta={**meta, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__},
+        optimizer=optimizer.state_dict() if optimizer is not None else None,
+        scheduler=scheduler.state_dict() if scheduler is not None else None,
+    )
+
+
+def _torch_load(data: bytes, where: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TbnError(f"{where} is not a readable tbn-ray file (corrupt or truncated?): {first[:160]}") from None
+
+
+def checkpoint_from_bytes(data: bytes, where: str) -> Checkpoint:
+    raw = _torch_load(data, where)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise TbnError(f"{where} is not a tbn-ray checkpoint (expected format {FORMAT})")
+    return Checkpoint(
+        model=raw["model"],
+        config=parse_config(TrainConfig, raw["config"], where),
+        epoch=int(raw["epoch"]),
+        meta=dict(raw.get("meta") or {}),
+        optimizer=raw.get("optimizer"),
+        scheduler=raw.get("scheduler"),
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where a run lives; ``checkpoint_key`` lets a user point at a specific checkpoint file."""
+
+    storage: Storage
+    checkpoint_key: str = CHECKPOINT
+
+    @staticmethod
+    def open(uri: str) -> Run:
+        """A run directory, or a checkpoint file inside one (``.../run/checkpoint.pt``)."""
+        text = str(uri).rstrip("/")
+        if text.endswith(".pt"):
+            parent, _, name = text.rpartition("/")
+            return Run(Storage.open(parent or "."), name)
+        return Run(Storage.open(text))
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> str:
+        self.storage.write_text("config.yaml", yaml.safe_dump(ckpt.config.model_dump(mode="json"), sort_keys=False))
+        return self.storage.write_bytes(self.checkpoint_key, ckpt.to_bytes())
+
+    def has_checkpoint(self) -> bool:
+        return self.storage.exists(self.checkpoint_key)
+
+    def load_checkpoint(self) -> Checkpoint:
+        where = f"{self.storage.uri}/{self.checkpoint_key}"
+        if not self.storage.exists(self.checkpoint_key):
+            raise TbnError(f"no checkpoint at {where}: train first (tbn-ray train) or pass the run directory")
+        return checkpoint_from_bytes(self.storage.read_bytes(self.checkpoint_key), where)
+
+    def load_model(self, device: torch.device | str = "cpu") -> tuple[nn.Module, Checkpoint]:
+        """The trained model (eval mode, clean BN statistics) and its checkpoint."""
+        ckpt = self.load_checkpoint()
+        model = build_model(ckpt.config.model)
+        try:
+            model.load_state_dict(ckpt.model)
+        except RuntimeError as e:
+            raise TbnError(
+                f"{self.storage.uri}/{self.checkpoint_key} does not fit architecture {ckpt.config.model.arch!r}: "
+                f"{str(e).splitlines()[0][:160]}"
+            ) from None
+        return model.to(device).eval(), ckpt
+
+    # --- TBN statistics sets -------------------------------------------------------------
+
+    def load_bn_sets(self) -> dict[str, dict[str, Any]]:
+        """All statistics sets: name -> {"stats": BNStats, "meta": {...}} (empty if none yet)."""
+        if not self.storage.exists(BN_STATS):
+            return {}
+        raw = _torch_load(self.storage.read_bytes(BN_STATS), f"{self.storage.uri}/{BN_STATS}")
+        if not isinstance(raw, dict) or raw.get("format") != BN_FORMAT:
+            raise TbnError(f"{self.storage.uri}/{BN_STATS} is not a tbn-ray BN statistics file")
+        return raw["sets"]
+
+    def save_bn_sets(self, sets: dict[str, dict[str, Any]]) -> str:
+        buf = io.BytesIO()
+        torch.save({"format": BN_FORMAT, "sets": sets}, buf)
+        return self.storage.write_bytes(BN_STATS, buf.getvalue())
+
+    def bn_stats(self, name: str, model: nn.Module) -> BNStats:
+        """A named statistics set; ``clean`` is always available (the trained statistics)."""
+        sets = self.load_bn_sets()
+        if name in sets:
+            return sets[name]["stats"]
+        if name == CLEAN:
+            return get_bn_stats(model)
+        known = ", ".join(sorted(sets)) or "none"
+        raise TbnError(
+            f"no TBN statistics {name!r} in {self.storage.uri} (calibrated: {known}); "
+            f"run: tbn-ray calibrate {self.storage.uri} --sigma {name.removeprefix('sigma=')}"
+        )

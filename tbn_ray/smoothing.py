@@ -1,0 +1,409 @@
+"""Randomized smoothing: Cohen, Rosenfeld & Kolter (ICML 2019), CERTIFY and PREDICT.
+
+``Smooth`` follows the paper's pseudocode (science.md, "Randomized smoothing, exactly")
+step by step. Differences from the reference ``core.py`` are deliberate: the device is
+explicit, every example draws its noise from its own seeded generator (any shard re-run
+gives the same counts), the model is never switched to eval mode behind the caller's back
+(that would silently discard TBN statistics; a base classifier that is not fixed is
+refused instead), and votes are counted with ``torch.bincount``.
+
+Reproducibility contract: the counts for an example are bit-identical for the same
+(run seed, example index, n0, n, batch_size, device type, channels_last, model), whichever
+other examples are certified with it, in which order or in which shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import Tensor, nn
+
+from .config import REPORT_RADII, check_sigma
+from .errors import SoundnessError, TbnError
+
+#: The prediction recorded when the smoothed classifier abstains.
+ABSTAIN = -1
+
+#: Header of the community per-example format (Cohen et al.'s certify.py output).
+TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+
+#: Keys ``write_results`` requires in ``params``: every result names what produced it.
+RESULT_PARAMS = ("sigma", "n0", "n", "alpha", "seed", "batch_size", "bn", "model", "data_source")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``cuda`` and ``cuda:0`` are the same device; make them compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_fixed_classifier(base: nn.Module) -> None:
+    """Refuse a base classifier whose votes depend on the batch they are computed in.
+
+    Cohen's certificate needs i.i.d. votes of one fixed function f (science.md, soundness
+    rule 1). A BatchNorm layer in training mode, or one without running statistics,
+    normalises each noisy copy with statistics of the batch of noisy copies: that is the
+    transductive mode, legitimate for corruption evaluation but never for a certificate.
+    Only ``_BatchNorm`` subclasses are recognised.
+    """
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = name or type(module).__name__
+        if module.training:
+            raise SoundnessError(
+                f"BatchNorm layer '{where}' is in training mode, so its votes depend on the batch "
+                "and no certificate holds; freeze the (calibrated) statistics with model.eval() first"
+            )
+        if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+            raise SoundnessError(
+                f"BatchNorm layer '{where}' has no running statistics (per-batch/transductive BN), "
+                "so no certificate holds; certify with frozen calibrated statistics instead"
+            )
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials.
+
+    Equal to ``statsmodels.proportion_confint(k, n, alpha=2*alpha, method="beta")[0]``,
+    which Cohen's core.py uses.
+    """
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def example_generator(seed: int, idx: int, device: str | torch.device) -> torch.Generator:
+    """The noise generator of example ``idx`` in run ``seed``, independent of any other example.
+
+    ``SeedSequence(seed, spawn_key=(idx,))`` is numpy's construction for independent child
+    streams, so nearby (seed, idx) pairs do not give correlated torch seeds.
+    """
+    if seed < 0 or idx < 0:
+        raise TbnError(f"seed and example index must be >= 0, got seed={seed}, idx={idx}")
+    state = np.random.SeedSequence(entropy=seed, spawn_key=(idx,)).generate_state(1, dtype=np.uint64)[0]
+    generator = torch.Generator(device=_resolve_device(device))
+    generator.manual_seed(int(state))
+    return generator
+
+
+@dataclass(frozen=True, eq=False)
+class Certificate:
+    """The outcome of CERTIFY for one input."""
+
+    prediction: int  # c_a_hat, or ABSTAIN
+    radius: float  # l2 radius; 0.0 when abstaining
+    p_a_lower: float  # Clopper-Pearson lower bound on P(f(x + noise) = c_a_hat)
+    c_a_hat: int  # class guessed from the n0 selection draws (kept when abstaining)
+    counts_selection: np.ndarray  # (num_classes,) votes of the n0 selection draws
+    counts_estimation: np.ndarray  # (num_classes,) votes of the n fresh estimation draws
+    seconds: float  # wall time of both sampling rounds and the bound
+
+    @property
+    def n_a(self) -> int:
+        """Votes for c_a_hat among the estimation draws."""
+        return int(self.counts_estimation[self.c_a_hat])
+
+
+class Smooth:
+    """g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c) for a FIXED base classifier f.
+
+    Noise is added in [0,1] pixel space (before the model's own normalisation) and not
+    clipped, as in Cohen et al. The base classifier is used in whatever mode the caller
+    left it; one that is not fixed (see ``check_fixed_classifier``) is refused at
+    construction and again at every call, since its mode may change in between.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_classes: int,
+        sigma: float,
+        *,
+        batch_size: int = 1000,
+        device: str | torch.device | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if num_classes < 2:
+            raise TbnError(f"num_classes must be >= 2, got {num_classes}")
+        if batch_size < 1:
+            raise TbnError(f"batch_size must be >= 1, got {batch_size}")
+        self.base = base
+        self.num_classes = num_classes
+        self.sigma = check_sigma(sigma)
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+        if device is None:
+            first = next(iter(base.parameters()), None)
+            device = first.device if first is not None else "cpu"
+        self.device = _resolve_device(device)
+        self._check_base()
+
+    def _check_base(self) -> None:
+        check_fixed_classifier(self.base)
+        for name, tensor in (*self.base.named_parameters(), *self.base.named_buffers()):
+            if _resolve_device(tensor.device) != self.device:
+                raise TbnError(f"model tensor '{name}' is on {tensor.device}, not {self.device}; move the model with model.to(device)")
+
+    def certify(self, x: Tensor, n0: int, n: int, alpha: float, *, generator: torch.Generator) -> Certificate:
+        """Cohen's CERTIFY.
+
+        With probability at least 1 - alpha over the noise, if the prediction is not
+        ABSTAIN then g classifies every point within l2 distance ``radius`` of x as
+        ``prediction``. ``x`` is one input, e.g. an image (3, 32, 32) in [0, 1].
+        """
+        _check_counts(n0=n0, n=n)
+        if not 0 < alpha < 1:
+            raise TbnError(f"alpha must be in (0, 1), got {alpha}")
+        start = time.perf_counter()
+        # draw n0 samples of f(x + epsilon) and use them to take a guess at the top class
+        counts_selection = self.sample_counts(x, n0, generator=generator)
+        c_a_hat = int(counts_selection.argmax())
+        # draw n FRESH samples of f(x + epsilon) and use them to lower-bound pA
+        counts_estimation = self.sample_counts(x, n, generator=generator)
+        n_a = int(counts_estimation[c_a_hat])
+        p_a_lower = lower_confidence_bound(n_a, n, alpha)
+        if p_a_lower < 0.5:
+            prediction, radius = ABSTAIN, 0.0
+        else:
+            prediction, radius = c_a_hat, self.sigma * float(norm.ppf(p_a_lower))
+        return Certificate(
+            prediction=prediction,
+            radius=radius,
+            p_a_lower=p_a_lower,
+            c_a_hat=c_a_hat,
+            counts_selection=counts_selection,
+            counts_estimation=counts_estimation,
+            seconds=time.perf_counter() - start,
+        )
+
+    def predict(self, x: Tensor, n: int, alpha: float, *, generator: torch.Generator) -> int:
+        """Cohen's PREDICT.
+
+        With probability at least 1 - alpha over the noise, the returned class is g(x)
+        (or ABSTAIN).
+        """
+        _check_counts(n=n)
+        if not 0 < alpha < 1:
+            raise TbnError(f"alpha must be in (0, 1), got {alpha}")
+        counts = self.sample_counts(x, n, generator=generator)
+        # the two most frequent classes (lowest class index first on equal counts)
+        top2 = np.argsort(-counts, kind="stable")[:2]
+        n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
+        if binomtest(n_a, n_a + n_b, p=0.5).pvalue > alpha:
+            return ABSTAIN
+        return int(top2[0])
+
+    def sample_counts(self, x: Tensor, num: int, *, generator: torch.Generator) -> np.ndarray:
+        """Votes of f on ``num`` noisy copies x + N(0, sigma^2 I), as int64 (num_classes,).
+
+        The noise is drawn batch by batch into one reused buffer; its values depend only
+        on the generator's state, ``num`` and ``batch_size``.
+        """
+        self._check_base()
+        if generator.device.type != self.device.type:
+            raise TbnError(f"the noise generator is on {generator.device}, the model on {self.device}; use example_generator(seed, idx, device)")
+        if not torch.is_floating_point(x):
+            raise TbnError(f"x must be a floating-point tensor in [0, 1], got {x.dtype}")
+        x = x.to(self.device)
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            buffer = torch.empty((min(num, self.batch_size), *x.shape), dtype=x.dtype, device=self.device)
+            remaining = num
+            while remaining > 0:
+                batch = buffer[: min(remaining, self.batch_size)]
+                torch.randn(batch.shape, generator=generator, out=batch)
+                batch.mul_(self.sigma).add_(x)
+                if self.channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                logits = self.base(batch)
+                if logits.shape != (len(batch), self.num_classes):
+                    raise TbnError(f"the model returned logits of shape {tuple(logits.shape)}, expected ({len(batch)}, {self.num_classes})")
+                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+                remaining -= len(batch)
+        return counts.cpu().numpy()
+
+
+def _check_counts(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if value < 1:
+            raise TbnError(f"{name} must be >= 1, got {value}")
+
+
+def certify_examples(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device,
+    num_classes: int = 10,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """CERTIFY each image with its own generator ``example_generator(seed, indices[i], device)``.
+
+    ``images`` are uint8 NHWC arrays (the CIFAR-10 / CIFAR-10-C storage format: exact,
+    and a quarter of the bytes of float32 when shipped to workers); ``images[i]`` is the
+    dataset example ``indices[i]`` with label ``labels[i]``, so any shard of a run is
+    certified by passing the matching rows and their dataset indices. Pixels become x/255.
+    """
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
+        raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
+    if not len(images) == len(labels) == len(indices):
+        raise TbnError(f"images, labels and indices differ in length: {len(images)}, {len(labels)}, {len(indices)}")
+    device = _resolve_device(device)
+    smooth = Smooth(model, num_classes, sigma, batch_size=batch_size, device=device, channels_last=channels_last)
+    rows: Iterable[int] = range(len(images))
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc=f"certify sigma={sigma}", unit="img")
+    records = []
+    for row in rows:
+        idx, label = int(indices[row]), int(labels[row])
+        x = torch.from_numpy(images[row]).to(device).permute(2, 0, 1).float().div(255)
+        cert = smooth.certify(x, n0, n, alpha, generator=example_generator(seed, idx, device))
+        records.append(
+            {
+                "idx": idx,
+                "label": label,
+                "predict": cert.prediction,
+                "radius": cert.radius,
+                "correct": int(cert.prediction == label),
+                "p_a_lower": cert.p_a_lower,
+                "count": cert.n_a,
+                "c_a_hat": cert.c_a_hat,
+                "n0": n0,
+                "n": n,
+                "counts": cert.counts_estimation.tolist(),
+                "counts_selection": cert.counts_selection.tolist(),
+                "time": cert.seconds,
+            }
+        )
+    return records
+
+
+def _radius_key(r: float) -> str:
+    return str(float(r))
+
+
+def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT_RADII) -> dict[str, Any]:
+    """Certified accuracy at each radius (correct AND radius >= r), ACR, abstention rate."""
+    if not records:
+        raise TbnError("no certification records to summarize")
+    idx = [r["idx"] for r in records]
+    if len(set(idx)) != len(idx):
+        raise TbnError("certification records repeat an example index (shards merged twice?); each image must count once")
+    radius = np.array([r["radius"] for r in records], dtype=np.float64)
+    correct = np.array([r["correct"] for r in records], dtype=bool)
+    predict = np.array([r["predict"] for r in records])
+    radii = [float(r) for r in radii]
+    return {
+        "images": len(records),
+        "radii": radii,
+        "certified_accuracy": {_radius_key(r): float(np.mean(correct & (radius >= r))) for r in radii},
+        "acr": float(np.mean(radius * correct)),
+        "abstain_rate": float(np.mean(predict == ABSTAIN)),
+        "clean_accuracy_smoothed": float(np.mean(correct)),
+        "seconds_per_image": float(np.mean([r["time"] for r in records])),
+    }
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place,
+    so a reader (or a killed run) never sees a half-written result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {value!r}")
+
+
+def _tsv_line(r: dict[str, Any]) -> str:
+    # the exact shortest round-trip radius (never rounded up across a reported radius), >= 3 decimals
+    radius = np.format_float_positional(r["radius"], unique=True, min_digits=3)
+    return f"{r['idx']}\t{r['label']}\t{r['predict']}\t{radius}\t{r['correct']}\t{r['time']:.4f}\n"
+
+
+def write_results(
+    records: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: Path, params: dict[str, Any]
+) -> dict[str, Path]:
+    """Write certify.tsv (community format), radii.parquet (every record field) and
+    summary.json (``summary`` plus ``params`` under the key "params").
+
+    ``summary`` must be ``summarize(records, radii)``; it is recomputed and compared so a
+    stale or partial summary can never be written next to the records. ``params`` must
+    name at least ``RESULT_PARAMS``.
+    """
+    missing = [k for k in RESULT_PARAMS if k not in params]
+    if missing:
+        raise ValueError(f"params lack {missing}; results must name what produced them")
+    if summarize(records, summary["radii"]) != summary:
+        raise ValueError("summary does not match the records; pass summarize(records)")
+    for key in ("n0", "n"):
+        if any(r[key] != params[key] for r in records):
+            raise ValueError(f"records were certified with a different {key} than params[{key!r}]={params[key]}")
+    records = sorted(records, key=lambda r: r["idx"])
+    out_dir = Path(out_dir)
+    params_json = json.dumps(params, default=_json_default)
+    table = pa.Table.from_pylist(list(records)).replace_schema_metadata({"tbn_ray.params": params_json})
+    return {
+        "tsv": atomic_write(
+            out_dir / "certify.tsv",
+            lambda p: p.write_text(TSV_HEADER + "\n" + "".join(_tsv_line(r) for r in records)),
+        ),
+        "parquet": atomic_write(out_dir / "radii.parquet", lambda p: pq.write_table(table, p)),
+        "summary": atomic_write(
+            out_dir / "summary.json",
+            lambda p: p.write_text(json.dumps({**summary, "params": params}, indent=2, default=_json_default) + "\n"),
+        ),
+    }
+
+
+def read_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records (from radii.parquet) and summary (with "params") of ``write_results``."""
+    out_dir = Path(out_dir)
+    parquet, summary = out_dir / "radii.parquet", out_dir / "summary.json"
+    for path in (parquet, summary):
+        if not path.is_file():
+            raise TbnError(f"no certification results at {path}; run certification into {out_dir} first")
+    return pq.read_table(parquet).to_pylist(), json.loads(summary.read_text())

@@ -1,0 +1,331 @@
+"""Madry-style PGD adversarial training and held-out evaluation.
+
+Written to be driven from outside: ``fit`` is the in-process loop, while ``train_epoch``
+and ``evaluate`` take everything as arguments so that a distributed driver (Ray Train
+with DDP) can call them with a ``DistributedDataParallel`` model and a loader with a
+``DistributedSampler``. Nothing here calls ``sampler.set_epoch``: the driver owns the
+sampler (``fit`` builds a fresh, epoch-seeded loader each epoch instead).
+
+BatchNorm during training (documented choice)
+    PGD examples are generated with the model in TRAINING mode, as in Madry et al. and
+    Rice et al.: every forward pass normalises with its batch's statistics, so the attack
+    ascends the very loss the SGD step then descends. Unlike their code, the running
+    statistics are saved before the attack and restored after it, so the intermediate PGD
+    iterates (and the random start) never enter them: the running mean/variance are an
+    exponential average over the adversarial examples actually trained on, one update per
+    SGD step. These are the "clean" statistics TBN later replaces per noise level.
+    The attack runs on the unwrapped module (``model.module`` of a DDP wrapper): its
+    forward passes need no buffer broadcast or gradient-reducer bookkeeping, the
+    parameters being identical on all workers.
+
+Reproducibility: ``fit`` on CPU is bitwise reproducible from ``cfg.seed`` (model
+initialisation, data order, augmentation and PGD random starts are all drawn from
+generators seeded from (seed, epoch)), and resuming at an epoch boundary from a
+checkpoint of model, optimizer and scheduler gives the same weights as not stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .attacks import pgd
+from .config import AttackConfig, OptimConfig, TrainConfig
+from .errors import TbnError
+from .models import build_model
+
+EpochCallback = Callable[[int, dict[str, Any], nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None]
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an explicit device must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TbnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TbnError(f"device {name!r} requested but CUDA is not available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TbnError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise TbnError(f"device {name!r} requested but MPS is not available here; use --device cpu (or auto)")
+    elif device.type != "cpu":
+        raise TbnError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A well-mixed 63-bit seed per (run seed, epoch, purpose), so a resumed epoch draws what it would have."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def make_loader(
+    x_uint8_nchw: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
+) -> DataLoader:
+    """Batches of uint8 images (a quarter of float32's bytes), converted on the training device."""
+    if drop_last and len(x_uint8_nchw) < batch_size:
+        raise TbnError(f"batch size {batch_size} exceeds the {len(x_uint8_nchw)} training images; lower optim.batch_size")
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        TensorDataset(x_uint8_nchw, y), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, num_workers=0
+    )
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
+    """Multiplier of ``optim.lr`` at iteration ``step``: linear warmup, then the schedule.
+
+    Cosine decays from 1 at the end of warmup to 0 at the last iteration; step multiplies by
+    ``gamma`` at each milestone (a fraction of all iterations).
+    """
+    total = optim.epochs * steps_per_epoch
+    warmup = min(round(optim.warmup_epochs * steps_per_epoch), total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim.schedule == "cosine":
+        t = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if optim.schedule == "step":
+        return optim.gamma ** sum(step >= m * total for m in optim.milestones)
+    return 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration (not per epoch), so warmup and decay are smooth at any epoch count."""
+    if steps_per_epoch < 1:
+        raise TbnError("no full batch per epoch: lower optim.batch_size or use more training images")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, steps_per_epoch))
+
+
+def make_grad_scaler(optim: OptimConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 autocast needs loss scaling; bf16 and fp32 do not. Keep one scaler for the whole run."""
+    if optim.amp == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on CUDA only; on CPU the setting is ignored (full precision)."""
+    if amp == "off" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=_AMP_DTYPES[amp])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, else the model itself."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave every BN layer's running statistics exactly as they were."""
+    saved = [
+        (buf, buf.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buf is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """model.eval() inside; afterwards every submodule gets back its own previous mode."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One pass of PGD adversarial training over ``loader`` (uint8 NCHW batches + labels).
+
+    Leaves the model in training mode. The scheduler steps once per iteration. Metrics are
+    this process's own (a distributed driver aggregates them): loss and accuracy on the
+    adversarial examples trained on, images, seconds and images per second.
+    """
+    device = torch.device(device)
+    if cfg.optim.amp == "fp16" and device.type == "cuda" and scaler is None:
+        raise ValueError("fp16 training needs a GradScaler (make_grad_scaler) kept across epochs")
+    target = unwrap(model)
+    model.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    images = 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False)
+    for step, (xb, yb) in enumerate(bar):
+        x = data_mod.to_float(xb, device)
+        y = yb.to(device, non_blocking=True)
+        if cfg.augment:
+            x = data_mod.augment(x, generator)
+        if cfg.optim.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg.optim.amp, device):
+            with frozen_bn_stats(target):
+                x_adv = pgd(target, x, y, cfg.attack, generator=generator)
+            logits = model(x_adv)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        images += len(y)
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / images:.3f}", acc=f"{correct.item() / images:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "train_loss": loss_sum.item() / max(images, 1),
+        "train_acc": correct.item() / max(images, 1),
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    attack: AttackConfig | None,
+    device: torch.device,
+    *,
+    batch_size: int = 500,
+    seed: int = 0,
+    amp: str = "off",
+) -> dict[str, Any]:
+    """Clean and PGD accuracy in eval mode (the stored BN statistics), then the previous modes back.
+
+    ``x``: uint8 images (NHWC as in a Split, or NCHW) or float NCHW in [0,1]. The PGD
+    random starts come from a generator seeded with ``seed``, so a re-evaluation agrees.
+    """
+    device = torch.device(device)
+    labels = torch.as_tensor(y, dtype=torch.int64)
+    images = torch.as_tensor(x)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    clean = robust = 0
+    with eval_mode(unwrap(model)) as net:
+        for i in range(0, len(images), batch_size):
+            xb = images[i : i + batch_size]
+            xb = data_mod.to_float(xb, device) if xb.dtype == torch.uint8 else xb.to(device, torch.float32)
+            yb = labels[i : i + batch_size].to(device)
+            with autocast(amp, device):
+                with torch.no_grad():
+                    clean += int((net(xb).argmax(1) == yb).sum())
+                if attack is not None:
+                    x_adv = pgd(net, xb, yb, attack, generator=generator)
+                    with torch.no_grad():
+                        robust += int((net(x_adv).argmax(1) == yb).sum())
+    n = len(images)
+    return {
+        "clean_acc": clean / n if n else None,
+        "pgd_acc": robust / n if (n and attack is not None) else None,
+        "images": n,
+    }
+
+
+def fit(
+    cfg: TrainConfig,
+    data: data_mod.Cifar10,
+    device: torch.device,
+    *,
+    start_epoch: int = 0,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Adversarial training in this process for epochs ``start_epoch .. cfg.optim.epochs - 1``.
+
+    Builds what is not passed (the model from ``cfg.seed`` without touching the global RNG).
+    After each epoch evaluates on the first ``cfg.eval.images`` held-out images (clean and
+    ``cfg.eval_attack``) and calls ``on_epoch(epoch, metrics, model, optimizer, scheduler)``
+    so the caller can checkpoint; ``metrics["lr"]`` is the learning rate the epoch started with.
+    """
+    device = torch.device(device)
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, num_classes=len(data.classes))
+    model = model.to(device)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = data_mod.as_tensors(data.train)
+    steps_per_epoch = len(x) // cfg.optim.batch_size
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg.optim)
+    scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    scaler = make_grad_scaler(cfg.optim, device)
+    heldout = data.heldout.subset(slice(0, cfg.eval.images))
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        loader = make_loader(x, y, cfg.optim.batch_size, seed=epoch_seed(cfg.seed, epoch, 0))
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_epoch(model, loader, optimizer, scheduler, cfg, device, scaler=scaler, generator=generator, progress=progress)
+        t0 = time.perf_counter()
+        ev = evaluate(
+            model, heldout.images, heldout.labels, cfg.eval_attack, device,
+            batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
+        )  # fmt: skip
+        metrics = {
+            "epoch": epoch,
+            "lr": lr,
+            **train,
+            "heldout_clean_acc": ev["clean_acc"],
+            "heldout_pgd_acc": ev["pgd_acc"],
+            "heldout_images": ev["images"],
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model, optimizer, scheduler)
+    return model

@@ -1,0 +1,93 @@
+"""Shared fixtures: a real S3 server (moto over HTTP on loopback) for the whole session.
+
+Ray worker processes cannot see an in-process ``@mock_aws``; they inherit the
+environment, so the server's endpoint and test credentials go into ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# Ray >= 2.59 turns on token auth for ray.init() clusters; tests need it off before the first init.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Settings from the developer's own AWS setup that would override or confuse the test server.
+_S3_ENV_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+class MotoS3:
+    """moto's S3 server on a fixed loopback port, which can be stopped and started again.
+
+    moto keeps its buckets in a process-global backend, so a server restarted on the
+    same port still serves what was written before it stopped (like a real S3 outage).
+    """
+
+    def __init__(self) -> None:
+        self._server = self._make(0)
+        host, port = self._server.get_host_and_port()
+        self.port = int(port)
+        self.endpoint = f"http://{host}:{self.port}"
+        self.running = True
+
+    @staticmethod
+    def _make(port: int):  # type: ignore[no-untyped-def]
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        return server
+
+    def stop(self) -> None:
+        if self.running:
+            self._server.stop()
+            self.running = False
+
+    def start(self) -> None:
+        if not self.running:
+            self._server = self._make(self.port)
+            self.running = True
+
+
+@pytest.fixture(scope="session")
+def _moto_s3() -> Iterator[MotoS3]:
+    pytest.importorskip("moto.server", reason='moto server missing: pip install "moto[s3]" flask flask-cors')
+    server = MotoS3()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _S3_ENV_CLEARED:
+            mp.delenv(name, raising=False)
+        for name, value in {**_S3_ENV, "AWS_ENDPOINT_URL": server.endpoint}.items():
+            mp.setenv(name, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(_moto_s3: MotoS3) -> str:
+    """The endpoint URL of a session-wide S3 server; AWS_* variables point at it."""
+    return _moto_s3.endpoint
+
+
+@pytest.fixture
+def restartable_s3(_moto_s3: MotoS3) -> Iterator[MotoS3]:
+    """The session's S3 server with ``.stop()``/``.start()`` (same port, data kept); running again after the test."""
+    yield _moto_s3
+    _moto_s3.start()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, uniquely named bucket on the session server, as ``s3://<bucket>``."""
+    import boto3
+
+    name = f"tbn-test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
