@@ -79,6 +79,7 @@ FROST_INSTALL = "pip install --no-deps imagecorruptions==1.1.2"
 
 _SIZE = 32
 _RELEASED_ROWS = 5 * 10_000
+_CHUNK = 500
 _Rngs = Sequence[np.random.Generator]
 
 
@@ -122,7 +123,7 @@ def _bilinear(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, mode: str) -> np.
 
 
 class _Taps(NamedTuple):
-    """A 1-D linear resampling: output o = (1-f) * in[lo] + f * in[lo+1]."""
+    """A 1-D linear resampling: output o = (1 - frac) * in[lo] + frac * in[hi]."""
 
     lo: np.ndarray
     hi: np.ndarray
@@ -160,7 +161,8 @@ def _clipped_zoom(x: np.ndarray, zoom: float) -> np.ndarray:
 
 def _motion_blur(img: np.ndarray, radius: float, sigma: float, angles_deg: np.ndarray) -> np.ndarray:
     """ImageMagick-style one-sided motion blur of (N,H,W,C) values in 0..255, one angle per
-    image; returns values rounded to integers (ImageMagick writes 8-bit PNG)."""
+    image, edge-replicated borders; returns values rounded to integers (ImageMagick writes
+    8-bit PNG)."""
     n, h, w, _ = img.shape
     width = int(2 * np.ceil(radius) + 1)
     i = np.arange(width)
@@ -238,7 +240,8 @@ def _glass_blur(x: np.ndarray, p: tuple[float, int, int], rngs: _Rngs) -> np.nda
     n = x.shape[0]
     y = (_gaussian_hw(_to_unit(x), sigma) * 255).astype(np.uint8)
     span = range(_SIZE - delta, delta, -1)
-    offsets = _per_image(rngs, lambda g: g.integers(-delta, delta, size=(iterations, len(span), len(span), 2), dtype=np.int8))
+    shape = (iterations, len(span), len(span), 2)  # (dx, dy) per visited pixel
+    offsets = _per_image(rngs, lambda g: g.integers(-delta, delta, size=shape, dtype=np.int8))
     imgs = np.arange(n)
     for it in range(iterations):
         for a, h in enumerate(span):
@@ -490,7 +493,7 @@ def _check_indices(indices: np.ndarray | None, n: int) -> np.ndarray:
         return np.arange(n)
     idx = np.asarray(indices)
     if idx.shape != (n,) or (n and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0)):
-        raise TbnError(f"indices must be {n} non-negative integers (the images' test-set indices), got {idx.dtype} {idx.shape}")
+        raise TbnError(f"indices must be {n} non-negative integers (the images' test-set indices), got {idx.shape}")
     return idx
 
 
@@ -512,12 +515,16 @@ def corrupt(
     idx = _check_indices(indices, len(images))
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise TbnError(f"seed must be a non-negative integer, got {seed!r}")
-    if len(images) == 0:
-        return images.copy()
-    rngs = _image_rngs(int(seed), corruption, severity, idx) if spec.random else []
-    out = spec.fn(images, spec.params[severity - 1], rngs)
-    # The original saves np.uint8(float image): truncation, kept for fidelity.
-    return out if out.dtype == np.uint8 else np.clip(out, 0, 255).astype(np.uint8)
+    out = np.empty_like(images)
+    # Chunks keep the float temporaries cache-sized; images never interact, so the chunk
+    # size cannot change a pixel.
+    for start in range(0, len(images), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        rngs = _image_rngs(int(seed), corruption, severity, idx[part]) if spec.random else []
+        res = spec.fn(images[part], spec.params[severity - 1], rngs)
+        # The original saves np.uint8(float image): truncation, kept for fidelity.
+        out[part] = res if res.dtype == np.uint8 else np.clip(res, 0, 255).astype(np.uint8)
+    return out
 
 
 def parse_corruptions(spec: str) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ from tbn_ray.errors import TbnError
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-partial" / "cifar10_test_prefix.npz"
 N_IMAGES = 64
 HAS_FROST = importlib.util.find_spec("imagecorruptions") is not None
-RANDOM = {n for n in C.CORRUPTIONS if n not in ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression")}
+DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
+RANDOM = set(C.CORRUPTIONS) - DETERMINISTIC
 
 
 def _needs_frost(name: str) -> None:
@@ -130,7 +131,9 @@ def test_generate_yields_each_array(clean: np.ndarray) -> None:
 
 def test_released_layout_rows() -> None:
     n = 7
-    per_sev = {s: np.full((n, 32, 32, 3), 0, np.uint8) + (10 * s + np.arange(n, dtype=np.uint8))[:, None, None, None] for s in C.SEVERITIES}
+    # Pixel value 10*s + i marks image i at severity s.
+    marks = {s: (10 * s + np.arange(n, dtype=np.uint8))[:, None, None, None] for s in C.SEVERITIES}
+    per_sev = {s: np.broadcast_to(m, (n, 32, 32, 3)) for s, m in marks.items()}
     stacked = C.released_layout(per_sev)
     assert stacked.shape == (5 * n, 32, 32, 3)
     for s in C.SEVERITIES:
