@@ -8,17 +8,16 @@ gives the same counts), the model is never switched to eval mode behind the call
 refused instead), and votes are counted with ``torch.bincount``.
 
 Reproducibility contract: the counts for an example are bit-identical for the same
-(run seed, example index, n0, n, batch_size, device type, channels_last, model), whichever
-other examples are certified with it, in which order or in which shard.
+(run seed, example index, n0, n, batch_size, device type, channels_last, model, software),
+whichever other examples are certified with it, in which order or in which shard.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from .config import REPORT_RADII, check_sigma
 from .errors import SoundnessError, TbnError
+from .storage import Storage
 
 #: The prediction recorded when the smoothed classifier abstains.
 ABSTAIN = -1
@@ -161,7 +161,9 @@ class Smooth:
         check_fixed_classifier(self.base)
         for name, tensor in (*self.base.named_parameters(), *self.base.named_buffers()):
             if _resolve_device(tensor.device) != self.device:
-                raise TbnError(f"model tensor '{name}' is on {tensor.device}, not {self.device}; move the model with model.to(device)")
+                raise TbnError(
+                    f"model tensor '{name}' is on {tensor.device}, not {self.device}; move the model with model.to(device)"
+                )
 
     def certify(self, x: Tensor, n0: int, n: int, alpha: float, *, generator: torch.Generator) -> Certificate:
         """Cohen's CERTIFY.
@@ -170,9 +172,7 @@ class Smooth:
         ABSTAIN then g classifies every point within l2 distance ``radius`` of x as
         ``prediction``. ``x`` is one input, e.g. an image (3, 32, 32) in [0, 1].
         """
-        _check_counts(n0=n0, n=n)
-        if not 0 < alpha < 1:
-            raise TbnError(f"alpha must be in (0, 1), got {alpha}")
+        _check_sampling(alpha, n0=n0, n=n)
         start = time.perf_counter()
         # draw n0 samples of f(x + epsilon) and use them to take a guess at the top class
         counts_selection = self.sample_counts(x, n0, generator=generator)
@@ -201,9 +201,7 @@ class Smooth:
         With probability at least 1 - alpha over the noise, the returned class is g(x)
         (or ABSTAIN).
         """
-        _check_counts(n=n)
-        if not 0 < alpha < 1:
-            raise TbnError(f"alpha must be in (0, 1), got {alpha}")
+        _check_sampling(alpha, n=n)
         counts = self.sample_counts(x, n, generator=generator)
         # the two most frequent classes (lowest class index first on equal counts)
         top2 = np.argsort(-counts, kind="stable")[:2]
@@ -220,7 +218,10 @@ class Smooth:
         """
         self._check_base()
         if generator.device.type != self.device.type:
-            raise TbnError(f"the noise generator is on {generator.device}, the model on {self.device}; use example_generator(seed, idx, device)")
+            raise TbnError(
+                f"the noise generator is on {generator.device}, the model on {self.device}; "
+                "use example_generator(seed, idx, device)"
+            )
         if not torch.is_floating_point(x):
             raise TbnError(f"x must be a floating-point tensor in [0, 1], got {x.dtype}")
         x = x.to(self.device)
@@ -231,18 +232,23 @@ class Smooth:
             while remaining > 0:
                 batch = buffer[: min(remaining, self.batch_size)]
                 torch.randn(batch.shape, generator=generator, out=batch)
-                batch.mul_(self.sigma).add_(x)
+                torch.add(x, batch, alpha=self.sigma, out=batch)  # x + sigma * noise, in place
                 if self.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 logits = self.base(batch)
                 if logits.shape != (len(batch), self.num_classes):
-                    raise TbnError(f"the model returned logits of shape {tuple(logits.shape)}, expected ({len(batch)}, {self.num_classes})")
+                    raise TbnError(
+                        f"the model returned logits of shape {tuple(logits.shape)}, "
+                        f"expected ({len(batch)}, {self.num_classes})"
+                    )
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
                 remaining -= len(batch)
         return counts.cpu().numpy()
 
 
-def _check_counts(**sizes: int) -> None:
+def _check_sampling(alpha: float, **sizes: int) -> None:
+    if not 0 < alpha < 1:
+        raise TbnError(f"alpha must be in (0, 1), got {alpha}")
     for name, value in sizes.items():
         if value < 1:
             raise TbnError(f"{name} must be >= 1, got {value}")
@@ -271,8 +277,13 @@ def certify_examples(
     and a quarter of the bytes of float32 when shipped to workers); ``images[i]`` is the
     dataset example ``indices[i]`` with label ``labels[i]``, so any shard of a run is
     certified by passing the matching rows and their dataset indices. Pixels become x/255.
+
+    One record per image: idx, label, predict (ABSTAIN = -1), radius, correct (0/1),
+    p_a_lower, count (votes for c_a_hat among the n draws), c_a_hat, n0, n, counts and
+    counts_selection (per-class votes of the n and n0 draws), time (seconds).
     """
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
+    nhwc = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
+    if not nhwc:
         raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
     if not len(images) == len(labels) == len(indices):
         raise TbnError(f"images, labels and indices differ in length: {len(images)}, {len(labels)}, {len(indices)}")
@@ -286,7 +297,8 @@ def certify_examples(
     records = []
     for row in rows:
         idx, label = int(indices[row]), int(labels[row])
-        x = torch.from_numpy(images[row]).to(device).permute(2, 0, 1).float().div(255)
+        # torch.tensor copies: arrays shipped between processes are often read-only
+        x = torch.tensor(images[row], device=device).permute(2, 0, 1).float().div(255)
         cert = smooth.certify(x, n0, n, alpha, generator=example_generator(seed, idx, device))
         records.append(
             {
@@ -334,22 +346,6 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
     }
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place,
-    so a reader (or a killed run) never sees a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -364,15 +360,22 @@ def _tsv_line(r: dict[str, Any]) -> str:
     return f"{r['idx']}\t{r['label']}\t{r['predict']}\t{radius}\t{r['correct']}\t{r['time']:.4f}\n"
 
 
-def write_results(
-    records: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: Path, params: dict[str, Any]
-) -> dict[str, Path]:
-    """Write certify.tsv (community format), radii.parquet (every record field) and
-    summary.json (``summary`` plus ``params`` under the key "params").
+def as_storage(out: Storage | str | Path) -> Storage:
+    """Results go wherever the run's storage is: a local directory or s3://bucket/prefix."""
+    return out if isinstance(out, Storage) else Storage.open(out)
 
-    ``summary`` must be ``summarize(records, radii)``; it is recomputed and compared so a
-    stale or partial summary can never be written next to the records. ``params`` must
-    name at least ``RESULT_PARAMS``.
+
+def write_results(
+    records: Sequence[dict[str, Any]], summary: dict[str, Any], out: Storage | str | Path, params: dict[str, Any]
+) -> dict[str, str]:
+    """Write certify.tsv (community format), radii.parquet (every record field) and, last,
+    summary.json (``summary`` plus ``params`` under "params"); returns their URIs by name.
+
+    ``summary`` must be ``summarize(records, radii)``: it is recomputed and compared, so a
+    stale or partial summary is never written next to the records. ``params`` must name at
+    least ``RESULT_PARAMS`` (extra keys, e.g. a "data" description, are kept). Each file is
+    written whole (``Storage``); summary.json is removed first and written last, so a
+    summary.json always marks a complete, consistent result.
     """
     missing = [k for k in RESULT_PARAMS if k not in params]
     if missing:
@@ -382,28 +385,24 @@ def write_results(
     for key in ("n0", "n"):
         if any(r[key] != params[key] for r in records):
             raise ValueError(f"records were certified with a different {key} than params[{key!r}]={params[key]}")
+    store = as_storage(out)
+    store.delete("summary.json")  # while rewriting, no summary.json may describe other files
     records = sorted(records, key=lambda r: r["idx"])
-    out_dir = Path(out_dir)
-    params_json = json.dumps(params, default=_json_default)
+    params_json = json.dumps(params, default=_json_default, sort_keys=True)
     table = pa.Table.from_pylist(list(records)).replace_schema_metadata({"tbn_ray.params": params_json})
-    return {
-        "tsv": atomic_write(
-            out_dir / "certify.tsv",
-            lambda p: p.write_text(TSV_HEADER + "\n" + "".join(_tsv_line(r) for r in records)),
-        ),
-        "parquet": atomic_write(out_dir / "radii.parquet", lambda p: pq.write_table(table, p)),
-        "summary": atomic_write(
-            out_dir / "summary.json",
-            lambda p: p.write_text(json.dumps({**summary, "params": params}, indent=2, default=_json_default) + "\n"),
-        ),
-    }
+    uris = {"certify.tsv": store.write_text("certify.tsv", TSV_HEADER + "\n" + "".join(_tsv_line(r) for r in records))}
+    with store.writer("radii.parquet") as f:
+        pq.write_table(table, f)
+    uris["radii.parquet"] = store.object_uri("radii.parquet")
+    summary_json = json.dumps({**summary, "params": params}, indent=2, default=_json_default)
+    uris["summary.json"] = store.write_text("summary.json", summary_json + "\n")
+    return uris
 
 
-def read_results(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_results(out: Storage | str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The records (from radii.parquet) and summary (with "params") of ``write_results``."""
-    out_dir = Path(out_dir)
-    parquet, summary = out_dir / "radii.parquet", out_dir / "summary.json"
-    for path in (parquet, summary):
-        if not path.is_file():
-            raise TbnError(f"no certification results at {path}; run certification into {out_dir} first")
-    return pq.read_table(parquet).to_pylist(), json.loads(summary.read_text())
+    store = as_storage(out)
+    for key in ("summary.json", "radii.parquet"):
+        if not store.exists(key):
+            raise TbnError(f"no certification results at {store.object_uri(key)}; run certification into {store.uri} first")
+    return pq.read_table(io.BytesIO(store.read_bytes("radii.parquet"))).to_pylist(), store.read_json("summary.json")

@@ -27,7 +27,9 @@ from tbn_ray.smoothing import (
     write_results,
 )
 
-PARTIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-partial"
+from .helpers import SHARED_DATA, partial_test_images
+
+PARTIAL = SHARED_DATA / "cifar10-partial"
 CPU = torch.device("cpu")
 
 
@@ -77,10 +79,16 @@ def tiny_bn_net(sigma: float) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def cifar_test() -> tuple[np.ndarray, np.ndarray]:
-    if not (PARTIAL / "cifar10_test_prefix.npz").is_file():
-        pytest.skip(f"exact CIFAR-10 subset not found at {PARTIAL}")
-    d = np.load(PARTIAL / "cifar10_test_prefix.npz")
-    return d["images"], d["labels"]
+    return partial_test_images(10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: intra-op threads only contend here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- soundness, analytic case
@@ -88,7 +96,6 @@ def cifar_test() -> tuple[np.ndarray, np.ndarray]:
 
 def test_linear_certificate_is_sound_at_rate_alpha() -> None:
     """P(wrong class certified, or radius > true distance) <= alpha, over inputs and seeds."""
-    torch.set_num_threads(1)
     alpha, trials = 0.05, 1500
     rng = np.random.default_rng(0)
     failures, ratios, overshoot = 0, [], 0.0
@@ -96,7 +103,8 @@ def test_linear_certificate_is_sound_at_rate_alpha() -> None:
         sigma = float(rng.choice([0.12, 0.25, 0.5, 1.0]))
         distance = float(rng.choice([-1, 1]) * rng.uniform(0.05, 2.5) * sigma)
         model, x, true_class = linear_case(rng, distance)
-        cert = Smooth(model, 2, sigma, batch_size=512).certify(x, 100, 1000, alpha, generator=example_generator(7, t, CPU))
+        smooth = Smooth(model, 2, sigma, batch_size=512)
+        cert = smooth.certify(x, 100, 1000, alpha, generator=example_generator(7, t, CPU))
         if cert.prediction == ABSTAIN:
             continue
         d = abs(distance)
@@ -117,7 +125,8 @@ def test_linear_certificate_is_sound_at_rate_alpha() -> None:
 def test_linear_certificate_is_tight_for_large_n(ratio: float) -> None:
     sigma = 0.5
     model, x, true_class = linear_case(np.random.default_rng(int(ratio * 10)), -ratio * sigma)
-    cert = Smooth(model, 2, sigma, batch_size=10_000).certify(x, 100, 100_000, 0.001, generator=example_generator(0, 0, CPU))
+    smooth = Smooth(model, 2, sigma, batch_size=10_000)
+    cert = smooth.certify(x, 100, 100_000, 0.001, generator=example_generator(0, 0, CPU))
     assert cert.prediction == true_class == 0
     assert 0.95 < cert.radius / (ratio * sigma) < 1.005
     assert cert.counts_selection.sum() == 100 and cert.counts_estimation.sum() == 100_000
@@ -245,7 +254,8 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
                   model="tiny BN conv net (random weights)", data_source="CIFAR-10 test, exact subset (cifar10-partial)")  # fmt: skip
     paths = write_results(records, summary, tmp_path / f"sigma={sigma}", params)
 
-    lines = paths["tsv"].read_text().splitlines()
+    assert list(paths) == ["certify.tsv", "radii.parquet", "summary.json"]
+    lines = Path(paths["certify.tsv"]).read_text().splitlines()
     assert lines[0] == TSV_HEADER == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     rows = list(csv.DictReader(lines, delimiter="\t"))
     assert [int(r["idx"]) for r in rows] == list(range(10))
@@ -260,7 +270,7 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
     assert summary["abstain_rate"] == np.mean([int(r["predict"]) == ABSTAIN for r in rows])
     assert list(summary["certified_accuracy"]) == [str(r) for r in REPORT_RADII]
 
-    table = pq.read_table(paths["parquet"])
+    table = pq.read_table(paths["radii.parquet"])
     assert set(table.column_names) == set(records[0])
     assert json.loads(table.schema.metadata[b"tbn_ray.params"])["sigma"] == sigma
     back, back_summary = read_results(tmp_path / f"sigma={sigma}")

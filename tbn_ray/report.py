@@ -1,0 +1,204 @@
+"""Certified-accuracy report: a Markdown table, a curve per sigma and Cohen et al.'s numbers.
+
+Every row names what produced it (model, data, BN statistics, n0, n, alpha, images).
+The best-sigma-per-radius envelope is drawn and labelled as what it is: sigma chosen
+after the fact for each radius, not the accuracy of any single smoothed classifier
+(science.md, soundness rule 4). Cohen et al.'s published rows are a different model
+on all 10,000 test images, shown as a reference point only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .errors import TbnError
+from .smoothing import as_storage
+from .storage import Storage
+from .tbn import bn_key
+
+ENVELOPE_LABEL = "envelope: best sigma per radius (not a single classifier)"
+
+#: Cohen et al. 2019, CIFAR-10, ResNet-110 trained with Gaussian augmentation (science.md).
+COHEN_PUBLISHED: tuple[dict[str, Any], ...] = tuple(
+    {
+        "label": f"Cohen et al. 2019, published (sigma={sigma}; ResNet-110, Gaussian aug.: a different model)",
+        "sigma": sigma,
+        "bn": "-",
+        "model": "ResNet-110, Gaussian augmentation (Cohen et al. 2019)",
+        "data_source": "CIFAR-10 test, official",
+        "n0": 100,
+        "n": 100_000,
+        "alpha": 0.001,
+        "images": 10_000,
+        "certified_accuracy": accuracy,
+        "acr": acr,
+    }
+    for sigma, accuracy, acr in (
+        (0.25, {"0.0": 0.804, "0.25": 0.668, "0.5": 0.505, "0.75": 0.327}, 0.487),
+        (0.5, {"0.0": 0.688, "0.25": 0.582, "0.5": 0.462, "0.75": 0.345, "1.0": 0.245}, 0.571),
+    )
+)
+
+#: What every row shows besides sigma.
+SETUP_KEYS = ("model", "data_source", "bn", "n0", "n", "alpha")
+#: Rows share an envelope only if these params agree (and the BN mode and image count):
+#: the same trained model, checkpoint, test images and sampling, differing only in sigma.
+SAME_SETUP = ("model", "run", "epoch", "data_source", "data", "n0", "n", "alpha", "seed", "skip", "start")
+
+
+def load_summaries(results: Storage | str | Path) -> list[dict[str, Any]]:
+    """Every summary.json below ``results`` (e.g. ``<dir>/sigma=0.25/summary.json``), local or S3."""
+    store = as_storage(results)
+    keys = [k for k in store.list() if k.rpartition("/")[2] == "summary.json"]
+    if not keys:
+        raise TbnError(f"no summary.json found below {store.uri}; run certification first")
+    summaries = []
+    for key in keys:
+        summary = store.read_json(key)
+        if "certified_accuracy" not in summary or "sigma" not in summary.get("params", {}):
+            raise TbnError(f"{store.object_uri(key)} is not a certification summary (from tbn_ray.smoothing.write_results)")
+        summaries.append({**summary, "location": store.object_uri(key)})
+    return summaries
+
+
+def _bn_mode(params: dict[str, Any]) -> str:
+    """'tbn' for statistics calibrated at the row's own sigma (named per sigma), else the set's name."""
+    bn = str(params.get("bn", "?"))
+    return "tbn" if bn in ("tbn", bn_key(params["sigma"])) else bn
+
+
+def _row(summary: dict[str, Any]) -> dict[str, Any]:
+    params = summary["params"]
+    row = {key: params.get(key, "?") for key in SETUP_KEYS}
+    row["data_source"] = params.get("data", row["data_source"])  # the description, when the run gave one
+    mode = _bn_mode(params)
+    row["bn"] = mode if mode == row["bn"] else f"{mode} ({row['bn']})"
+    return {
+        "sigma": params["sigma"],
+        **row,
+        "images": summary["images"],
+        "certified_accuracy": summary["certified_accuracy"],
+        "acr": summary["acr"],
+        "abstain_rate": summary["abstain_rate"],
+        "bn_mode": mode,
+        "setup": json.dumps([mode, summary["images"], *(params.get(k) for k in SAME_SETUP)], default=str),
+    }
+
+
+def _envelopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setup with two or more sigmas: the best certified accuracy at each radius, and its sigma."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["setup"], []).append(row)
+    envelopes = []
+    for members in groups.values():
+        if len({m["sigma"] for m in members}) < 2:
+            continue
+        best: dict[str, float] = {}
+        best_sigma: dict[str, float] = {}
+        for m in members:
+            for r, acc in m["certified_accuracy"].items():
+                if r not in best or acc > best[r]:
+                    best[r], best_sigma[r] = acc, m["sigma"]
+        setup = {**{k: members[0][k] for k in (*SETUP_KEYS, "images")}, "bn": members[0]["bn_mode"]}
+        envelopes.append({"label": ENVELOPE_LABEL, **setup, "certified_accuracy": best, "best_sigma": best_sigma})
+    return envelopes
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
+    head = ["", "sigma", "model", "data source", "BN mode", "n0", "n", "alpha", "images"]
+    head += [f"r={r}" for r in radii] + ["ACR", "abstain %"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(label: str, row: dict[str, Any], cells: list[str], acr: str, abstain: str) -> str:
+        setup = [str(row.get(k, "-")) for k in ("sigma", "model", "data_source", "bn", "n0", "n", "alpha", "images")]
+        return "| " + " | ".join([label, *setup, *cells, acr, abstain]) + " |"
+
+    for row in rows:
+        cells = [_percent(row["certified_accuracy"].get(r)) for r in radii]
+        lines.append(line("measured", row, cells, f"{row['acr']:.3f}", _percent(row["abstain_rate"])))
+    for env in envelopes:
+        cells = [
+            f"{_percent(env['certified_accuracy'][r])} (sigma={env['best_sigma'][r]})"
+            if r in env["certified_accuracy"]
+            else "-"
+            for r in radii
+        ]
+        lines.append(line(f"**{ENVELOPE_LABEL}**", {**env, "sigma": "best per radius"}, cells, "-", "-"))
+    for ref in reference:
+        cells = [_percent(ref["certified_accuracy"].get(r)) for r in radii]
+        lines.append(line(f"*{ref['label']}*", ref, cells, f"{ref['acr']:.3f}", "-"))
+    lines += [
+        "",
+        "Certified accuracy (%) at l2 radius r: the fraction of images whose smoothed prediction is "
+        "correct AND certified with radius >= r (Cohen et al. 2019, CERTIFY). ACR: mean of radius x correct.",
+        "",
+        "The envelope row picks, at each radius, the sigma with the highest certified accuracy after the fact; "
+        "it is not the accuracy of any single smoothed classifier.",
+        "",
+        "Rows marked *published* are Cohen et al.'s numbers as printed in their paper (ResNet-110 trained "
+        "with Gaussian augmentation, all 10,000 test images, n=100,000, alpha=0.001): a different model, "
+        "shown for reference, not reproduced here. '-' means not reported.",
+        "",
+        "![certified accuracy vs radius](certified_accuracy.png)",
+        "",
+        "The plot draws each curve as a staircase through the tabulated radii: between two radii it shows "
+        "the value at the larger one, a lower bound of the true curve.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(title: str, radii: list[str], rows, envelopes, reference) -> Figure:
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+
+    def curve(acc: dict[str, float], **style: Any) -> None:
+        points = [(float(r), 100 * acc[r]) for r in radii if r in acc]
+        # steps-pre: between two tabulated radii the value of the larger one, a lower bound of the true curve
+        ax.plot(*zip(*points), drawstyle="steps-pre", marker="o", markersize=3, **style)
+
+    for row in rows:
+        curve(row["certified_accuracy"], label=f"sigma={row['sigma']} ({row['bn']}, {row['model']})")
+    for env in envelopes:
+        label = f"{ENVELOPE_LABEL} [{env['bn']}, {env['model']}]"
+        curve(env["certified_accuracy"], color="black", linestyle=":", linewidth=2.5, label=label)
+    for ref, linestyle in zip(reference, ("--", "-.")):
+        curve(ref["certified_accuracy"], color="grey", linestyle=linestyle, label=ref["label"])
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(
+    summaries: Sequence[dict[str, Any]],
+    out: Storage | str | Path,
+    title: str = "Certified accuracy (randomized smoothing, l2)",
+) -> dict[str, str]:
+    """report.md, certified_accuracy.png and report.json (the numbers behind both); their URIs by name."""
+    if not summaries:
+        raise TbnError("no certification summaries to report; run certification first")
+    rows = sorted((_row(s) for s in summaries), key=lambda r: (*(str(r[k]) for k in SETUP_KEYS), r["sigma"]))
+    envelopes = _envelopes(rows)
+    reference = list(COHEN_PUBLISHED)
+    radii = sorted({r for row in (*rows, *reference) for r in row["certified_accuracy"]}, key=float)
+    store = as_storage(out)
+    report = {"title": title, "rows": rows, "envelopes": envelopes, "reference": reference}
+    with store.writer("certified_accuracy.png") as f:
+        _plot(title, radii, rows, envelopes, reference).savefig(f, format="png")
+    return {
+        "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference)),
+        "certified_accuracy.png": store.object_uri("certified_accuracy.png"),
+        "report.json": store.write_text("report.json", json.dumps(report, indent=2) + "\n"),
+    }
