@@ -75,7 +75,7 @@ def make_checkpoint(
         model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
         config=config,
         epoch=epoch,
-        meta={**meta, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__},
+        meta={**meta, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)},
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         scheduler=scheduler.state_dict() if scheduler is not None else None,
     )

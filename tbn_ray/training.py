@@ -111,7 +111,10 @@ def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per iteration (not per epoch), so warmup and decay are smooth at any epoch count."""
+    """Stepped once per iteration (not per epoch), so warmup and decay are smooth at any epoch count.
+
+    To resume, build it on the fresh optimizer, then load both state dicts.
+    """
     if steps_per_epoch < 1:
         raise TbnError("no full batch per epoch: lower optim.batch_size or use more training images")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, steps_per_epoch))
@@ -191,6 +194,11 @@ def train_epoch(
         raise ValueError("fp16 training needs a GradScaler (make_grad_scaler) kept across epochs")
     target = unwrap(model)
     model.train()
+    # The scheduler decides the learning rate. Building a LambdaLR resets the optimizer's lr to
+    # its step-0 value, so a resume that loads the optimizer before building the scheduler
+    # would otherwise start the epoch at the wrong rate.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
