@@ -1,0 +1,143 @@
+"""The command line end to end on real CIFAR-10 images (exact subset), and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import SHARED_DATA
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
+
+TINY = """
+train:
+  name: tiny
+  data: {source: partial, train_limit: 256}
+  model: {arch: tiny}
+  attack: {norm: l2, eps: 0.5, steps: 2}
+  optim: {epochs: 1, batch_size: 64}
+  eval: {images: 64}
+calibrate:
+  sigmas: [0.25]
+  samples: 256
+  batch_size: 128
+certify:
+  sigmas: [0.25]
+  n0: 10
+  n: 100
+  alpha: 0.01
+  skip: 100
+  max_images: 6
+  batch_size: 50
+"""
+
+
+def tbn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TBN_STORAGE": str(cwd / "results")}
+    return subprocess.run(
+        [sys.executable, "-m", "tbn_ray", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run trained, calibrated and certified through the CLI, in-process (no Ray)."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "tiny.yaml").write_text(TINY)
+    ok(tbn("train", "--config", "tiny.yaml", "--local", cwd=work))
+    run = work / "results" / "tiny"
+    ok(tbn("calibrate", str(run), "--config", "tiny.yaml", cwd=work))
+    ok(tbn("certify", str(run), "--config", "tiny.yaml", "--local", cwd=work))
+    return run
+
+
+def test_train_calibrate_certify_report_through_the_cli(trained):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["meta"]["data_source"] == "partial"
+    assert (trained / "metrics.csv").is_file()
+    bn = torch.load(trained / "bn_stats.pt", weights_only=True)
+    assert {"clean", "sigma=0.25"} <= set(bn["sets"])
+    tsvs = list(trained.rglob("certify.tsv"))
+    assert len(tsvs) == 1
+    with open(tsvs[0]) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [int(r["idx"]) for r in rows] == [0, 100, 200, 300, 400, 500]
+    assert list(rows[0]) == ["idx", "label", "predict", "radius", "correct", "time"]
+    summary = json.loads(tsvs[0].with_name("summary.json").read_text())
+    params = summary["params"]
+    assert summary["images"] == 6 and params["n"] == 100 and params["sigma"] == 0.25
+    assert "byte-exact" in params["data"] and params["bn"] == "sigma=0.25"
+    acr = sum(float(r["radius"]) * int(r["correct"]) for r in rows) / len(rows)
+    assert summary["acr"] == pytest.approx(acr, abs=1e-3)
+    rep = ok(tbn("report", str(tsvs[0].parent.parent), cwd=trained.parent.parent))
+    assert "0.25" in rep.stdout and "Cohen" in rep.stdout
+
+
+def test_calibrate_refuses_a_missing_checkpoint(tmp_path):
+    p = tbn("calibrate", str(tmp_path / "nowhere"), "--sigma", "0.25", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "no checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sigma", "0"], "greater than 0"),
+        (["--sigma", "-0.5"], "greater than 0"),
+        (["--n0", "0"], "n0"),
+        (["--n", "0"], "certify.n"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--alpha", "0"], "alpha"),
+    ],
+)
+def test_certify_bad_numbers_are_one_line_errors(trained, args, message):
+    p = tbn("certify", str(trained), "--local", *args, cwd=trained.parent)
+    assert p.returncode == 2, p.stdout
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_architecture_and_missing_data_directory(tmp_path):
+    (tmp_path / "bad.yaml").write_text(TINY.replace("arch: tiny", "arch: resnet9000"))
+    p = tbn("train", "--config", "bad.yaml", "--local", cwd=tmp_path)
+    assert p.returncode == 2 and "resnet9000" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "nodata.yaml").write_text(TINY.replace("source: partial", f"source: partial, shared_dir: {tmp_path / 'none'}"))
+    p = tbn("train", "--config", "nodata.yaml", "--local", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_names_the_file(trained, tmp_path):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    data = (trained / "checkpoint.pt").read_bytes()
+    (bad / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    p = tbn("calibrate", str(bad), "--sigma", "0.25", cwd=tmp_path)
+    assert p.returncode == 2 and "checkpoint.pt" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    p = tbn("certify", str(bad), "--local", cwd=tmp_path)
+    assert p.returncode == 2 and "checkpoint.pt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_wrong_architecture_checkpoint(trained, tmp_path):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["model"]["arch"] = "resnet20"
+    run = tmp_path / "wrong"
+    run.mkdir()
+    torch.save(ckpt, run / "checkpoint.pt")
+    p = tbn("calibrate", str(run), "--sigma", "0.25", cwd=tmp_path)
+    assert p.returncode == 2 and "does not fit architecture 'resnet20'" in p.stderr
