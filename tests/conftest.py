@@ -91,3 +91,29 @@ def s3_bucket(s3_server: str) -> str:
     name = f"tbn-test-{uuid.uuid4().hex[:16]}"
     boto3.session.Session().client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for servers that must not collide with other sessions)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
+    """One local Ray instance for the whole session, started once, with the dashboard.
+
+    4 logical CPUs (on 2 cores) leave room for 2 Train workers plus actors. Depends on the
+    S3 server so that AWS_* point at it before Ray starts: the workers inherit them.
+    """
+    pytest.importorskip("ray.train.torch", reason='Ray missing: pip install "ray[default,train]==2.60.0"')
+    from tbn_ray.ray_runtime import connect, disconnect
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)  # a local instance of our own, never a developer's cluster
+        cluster = connect(num_cpus=4, dashboard_port=free_port())
+        yield cluster
+    disconnect(cluster)

@@ -1,0 +1,472 @@
+"""Distributed PGD adversarial training on Ray Train (V2 ``TorchTrainer``, DDP).
+
+The worker loop is ``training.train_epoch``/``training.evaluate`` plus Ray's three calls
+(``prepare_model``, ``prepare_data_loader``, ``ray.train.report``): the science stays in
+the science modules. Backend: nccl when workers have GPUs, else gloo.
+
+Global batch rule: ``optim.batch_size`` is the GLOBAL batch. Each of W workers trains on
+``batch_size / W`` images per step (W must divide it), so one SGD step always averages
+the gradient of ``batch_size`` images and the learning rate needs no rescaling when W
+changes. Each worker's ``DistributedSampler`` (seeded with the run's seed, reshuffled per
+epoch with ``set_epoch``) gives it a disjoint ``1/W`` of the training set. BatchNorm
+normalises per worker batch (no SyncBatchNorm), as in ordinary DDP; the running statistics
+saved are rank 0's.
+
+Run directory ``<storage>/<run name>`` (Ray's ``storage_path`` is the storage root and its
+run name is the run's name, so Ray's files and the project's share one directory)::
+
+    checkpoint_epochNNNN/checkpoint.pt   Ray's checkpoints, the last K kept (tbn-ray format)
+    checkpoint.pt  best.pt               the latest and the best (held-out PGD accuracy)
+    config.yaml  metrics.csv  metrics.png
+
+Every checkpoint, Ray's included, is a complete tbn-ray checkpoint, so ``tbn-ray
+calibrate/certify`` accept the run directory or any ``.../checkpoint_epochNNNN/checkpoint.pt``.
+Re-running with the same run name resumes from the latest checkpoint (Ray's, or the run's
+own ``checkpoint.pt`` left by an in-process run); ``fresh`` empties the run directory first.
+``meta["started_at_epochs"]`` in each checkpoint records every (re)start of the loop, so a
+resume or a recovery after a lost worker is visible in the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import data as data_mod
+from .config import TrainConfig
+from .errors import TbnError
+from .models import build_model
+from .pipeline import data_meta, log, write_metrics, write_metrics_plot
+from .runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
+from .storage import Storage
+from .training import epoch_seed, evaluate, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from .ray_runtime import RayCluster
+
+BEST = "best.pt"
+RAY_CHECKPOINT_PREFIX = "checkpoint_epoch"
+#: A failed or timed-out start of the worker group is retried this often, then the run fails.
+CONTROLLER_FAILURE_LIMIT = 1
+#: Seconds to wait for all workers to be placed: short where no node can be added (an
+#: impossible request then fails within about a minute), long enough for a cloud node to boot otherwise.
+START_TIMEOUT_STATIC_S = 30.0
+START_TIMEOUT_AUTOSCALING_S = 900.0
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: Settings that say WHERE data and storage are (never credentials): workers must see the driver's.
+_PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "TBN_DATA", "TBN_SHARED_DATA", "TBN_DATA_ROOT", "TBN_CACHE")
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many DDP workers, and what each one reserves.
+
+    ``cpus_per_worker=None``: on a local instance this process started, its CPUs shared
+    evenly among the workers (torch uses that many threads); on a joined cluster 1 per
+    worker, Ray's default (GPU workers need little CPU: data and augmentation are on the GPU).
+    """
+
+    workers: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise TbnError(f"--workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise TbnError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker not in (0, 1):
+            raise TbnError(
+                f"--gpus-per-worker must be 0 or 1, got {self.gpus_per_worker}: a DDP worker drives one GPU "
+                "(NCCL cannot share one between workers); use --workers to use more GPUs"
+            )
+
+    def resolve(self, cluster: RayCluster) -> Scaling:
+        """This request with ``cpus_per_worker`` decided for ``cluster``."""
+        if self.cpus_per_worker is not None:
+            return self
+        cpus = max(1, int(cluster.resources().get("CPU", 1)) // self.workers) if cluster.started_here else 1
+        return replace(self, cpus_per_worker=float(cpus))
+
+    def per_worker_batch(self, global_batch: int) -> int:
+        """The global batch split evenly (see the module docstring for the rule)."""
+        if global_batch % self.workers:
+            raise TbnError(
+                f"global batch size {global_batch} is not divisible by {self.workers} workers: "
+                "set optim.batch_size to a multiple of --workers (the global batch is kept as is)"
+            )
+        return global_batch // self.workers
+
+    def resources_per_worker(self) -> dict[str, float]:
+        if self.cpus_per_worker is None:
+            raise ValueError("unresolved Scaling: call resolve(cluster) first")
+        res = {"CPU": float(self.cpus_per_worker)}
+        if self.gpus_per_worker:
+            res["GPU"] = float(self.gpus_per_worker)
+        return res
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Checkpoint retention and failure handling."""
+
+    keep: int = 3  # Ray checkpoints kept (the most recent); best.pt is kept besides
+    max_failures: int = 3  # worker-group failures recovered from the latest checkpoint
+    start_timeout_s: float | None = None  # None: by cluster kind (START_TIMEOUT_*)
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise TbnError(f"--keep must be at least 1, got {self.keep}")
+        if self.max_failures < 0:
+            raise TbnError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.start_timeout_s is not None and not self.start_timeout_s > 0:
+            raise TbnError(f"--start-timeout must be > 0 seconds, got {self.start_timeout_s}")
+
+
+# --- the worker loop ---------------------------------------------------------------------------
+
+
+def _latest_checkpoint(run: Run) -> Checkpoint | None:
+    """Ray's latest reported checkpoint or the run's own checkpoint.pt, whichever is further on."""
+    import ray.train
+
+    found: list[Checkpoint] = []
+    reported = ray.train.get_checkpoint()
+    if reported is not None:
+        with reported.as_directory() as folder:
+            path = Path(folder) / CHECKPOINT
+            found.append(checkpoint_from_bytes(path.read_bytes(), f"{reported.path}/{CHECKPOINT}"))
+    if run.has_checkpoint():
+        found.append(run.load_checkpoint())
+    return max(found, key=lambda c: c.epoch, default=None)  # a tie keeps Ray's (listed first)
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str) -> list[float]:
+    """Sum or max over workers (a no-op for one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's BN running statistics everywhere, so every shard is evaluated with the saved model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _worker_log(msg: str) -> None:
+    # Through logging, not print: Ray Train both tees and logs a worker's print, so it would show twice.
+    logging.getLogger(__name__).info(f"[tbn-ray] {msg}")
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """One DDP worker: ``train_loop_per_worker`` of the ``TorchTrainer``."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    cfg: TrainConfig = config["cfg"]
+    run: Run = config["run"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(config["threads"])
+
+    d = data_mod.load_from_config(cfg.data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes=len(d.classes))
+    model = model.to(device)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dataset = TensorDataset(*data_mod.as_tensors(d.train))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_worker = cfg.optim.batch_size // world
+    if len(sampler) < per_worker:
+        raise TbnError(
+            f"{len(d.train)} training images give each of {world} workers fewer than its {per_worker} images "
+            "per batch: lower optim.batch_size or use fewer workers"
+        )
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False
+    )
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, len(loader))
+    scaler = make_grad_scaler(cfg.optim, device)
+
+    start, meta = 0, {}
+    resumed = _latest_checkpoint(run)
+    if resumed is not None:
+        if resumed.config.model != cfg.model:
+            raise TbnError(f"{run.uri} holds a {resumed.config.model.arch} run; use another --name or --fresh")
+        model.load_state_dict(resumed.model)
+        if resumed.optimizer is not None:
+            optimizer.load_state_dict(resumed.optimizer)
+        if resumed.scheduler is not None:
+            scheduler.load_state_dict(resumed.scheduler)
+        start, meta = resumed.epoch, dict(resumed.meta)
+    history: list[dict[str, Any]] = list(meta.get("history", []))
+    started = [*meta.get("started_at_epochs", []), start]
+    best = meta.get("best_heldout_pgd_acc")
+    if rank == 0 and start:
+        _worker_log(f"resuming {run.uri} at epoch {start} with {world} worker(s)")
+    model = ray.train.torch.prepare_model(model)  # DDP for world > 1; rank 0's weights are broadcast
+
+    heldout = d.heldout.subset(slice(0, cfg.eval.images))
+    shard = heldout.subset(slice(rank, None, world))  # each worker evaluates every world-th image
+    for epoch in range(start, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + rank))
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_epoch(model, loader, optimizer, scheduler, cfg, device, scaler=scaler, generator=generator)
+        t0 = time.perf_counter()
+        _broadcast_buffers(unwrap(model))
+        ev = evaluate(
+            unwrap(model), shard.images, shard.labels, cfg.eval_attack, device,
+            batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
+        )  # fmt: skip
+        n_eval = ev["images"]
+        loss_sum, correct, images, clean, robust, n_all = _all_reduce(
+            [
+                train["train_loss"] * train["images"],
+                train["train_acc"] * train["images"],
+                train["images"],
+                (ev["clean_acc"] or 0.0) * n_eval,
+                (ev["pgd_acc"] or 0.0) * n_eval,
+                n_eval,
+            ],
+            device,
+            "sum",
+        )
+        seconds, eval_seconds = _all_reduce([train["seconds"], time.perf_counter() - t0], device, "max")
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": loss_sum / images,
+            "train_acc": correct / images,
+            "images": int(images),
+            "seconds": seconds,
+            "images_per_s": images / seconds,
+            "heldout_clean_acc": clean / n_all,
+            "heldout_pgd_acc": robust / n_all,
+            "heldout_images": int(n_all),
+            "eval_seconds": eval_seconds,
+            "workers": world,
+        }
+        is_best = best is None or metrics["heldout_pgd_acc"] > best
+        if is_best:
+            best = metrics["heldout_pgd_acc"]
+            meta["best_epoch"] = epoch + 1
+        history.append(metrics)
+        meta.update(
+            data_meta(d),
+            history=history,
+            metrics=metrics,
+            started_at_epochs=started,
+            best_heldout_pgd_acc=best,
+            trainer="ray",
+            workers=world,
+            global_batch_size=cfg.optim.batch_size,
+        )
+        name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            continue
+        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
+        payload = ckpt.to_bytes()
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / CHECKPOINT).write_bytes(payload)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        # After Ray holds the checkpoint, so the run's files never get ahead of what a restart resumes from.
+        run.save_checkpoint(ckpt)
+        if is_best:
+            run.storage.write_bytes(BEST, payload)
+        write_metrics(run, history)
+        write_metrics_plot(run, history)
+        _worker_log(
+            f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.3f} held-out clean "
+            f"{metrics['heldout_clean_acc']:.3f} pgd {metrics['heldout_pgd_acc']:.3f} "
+            f"({metrics['images_per_s']:.0f} img/s on {world} worker(s))"
+        )
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def check_fits(scaling: Scaling, available: dict[str, float]) -> None:
+    """Refuse at once a request a cluster that cannot grow will never place (instead of waiting)."""
+    for resource, each in scaling.resources_per_worker().items():
+        need, have = each * scaling.workers, available.get(resource, 0.0)
+        if need > have:
+            raise TbnError(
+                f"{scaling.workers} workers x {each:g} {resource} need {need:g} {resource}, but the Ray cluster "
+                f"has {have:g} and cannot add nodes: lower --workers or --{resource.lower()}s-per-worker, "
+                "or use a cluster that has them (--address)"
+            )
+
+
+def clear_run(root: Storage, name: str) -> int:
+    """What ``fresh`` does: empty the run directory, Ray's state included; returns the objects deleted.
+
+    Everything in it (checkpoints, metrics, TBN statistics, certificates) derives from the model
+    being discarded, and TBN statistics of an old model must not meet a new one.
+    """
+    run_dir = root.child(name)
+    keys = run_dir.list()
+    for key in keys:
+        run_dir.delete(key)
+    return len(keys)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Ray Train reads some settings only from the driver's environment (and passes them on)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def make_trainer(
+    cfg: TrainConfig, root: Storage, scaling: Scaling, recovery: Recovery, callbacks: Sequence[Any] = ()
+) -> TorchTrainer:
+    """The ``TorchTrainer`` for a run; ``fit_trainer`` runs it with a bounded start and one-line errors.
+
+    ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when a Tune trial drives the run.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, filesystem = root.ray_storage()
+    env = {k: os.environ[k] for k in _PROPAGATED_ENV if os.environ.get(k)}
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": cfg, "run": Run(root.child(cfg.name)), "threads": max(1, int(scaling.resources_per_worker()["CPU"]))},
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=bool(scaling.gpus_per_worker),
+            resources_per_worker=scaling.resources_per_worker(),
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=recovery.keep),
+            failure_config=FailureConfig(max_failures=recovery.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
+def start_timeout(recovery: Recovery, cluster: RayCluster) -> float:
+    if recovery.start_timeout_s is not None:
+        return recovery.start_timeout_s
+    return START_TIMEOUT_AUTOSCALING_S if cluster.autoscaling else START_TIMEOUT_STATIC_S
+
+
+def fit_trainer(trainer: TorchTrainer, scaling: Scaling, timeout_s: float) -> Any:
+    """``trainer.fit()`` with a bounded worker start; Ray's failures become one-line TbnErrors."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    attempts = CONTROLLER_FAILURE_LIMIT + 1
+    try:
+        with _environ(_START_TIMEOUT_ENV, str(timeout_s)):
+            return trainer.fit()
+    except ControllerError as e:
+        cause = e.controller_failure
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise TbnError(
+            f"could not start {scaling.workers} Ray Train workers with {scaling.resources_per_worker()} each "
+            f"({attempts} attempts of {timeout_s:g} s): {first[:300]}; lower --workers/--cpus-per-worker/"
+            "--gpus-per-worker, add nodes, or raise --start-timeout while a cluster is scaling up"
+        ) from None
+    except WorkerGroupError as e:
+        user = [f for f in e.worker_failures.values() if isinstance(_root_cause(f), TbnError)]
+        if user:
+            raise TbnError(str(_root_cause(user[0]))) from None
+        raise
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (RayTaskError and friends)."""
+    cause = getattr(error, "cause", None)
+    return _root_cause(cause) if isinstance(cause, BaseException) and cause is not error else error
+
+
+def train_on_ray(
+    cfg: TrainConfig,
+    root: Storage,
+    scaling: Scaling,
+    cluster: RayCluster,
+    *,
+    recovery: Recovery = Recovery(),
+    fresh: bool = False,
+    say: Callable[[str], None] = log,
+    callbacks: Sequence[Any] = (),
+) -> Checkpoint:
+    """Train (or resume) run ``cfg.name`` under ``root`` on the connected Ray cluster; returns the final checkpoint."""
+    scaling = scaling.resolve(cluster)
+    per_worker = scaling.per_worker_batch(cfg.optim.batch_size)
+    root.check()  # an unreachable or missing bucket fails here, before any worker starts
+    if root.is_local and cluster.multi_node():
+        raise TbnError(
+            f"the Ray cluster has (or may add) several nodes, which cannot share the local directory {root.uri}: "
+            "use --storage s3://bucket/prefix"
+        )
+    run = Run(root.child(cfg.name))
+    if fresh:
+        if deleted := clear_run(root, cfg.name):
+            say(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
+    elif run.has_checkpoint():
+        done = run.load_checkpoint()
+        if done.config.model != cfg.model:
+            raise TbnError(f"{run.uri} holds a {done.config.model.arch} run; use another --name or --fresh")
+        if done.epoch >= cfg.optim.epochs:
+            say(f"{run.uri} already trained for {done.epoch} epochs; nothing to do (--fresh to start over)")
+            return done
+    if not cluster.autoscaling:
+        check_fits(scaling, cluster.resources())
+    say(
+        f"training {cfg.model.arch} on Ray: {scaling.workers} worker(s) x {scaling.resources_per_worker()}, "
+        f"global batch {cfg.optim.batch_size} ({per_worker} per worker), run {run.uri}"
+    )
+    result = fit_trainer(make_trainer(cfg, root, scaling, recovery, callbacks), scaling, start_timeout(recovery, cluster))
+    if result.checkpoint is None:
+        return run.load_checkpoint()
+    with result.checkpoint.as_directory() as folder:
+        final = checkpoint_from_bytes((Path(folder) / CHECKPOINT).read_bytes(), f"{result.checkpoint.path}/{CHECKPOINT}")
+    # Rank 0 writes these every epoch; writing the final state again makes the run directory
+    # consistent even if the last worker died between Ray's checkpoint and its own writes.
+    run.save_checkpoint(final)
+    if final.meta.get("best_epoch") == final.epoch:
+        run.storage.write_bytes(BEST, final.to_bytes())
+    history = final.meta.get("history", [])
+    write_metrics(run, history)
+    write_metrics_plot(run, history)
+    return final
