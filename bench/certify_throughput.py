@@ -1,0 +1,436 @@
+"""Certification throughput, measured side by side on the same model, images and n.
+
+1. CPU, in-process: a baseline written the way the reference implementation (Cohen et al.'s
+   core.py) does it -- single process, fp32, eval mode, torch.no_grad, noise batch 400, one
+   image at a time, x.repeat + randn_like, counting votes in a Python loop -- against
+   tbn-ray's in-process certification (pipeline.ShardCertifier: inference mode, one reused
+   noise buffer drawn from a per-example generator, torch.bincount, channels-last and a
+   noise batch of its own). Also checked: fed the same noise, the baseline's CERTIFY and
+   tbn-ray's give the same counts, predictions and radii (identical semantics).
+2. Ray: 1 vs 2 actors (one torch thread each) on the same shards, against the in-process
+   path at one thread: scaling and Ray's overhead.
+3. GPU (skipped without CUDA): ResNet-110 at n=100,000, seconds per image, baseline vs
+   tbn-ray fp32 vs tbn-ray bf16 + channels-last.
+
+The model is untrained (He-initialised, seed 0) with TBN statistics calibrated on noisy
+held-out images: throughput does not depend on the weights. Every configuration certifies
+every image ``--rounds`` times, interleaved image by image with the other configurations so
+that load from other processes hits them alike; per image the best time counts (the median
+is reported too, and CPU seconds, which contention inflates less).
+
+    python bench/certify_throughput.py                      # CPU and Ray parts (about 10 min on 2 cores)
+    python bench/certify_throughput.py --parts gpu          # GPU part only
+Figures go to bench/results/certify_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import beta, norm
+from torch import nn
+
+from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
+from tbn_ray.models import build_model
+from tbn_ray.pipeline import CertifyPlan, ShardCertifier, calibrate_run, plan_certify, run_plan_in_process
+from tbn_ray.runs import Run, make_checkpoint
+from tbn_ray.smoothing import ABSTAIN, example_generator
+from tbn_ray.storage import Storage
+from tbn_ray.tbn import set_bn_stats
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIGMA = 0.25
+
+
+# --- the reference-style baseline ------------------------------------------------------------
+
+
+class ReferenceSmooth:
+    """Cohen et al.'s core.py CERTIFY, kept as written there (device made a parameter).
+
+    ``generator=None`` draws from torch's global RNG as core.py does; passing one feeds it the
+    noise tbn-ray draws, for the semantics check.
+    """
+
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float, device: torch.device) -> None:
+        self.base, self.num_classes, self.sigma, self.device = base, num_classes, sigma, device
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> tuple[int, float, np.ndarray]:
+        self.base.eval()
+        counts_selection = self._sample_noise(x, n0, batch_size, generator)
+        c_a_hat = int(counts_selection.argmax().item())
+        counts_estimation = self._sample_noise(x, n, batch_size, generator)
+        n_a = int(counts_estimation[c_a_hat].item())
+        p_a = self._lower_confidence_bound(n_a, n, alpha)
+        if p_a < 0.5:
+            return ABSTAIN, 0.0, counts_estimation
+        return c_a_hat, self.sigma * float(norm.ppf(p_a)), counts_estimation
+
+    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int, generator) -> np.ndarray:
+        with torch.no_grad():
+            counts = np.zeros(self.num_classes, dtype=int)
+            for _ in range(int(np.ceil(num / batch_size))):
+                this_batch_size = min(batch_size, num)
+                num -= this_batch_size
+                batch = x.repeat((this_batch_size, 1, 1, 1))
+                if generator is None:
+                    noise = torch.randn_like(batch, device=self.device) * self.sigma
+                else:
+                    noise = torch.randn(batch.shape, generator=generator, device=self.device) * self.sigma
+                predictions = self.base(batch + noise).argmax(1)
+                counts += self._count_arr(predictions.cpu().numpy(), self.num_classes)
+            return counts
+
+    @staticmethod
+    def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
+        counts = np.zeros(length, dtype=int)
+        for idx in arr:
+            counts[idx] += 1
+        return counts
+
+    @staticmethod
+    def _lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+        # statsmodels' proportion_confint(n_a, n, alpha=2*alpha, method="beta")[0]
+        return 0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def make_run(root: Path, arch: str) -> Run:
+    """An untrained network of ``arch`` with TBN statistics calibrated at SIGMA."""
+    run = Run(Storage.open(root).child(arch))
+    cfg = TrainConfig(name=arch, model=ModelConfig(arch=arch), data=DataConfig(source="partial"))
+    torch.manual_seed(0)
+    run.save_checkpoint(make_checkpoint(build_model(cfg.model), cfg, 0, {"note": "untrained, for timing"}))
+    calibrate_run(run, CalibrateConfig(sigmas=(SIGMA,), samples=512, batch_size=256), device="auto", progress=False)
+    return run
+
+
+def make_plan(run: Run, out: Path, args: argparse.Namespace, images: int, *, batch_size: int, shards: int = 1, **options: Any) -> CertifyPlan:
+    cfg = CertifyConfig(sigmas=(SIGMA,), n0=args.n0, n=args.n, alpha=0.001, batch_size=batch_size, max_images=images)
+    return plan_certify(run, cfg, Storage.open(out), shards=shards, **options)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, result
+
+
+def interleaved(configs: dict[str, Callable[[int], Any]], units: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Time every config on every unit (an image, or a whole run), ``rounds`` times, interleaved.
+
+    Per config: the sum over units of each unit's best (and median) time. Short units and a
+    best-of estimate keep the figures close to an unloaded machine's on a shared one.
+    """
+    times: dict[str, list[list[tuple[float, float, float]]]] = {name: [[] for _ in range(units)] for name in configs}
+    results: dict[str, list[Any]] = {name: [] for name in configs}
+    for r in range(rounds):
+        for u in range(units):
+            for name, fn in configs.items():
+                wall, cpu, result = timed(lambda: fn(u))
+                times[name][u].append((wall, cpu, os.getloadavg()[0]))
+                results[name].append(result)
+        loads = [t[-1][2] for per in times.values() for t in per]
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}: {sum(t[-1][0] for t in per):.1f} s" for n, per in times.items())
+              + f" (load average {min(loads):.1f}-{max(loads):.1f})", flush=True)
+    return {
+        name: {
+            "wall_best_s": sum(min(w for w, _, _ in t) for t in per),
+            "wall_median_s": sum(statistics.median(w for w, _, _ in t) for t in per),
+            "cpu_best_s": sum(min(c for _, c, _ in t) for t in per),
+            "load_average_1min": [round(a, 1) for t in per for _, _, a in t],
+            "results": results[name],
+        }
+        for name, per in times.items()
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg(),
+    }
+
+
+# --- part 1: CPU in-process ---------------------------------------------------------------------
+
+
+def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    images = args.images
+    plain = make_plan(run, tmp / "plain", args, images, batch_size=400, shards=images)
+    tuned = make_plan(run, tmp / "tuned", args, images, batch_size=args.batch_size, shards=images, channels_last=True)
+    cpu = torch.device("cpu")
+    net = plain.build_model(cpu)
+    set_bn_stats(net, plain.stats[SIGMA])
+    reference = ReferenceSmooth(net, 10, SIGMA, cpu)
+    xs = [torch.from_numpy(img).permute(2, 0, 1).float().div(255) for img in plain.test.images]
+    worker = {"actor": "bench", "node": platform.node()}
+
+    def baseline(i: int) -> tuple[int, float]:
+        torch.manual_seed(i)
+        return reference.certify(xs[i], args.n0, args.n, 0.001, 400)[:2]
+
+    def certify_with(plan: CertifyPlan) -> Callable[[int], Any]:
+        certifier = ShardCertifier(plan, cpu, worker)
+        return lambda i: certifier.certify_shard(SIGMA, i)  # one image per shard
+
+    names = ("baseline (reference style, batch 400)", "tbn-ray in-process, batch 400, contiguous",
+             f"tbn-ray in-process, batch {args.batch_size}, channels-last")
+    print(f"CPU in-process: {images} images, n0={args.n0}, n={args.n}, {args.threads} torch threads", flush=True)
+    res = interleaved(dict(zip(names, (baseline, certify_with(plain), certify_with(tuned)))), images, args.rounds)
+    base = res[names[0]]
+    rows = [
+        {
+            "config": name,
+            "images_per_s": images / r["wall_best_s"],
+            "images_per_s_median": images / r["wall_median_s"],
+            "images_per_cpu_s": images / r["cpu_best_s"],
+            "speedup_wall": base["wall_best_s"] / r["wall_best_s"],
+            "speedup_wall_median": base["wall_median_s"] / r["wall_median_s"],
+            "speedup_cpu": base["cpu_best_s"] / r["cpu_best_s"],
+            "load_average_1min": r["load_average_1min"],
+        }
+        for name, r in res.items()
+    ]
+
+    # Same noise in (tbn-ray's per-example generators, batch 400), same numbers out.
+    ours = {r["idx"]: r for shard in range(images) for r in _shard_records(plain, shard)}  # written by the batch-400 config
+    same = 0
+    for i, x in zip(plain.indices.tolist(), xs):
+        g = example_generator(plain.cfg.seed, i, cpu)
+        predict, radius, counts = reference.certify(x, args.n0, args.n, 0.001, 400, generator=g)
+        r = ours[i]
+        same += predict == r["predict"] and radius == r["radius"] and counts.tolist() == r["counts"]
+    return {"rows": rows, "semantics_check": {"images": len(xs), "identical_counts_predictions_radii": same}}
+
+
+def _shard_records(plan: CertifyPlan, shard: int) -> list[dict[str, Any]]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(plan.out.read_bytes(plan.shard_key(SIGMA, shard)))).to_pylist()
+
+
+# --- part 2: Ray actors ---------------------------------------------------------------------------
+
+
+def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from tbn_ray.ray_certify import run_plan_on_ray
+    from tbn_ray.ray_runtime import connect, disconnect
+
+    images, shards = args.ray_images, args.ray_shards
+    print(f"Ray: {images} images in {shards} shards, n0={args.n0}, n={args.n}, one torch thread per actor", flush=True)
+    cluster = connect(num_cpus=os.cpu_count())
+    try:
+        torch.set_num_threads(1)
+        cpu = torch.device("cpu")
+        options = {"batch_size": args.batch_size, "shards": shards, "channels_last": True}
+
+        def in_process(_: int) -> float:
+            plan = make_plan(run, tmp / f"inproc-{time.monotonic_ns()}", args, images, **options)
+            result = run_plan_in_process(plan, cpu, progress=False)
+            return result.outputs[0].summary["wall_seconds"]  # first shard start to last shard end
+
+        def on_ray(actors: int) -> Callable[[], Any]:
+            def go(_: int) -> float:
+                plan = make_plan(run, tmp / f"ray{actors}-{time.monotonic_ns()}", args, images, **options)
+                result = run_plan_on_ray(plan, cluster, actors=actors, cpus_per_actor=1, progress=False)
+                return result.outputs[0].summary["wall_seconds"]  # first shard start to last shard end
+
+            return go
+
+        res = interleaved({"in-process, 1 thread": in_process, "Ray, 1 actor": on_ray(1), "Ray, 2 actors": on_ray(2)}, 1, args.rounds)
+    finally:
+        disconnect(cluster)
+    one, two, local = res["Ray, 1 actor"], res["Ray, 2 actors"], res["in-process, 1 thread"]
+    return {
+        "images": images,
+        "shards": shards,
+        "rows": [
+            {"config": name, "images_per_s": images / r["wall_best_s"], "load_average_1min": r["load_average_1min"]}
+            for name, r in res.items()
+        ],
+        "scaling_2_vs_1_actor": one["wall_best_s"] / two["wall_best_s"],
+        "scaling_2_vs_1_actor_shard_span": min(one["results"]) / min(two["results"]),
+        "ray_overhead_1_actor_end_to_end": one["wall_best_s"] / local["wall_best_s"] - 1,
+        "ray_overhead_1_actor_shard_span": min(one["results"]) / min(local["results"]) - 1,
+        "note": "end to end = the whole call (Ray: actor start, plan shipping; both: shard writes, aggregation, report); "
+        "shard span = first shard start to last shard end, what a long run converges to",
+    }
+
+
+# --- part 3: GPU ----------------------------------------------------------------------------------
+
+
+def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        print("GPU part skipped: no CUDA device", flush=True)
+        return {"skipped": "no CUDA device"}
+    gpu = torch.device("cuda")
+    run = make_run(tmp / "gpu-run", "resnet110")
+    n_args = argparse.Namespace(n0=100, n=args.gpu_n)
+    base_plan = make_plan(run, tmp / "gpu-fp32", n_args, args.gpu_images, batch_size=1000, shards=args.gpu_images, device_type="cuda")
+    bf16_plan = make_plan(
+        run, tmp / "gpu-bf16", n_args, args.gpu_images, batch_size=args.gpu_batch_size, shards=args.gpu_images,
+        device_type="cuda", channels_last=True, amp="bf16",
+    )
+    net = base_plan.build_model(gpu)
+    set_bn_stats(net, base_plan.stats[SIGMA])
+    reference = ReferenceSmooth(net, 10, SIGMA, gpu)
+    xs = [torch.from_numpy(img).permute(2, 0, 1).float().div(255).to(gpu) for img in base_plan.test.images]
+    worker = {"actor": "bench", "node": platform.node()}
+    fp32, bf16 = ShardCertifier(base_plan, gpu, worker, 1.0), ShardCertifier(bf16_plan, gpu, worker, 1.0)
+
+    def synced(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+        def go(i: int) -> Any:
+            out = fn(i)
+            torch.cuda.synchronize()
+            return out
+
+        return go
+
+    print(f"GPU: ResNet-110, {args.gpu_images} images, n0=100, n={args.gpu_n}", flush=True)
+    res = interleaved(
+        {
+            "baseline (reference style, batch 400, fp32)": synced(lambda i: reference.certify(xs[i], 100, args.gpu_n, 0.001, 400)[:2]),
+            "tbn-ray, batch 1000, fp32": synced(lambda i: fp32.certify_shard(SIGMA, i)),
+            f"tbn-ray, batch {args.gpu_batch_size}, bf16 + channels-last": synced(lambda i: bf16.certify_shard(SIGMA, i)),
+        },
+        args.gpu_images,
+        args.rounds,
+    )
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "n": args.gpu_n,
+        "rows": [{"config": name, "seconds_per_image": r["wall_best_s"] / args.gpu_images} for name, r in res.items()],
+    }
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Certification throughput",
+        "",
+        f"{report['date']}; `{report['command']}`",
+        f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}; torch {m['torch']}; "
+        f"load average at start {tuple(round(x, 1) for x in m['load_average'])}, at end {tuple(round(x, 1) for x in report['load_average_end'])}.",
+        "",
+    ]
+    if "cpu" in report:
+        c = report["cpu"]
+        lines += [
+            f"## CPU, in-process ({report['args']['arch']}, {report['args']['images']} images, n0={report['args']['n0']}, "
+            f"n={report['args']['n']}, {report['args']['threads']} torch threads; per image the best of {report['args']['rounds']} interleaved rounds)",
+            "",
+            "| config | images/s (best) | speed-up (best) | speed-up (median) | images per CPU-s | speed-up (CPU time) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['config']} | {r['images_per_s']:.3f} | {r['speedup_wall']:.2f}x | {r['speedup_wall_median']:.2f}x "
+            f"| {r['images_per_cpu_s']:.3f} | {r['speedup_cpu']:.2f}x |"
+            for r in c["rows"]
+        ]
+        s = c["semantics_check"]
+        lines += ["", f"Semantics: fed the same noise, the baseline's CERTIFY and tbn-ray's agree on counts, prediction and radius for "
+                  f"{s['identical_counts_predictions_radii']}/{s['images']} images.", ""]
+    if "ray" in report:
+        r = report["ray"]
+        lines += [
+            f"## Ray ({r['images']} images in {r['shards']} shards, one torch thread per actor)",
+            "",
+            "| config | images/s (end to end) |",
+            "|---|---|",
+            *[f"| {row['config']} | {row['images_per_s']:.3f} |" for row in r["rows"]],
+            "",
+            f"Scaling 2 vs 1 actor: {r['scaling_2_vs_1_actor']:.2f}x end to end, {r['scaling_2_vs_1_actor_shard_span']:.2f}x over the shard span. "
+            "Ray overhead at 1 actor vs in-process: "
+            f"{100 * r['ray_overhead_1_actor_end_to_end']:+.1f}% end to end, {100 * r['ray_overhead_1_actor_shard_span']:+.1f}% over the shard span.",
+            f"({r['note']})",
+            "",
+        ]
+    if "gpu" in report:
+        g = report["gpu"]
+        if "skipped" in g:
+            lines += ["## GPU", "", f"Skipped: {g['skipped']}.", ""]
+        else:
+            lines += [f"## GPU ({g['device']}, ResNet-110, n={g['n']})", "", "| config | seconds per image |", "|---|---|"]
+            lines += [f"| {row['config']} | {row['seconds_per_image']:.2f} |" for row in g["rows"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="cpu,ray,gpu", help="comma-separated: cpu, ray, gpu")
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--images", type=int, default=8, help="images for the CPU part")
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=200, help="tbn-ray's noise batch on CPU")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the CPU part")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ray-images", type=int, default=16)
+    parser.add_argument("--ray-shards", type=int, default=8)
+    parser.add_argument("--gpu-images", type=int, default=3)
+    parser.add_argument("--gpu-n", type=int, default=100_000)
+    parser.add_argument("--gpu-batch-size", type=int, default=4000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory(prefix="tbn-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        if parts & {"cpu", "ray"}:
+            run = make_run(tmp / "run", args.arch)
+        if "cpu" in parts:
+            report["cpu"] = cpu_part(run, tmp, args)
+        if "ray" in parts:
+            report["ray"] = ray_part(run, tmp, args)
+        if "gpu" in parts:
+            report["gpu"] = gpu_part(tmp, args)
+    report["load_average_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "certify_throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = markdown(report)
+    (args.out / "certify_throughput.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
