@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tbn_ray.config import REPORT_RADII, AttackConfig, ExperimentConfig, load_config
+from tbn_ray.config import REPORT_RADII, AttackConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config
 from tbn_ray.errors import TbnError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -14,7 +14,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_validate(path):
-    assert isinstance(load_config(path), ExperimentConfig)
+    if path.name.startswith("sweep"):
+        assert isinstance(load_sweep_config(path), SweepConfig)
+    else:
+        assert isinstance(load_config(path), ExperimentConfig)
 
 
 @pytest.mark.parametrize(
