@@ -259,7 +259,7 @@ def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             result = run_plan_in_process(plan, cpu, progress=False)
             return result.outputs[0].summary["wall_seconds"]  # first shard start to last shard end
 
-        def on_ray(actors: int) -> Callable[[], Any]:
+        def on_ray(actors: int) -> Callable[[int], Any]:
             def go(_: int) -> float:
                 plan = make_plan(run, tmp / f"ray{actors}-{time.monotonic_ns()}", args, images, **options)
                 result = run_plan_on_ray(plan, cluster, actors=actors, cpus_per_actor=1, progress=False)
