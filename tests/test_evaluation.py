@@ -8,7 +8,6 @@ accuracy) but trained, so attacks have something to break.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,8 +317,10 @@ def test_bad_input_fails_before_any_work(run: Run, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_bad_input_one_line_exit_2(run: Run, tmp_path: Path) -> None:
-    entry = [sys.executable, "-c", "from tbn_ray.cli import main; main()"]
+def test_cli_bad_input_one_line_exit_2(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The console entry point (tbn-ray = tbn_ray.cli:main), in this process: one stderr line, exit 2."""
+    from tbn_ray.cli import main
+
     common = ["--local", "--storage", str(tmp_path / "cache")]
     cases = {
         "corruption": (["evaluate", "corruptions", run.uri, "--bn", "clean", "--corruptions", "fog,smog", *common], "unknown corruption 'smog'"),
@@ -328,12 +329,12 @@ def test_cli_bad_input_one_line_exit_2(run: Run, tmp_path: Path) -> None:
         "mode": (["evaluate", "attack", run.uri, "--bn", "adabn", "--local"], "unknown BN mode 'adabn'"),
         "severity": (["data", "cifar10c", "--severities", "0-5", "--storage", str(tmp_path / "cache")], "severities must lie in 1..5"),
     }
-    procs = {
-        name: subprocess.Popen([*entry, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (args, _) in cases.items()
-    }
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=600)  # torch imports crawl on an overloaded shared machine
+    for name, (args, message) in cases.items():
+        monkeypatch.setattr(sys, "argv", ["tbn-ray", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        stderr = capsys.readouterr().err
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (name, stderr)
-        assert len(lines) == 1 and lines[0].startswith("tbn-ray: error: ") and cases[name][1] in lines[0], (name, stderr)
+        assert exit_info.value.code == 2, (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith("tbn-ray: error: ") and message in lines[0], (name, stderr)
     assert not (tmp_path / "cache").exists()

@@ -69,7 +69,7 @@ def wait_actors_gone(cluster, timeout_s: float = 30.0) -> None:  # type: ignore[
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
     from tbn_ray.ray_evaluate import run_plan_on_ray
 
-    plan = plan_attack(run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=20, batch_size=32, start=0, stop=192)
+    plan = plan_attack(run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160)
     results: list[TaskResult] = []
     killed: list[str] = []
     before_kill: dict[str, float] = {}
@@ -86,26 +86,26 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
             threading.Thread(target=kill_later, args=(int(result.worker["pid"]),), daemon=True).start()
 
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_task=on_task)
-    assert (result.items_computed, result.items_skipped) == (12, 0)
+    assert (result.items_computed, result.items_skipped) == (10, 0)
     # the task in flight when the actor died was retried on its restarted process
     restarted = [r for r in results if r.worker["restarted"] == "True"]
     assert restarted and all(r.worker["pid"] != killed[0] for r in restarted)
     after = last_modified(plan.out)
-    assert len(after) == 12 and before_kill and all(after[k] == t for k, t in before_kill.items())  # finished items untouched
+    assert len(after) == 10 and before_kill and all(after[k] == t for k, t in before_kill.items())  # finished items untouched
     variants = result.result["modes"]["test-batch-b32"]["variants"]
-    assert variants["adaptive"]["images"] == 192 and result.result["modes"]["clean"]["variants"]["standard"]["images"] == 192
+    assert variants["adaptive"]["images"] == 160 and result.result["modes"]["clean"]["variants"]["standard"]["images"] == 160
     # an item written by an actor equals the same task computed in this process (per-item seeds)
     assert plan.pending() == []
     twin = Run(Storage.open(f"{run.uri}-twin"))
     twin.save_checkpoint(run.load_checkpoint())
     twin.save_bn_sets(run.load_bn_sets())
-    copy = plan_attack(twin, ["test-batch"], attacks=["pgd"], eps="0.5", steps=20, batch_size=32, start=0, stop=192)
+    copy = plan_attack(twin, ["test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160)
     TaskRunner(copy, torch.device("cpu"), {"actor": "test"}).run(Task(("pgd", 3), ("test-batch",)))
     key = plan.item_key(parse_bn_mode("test-batch"), ("pgd", 3))
     assert copy.out.read_json(key)["variants"] == plan.out.read_json(key)["variants"]
     # the same command again: nothing to do
     again = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)
-    assert (again.items_computed, again.items_skipped) == (0, 12)
+    assert (again.items_computed, again.items_skipped) == (0, 10)
 
 
 def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, ray_local) -> None:
