@@ -4,13 +4,13 @@
    core.py) does it -- single process, fp32, eval mode, torch.no_grad, noise batch 400, one
    image at a time, x.repeat + randn_like, counting votes in a Python loop -- against
    tbn-ray's in-process certification (pipeline.ShardCertifier: inference mode, one reused
-   noise buffer drawn from a per-example generator, torch.bincount, channels-last and a
-   noise batch of its own). Also checked: fed the same noise, the baseline's CERTIFY and
+   noise buffer drawn from a per-example generator, torch.bincount, and the plan options
+   channels-last, BN folded into the convolutions and a noise batch of its own). Also checked: fed the same noise, the baseline's CERTIFY and
    tbn-ray's give the same counts, predictions and radii (identical semantics).
 2. Ray: 1 vs 2 actors (one torch thread each) on the same shards, against the in-process
    path at one thread: scaling and Ray's overhead.
 3. GPU (skipped without CUDA): ResNet-110 at n=100,000, seconds per image, baseline vs
-   tbn-ray fp32 vs tbn-ray bf16 + channels-last.
+   tbn-ray fp32 vs tbn-ray bf16 + channels-last + BN folded.
 
 The model is untrained (He-initialised, seed 0) with TBN statistics calibrated on noisy
 held-out images: throughput does not depend on the weights. Every configuration certifies
@@ -184,7 +184,7 @@ def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     images = args.images
     plain = make_plan(run, tmp / "plain", args, images, batch_size=400, shards=images)
-    tuned = make_plan(run, tmp / "tuned", args, images, batch_size=args.batch_size, shards=images, channels_last=True)
+    tuned = make_plan(run, tmp / "tuned", args, images, batch_size=args.batch_size, shards=images, channels_last=True, fold_bn=True)
     cpu = torch.device("cpu")
     net = plain.build_model(cpu)
     set_bn_stats(net, plain.stats[SIGMA])
@@ -201,7 +201,7 @@ def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         return lambda i: certifier.certify_shard(SIGMA, i)  # one image per shard
 
     names = ("baseline (reference style, batch 400)", "tbn-ray in-process, batch 400, contiguous",
-             f"tbn-ray in-process, batch {args.batch_size}, channels-last")
+             f"tbn-ray in-process, batch {args.batch_size}, channels-last, BN folded")
     print(f"CPU in-process: {images} images, n0={args.n0}, n={args.n}, {args.threads} torch threads", flush=True)
     res = interleaved(dict(zip(names, (baseline, certify_with(plain), certify_with(tuned)))), images, args.rounds)
     base = res[names[0]]
@@ -252,7 +252,7 @@ def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         torch.set_num_threads(1)
         cpu = torch.device("cpu")
-        options = {"batch_size": args.batch_size, "shards": shards, "channels_last": True}
+        options = {"batch_size": args.batch_size, "shards": shards, "channels_last": True, "fold_bn": True}
 
         def in_process(_: int) -> float:
             plan = make_plan(run, tmp / f"inproc-{time.monotonic_ns()}", args, images, **options)
@@ -300,7 +300,7 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     base_plan = make_plan(run, tmp / "gpu-fp32", n_args, args.gpu_images, batch_size=1000, shards=args.gpu_images, device_type="cuda")
     bf16_plan = make_plan(
         run, tmp / "gpu-bf16", n_args, args.gpu_images, batch_size=args.gpu_batch_size, shards=args.gpu_images,
-        device_type="cuda", channels_last=True, amp="bf16",
+        device_type="cuda", channels_last=True, fold_bn=True, amp="bf16",
     )
     net = base_plan.build_model(gpu)
     set_bn_stats(net, base_plan.stats[SIGMA])
@@ -322,7 +322,7 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         {
             "baseline (reference style, batch 400, fp32)": synced(lambda i: reference.certify(xs[i], 100, args.gpu_n, 0.001, 400)[:2]),
             "tbn-ray, batch 1000, fp32": synced(lambda i: fp32.certify_shard(SIGMA, i)),
-            f"tbn-ray, batch {args.gpu_batch_size}, bf16 + channels-last": synced(lambda i: bf16.certify_shard(SIGMA, i)),
+            f"tbn-ray, batch {args.gpu_batch_size}, bf16, channels-last, BN folded": synced(lambda i: bf16.certify_shard(SIGMA, i)),
         },
         args.gpu_images,
         args.rounds,

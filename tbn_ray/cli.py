@@ -179,7 +179,8 @@ def certify(
     actors: Annotated[Optional[int], typer.Option(help="actors to start (default: one per GPU, else one per CPU)")] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor (default: 1 on a cluster with GPUs, else 0)")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor, also its torch threads (default: the node's CPUs per GPU, else 1)")] = None,
-    channels_last: Annotated[bool, typer.Option(help="channels-last memory format (faster convolutions; its own run id)")] = False,
+    channels_last: Annotated[bool, typer.Option(help="channels-last memory format: faster convolutions (its own run id)")] = False,
+    fold_bn: Annotated[bool, typer.Option(help="fold the frozen BN statistics into the convolutions: faster (its own run id)")] = False,
     amp: Annotated[str, typer.Option(help="forward passes in off | bf16 | fp16 on CUDA (its own run id)")] = "off",
     progress: Annotated[bool, typer.Option(help="progress bar")] = True,
     data: DataOpt = None,
@@ -223,7 +224,7 @@ def certify(
     # Everything is checked here, before Ray starts; on Ray the device follows the actors' GPUs.
     plan = plan_certify(
         r, cfg.certify, out, data_cfg=_data_override(data), shards=shards, stop=stop,
-        device_type=dev.type if dev is not None else "cpu", channels_last=channels_last, amp=amp,
+        device_type=dev.type if dev is not None else "cpu", channels_last=channels_last, fold_bn=fold_bn, amp=amp,
     )
     if dev is not None:
         result = run_plan_in_process(plan, dev, progress=progress)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch.fx.experimental.optimization import fuse as fold_conv_bn
 
 from . import data as data_mod
 from .config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig, check_sigma
@@ -257,6 +258,7 @@ class CertifyPlan:
     output: Storage  # results root: this certification writes under output/<run_id>
     device_type: str = "cpu"  # changes the noise stream (a CUDA generator draws other numbers)
     channels_last: bool = False  # changes the float rounding of the votes
+    fold_bn: bool = False  # BN folded into the preceding convolutions: the same f up to float rounding
     amp: str = "off"  # autocast dtype of the forward passes on CUDA (bf16, fp16): another fixed base classifier
 
     @property
@@ -296,6 +298,7 @@ class CertifyPlan:
                     "epoch": self.epoch,
                     "device": self.device_type,
                     "channels_last": self.channels_last,
+                    "fold_bn": self.fold_bn,
                     "amp": self.effective_amp,
                 },
                 sort_keys=True,
@@ -342,21 +345,25 @@ class CertifyPlan:
             "max_images": cfg.max_images,
             "device": self.device_type,
             "channels_last": self.channels_last,
+            "fold_bn": self.fold_bn,
             "amp": self.effective_amp,
             "run_id": self.run_id,
             "shards": self.shards,
         }
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        """The trained network in eval mode (BN statistics frozen), in the plan's memory format."""
+        """The trained network in eval mode (BN statistics frozen; set a sigma's with set_bn_stats)."""
         model = build_model(self.model_config)
         model.load_state_dict(self.model_state)
-        model = model.to(device).eval()
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        return model.to(device).eval()
 
-    def base_classifier(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """The function f whose votes are counted: the network, under autocast if the plan asks."""
-        return _Autocast(model, self.amp, device) if self.effective_amp != "off" else model
+    def base_classifier(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The function f whose votes are counted, for the statistics now in ``net``: the network,
+        with BN folded into its convolutions (a copy), channels-last, under autocast, as the plan asks."""
+        f = fold_conv_bn(net) if self.fold_bn else net
+        if self.channels_last:
+            f = f.to(memory_format=torch.channels_last)
+        return _Autocast(f, self.amp, device) if self.effective_amp != "off" else f
 
 
 class _Autocast(torch.nn.Module):
@@ -381,6 +388,7 @@ def plan_certify(
     stop: int | None = None,
     device_type: str = "cpu",
     channels_last: bool = False,
+    fold_bn: bool = False,
     amp: str = "off",
 ) -> CertifyPlan:
     """Check everything a certification needs (checkpoint, every sigma's statistics, images,
@@ -416,6 +424,7 @@ def plan_certify(
         output=output,
         device_type=device_type,
         channels_last=channels_last,
+        fold_bn=fold_bn,
         amp=amp,
     )
 
@@ -446,7 +455,7 @@ class ShardCertifier:
         self.worker = worker
         self.gpus = gpus
         self.net = plan.build_model(device)
-        self.model = plan.base_classifier(self.net, device)
+        self._classifiers: dict[float, torch.nn.Module] = {}  # per sigma (a folded copy holds its statistics)
         self._row = {int(i): row for row, i in enumerate(plan.test.index)}
 
     def certify_shard(self, sigma: float, shard: int) -> ShardResult:
@@ -454,9 +463,11 @@ class ShardCertifier:
         idx = plan.shard_indices(shard)
         rows = np.array([self._row[int(i)] for i in idx], dtype=np.int64)
         set_bn_stats(self.net, plan.stats[sigma])
+        if sigma not in self._classifiers:
+            self._classifiers[sigma] = plan.base_classifier(self.net, self.device)
         started, t0 = time.time(), time.perf_counter()
         records = certify_examples(
-            self.model,
+            self._classifiers[sigma],
             plan.test.images[rows],
             plan.test.labels[rows],
             idx,
@@ -695,6 +706,7 @@ def certify_run(
     shards: int | None = None,
     stop: int | None = None,
     channels_last: bool = False,
+    fold_bn: bool = False,
     amp: str = "off",
     progress: bool = True,
 ) -> list[CertifyOutput]:
@@ -702,7 +714,8 @@ def certify_run(
     in this process, into ``output/<run-id>`` (resuming from the shards already there)."""
     dev = resolve_device(device)
     plan = plan_certify(
-        run, cfg, output, data_cfg=data_cfg, shards=shards, stop=stop, device_type=dev.type, channels_last=channels_last, amp=amp
+        run, cfg, output, data_cfg=data_cfg, shards=shards, stop=stop, device_type=dev.type,
+        channels_last=channels_last, fold_bn=fold_bn, amp=amp,
     )
     return run_plan_in_process(plan, dev, progress=progress).outputs
 

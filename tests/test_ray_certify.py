@@ -127,6 +127,7 @@ def test_shard_plan_is_fixed_and_run_id_tracks_what_changes_numbers(run: Run, tm
         plan_certify(run, certify_cfg(30, sigmas=(0.25,)), out, shards=8),
         plan_certify(run, certify_cfg(31), out, shards=8),
         plan_certify(run, certify_cfg(30), out, shards=8, channels_last=True),
+        plan_certify(run, certify_cfg(30), out, shards=8, fold_bn=True),
     ):
         assert other.run_id != plan.run_id
 
@@ -216,12 +217,13 @@ def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_buc
     from tbn_ray.ray_certify import run_plan_on_ray
 
     cfg = certify_cfg(16)
-    plan = plan_certify(run, cfg, Storage.open(f"{s3_bucket}/certify"), shards=8)
+    fast = {"channels_last": True, "fold_bn": True}  # the fast base classifier, built alike in every process
+    plan = plan_certify(run, cfg, Storage.open(f"{s3_bucket}/certify"), shards=8, **fast)
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)
     assert (result.shards_computed, result.shards_skipped) == (16, 0)
     out = Storage.open(result.location)
     assert len(shard_keys(out)) == 16
-    local = run_plan_in_process(plan_certify(run, cfg, Storage.open(tmp_path), shards=8), torch.device("cpu"), progress=False)
+    local = run_plan_in_process(plan_certify(run, cfg, Storage.open(tmp_path), shards=8, **fast), torch.device("cpu"), progress=False)
     assert local.run_id == result.run_id  # same parameters, same device type: the same certification
     for sigma in SIGMAS:
         records = read_records(out, sigma)
