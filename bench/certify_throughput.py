@@ -18,7 +18,7 @@ every image ``--rounds`` times, interleaved image by image with the other config
 that load from other processes hits them alike; per image the best time counts (the median
 is reported too, and CPU seconds, which contention inflates less).
 
-    python bench/certify_throughput.py                      # CPU and Ray parts (about 10 min on 2 cores)
+    python bench/certify_throughput.py                      # CPU and Ray parts (about 12 min on 2 cores)
     python bench/certify_throughput.py --parts gpu          # GPU part only
 Figures go to bench/results/certify_throughput.{json,md}.
 """
@@ -399,9 +399,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=200, help="tbn-ray's noise batch on CPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the CPU part")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ray-images", type=int, default=16)
-    parser.add_argument("--ray-shards", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ray-images", type=int, default=48)
+    parser.add_argument("--ray-shards", type=int, default=12)
     parser.add_argument("--gpu-images", type=int, default=3)
     parser.add_argument("--gpu-n", type=int, default=100_000)
     parser.add_argument("--gpu-batch-size", type=int, default=4000)

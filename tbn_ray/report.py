@@ -185,8 +185,11 @@ def write_report(
     summaries: Sequence[dict[str, Any]],
     out: Storage | str | Path,
     title: str = "Certified accuracy (randomized smoothing, l2)",
+    extra: str | None = None,
 ) -> dict[str, str]:
-    """report.md, certified_accuracy.png and report.json (the numbers behind both); their URIs by name."""
+    """report.md, certified_accuracy.png and report.json (the numbers behind both); their URIs by name.
+
+    ``extra``: markdown appended to report.md (the run's ``tbn-ray evaluate`` results)."""
     if not summaries:
         raise TbnError("no certification summaries to report; run certification first")
     rows = sorted((_row(s) for s in summaries), key=lambda r: (*(str(r[k]) for k in SETUP_KEYS), r["sigma"]))
@@ -198,7 +201,7 @@ def write_report(
     with store.writer("certified_accuracy.png") as f:
         _plot(title, radii, rows, envelopes, reference).savefig(f, format="png")
     return {
-        "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference)),
+        "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference) + (f"\n{extra}" if extra else "")),
         "certified_accuracy.png": store.object_uri("certified_accuracy.png"),
         "report.json": store.write_text("report.json", json.dumps(report, indent=2) + "\n"),
     }
