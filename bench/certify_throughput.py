@@ -3,7 +3,7 @@
 1. CPU, in-process: a baseline written the way the reference implementation (Cohen et al.'s
    core.py) does it -- single process, fp32, eval mode, torch.no_grad, noise batch 400, one
    image at a time, x.repeat + randn_like, counting votes in a Python loop -- against
-   tbn-ray's in-process certification (pipeline.ShardCertifier: inference mode, one reused
+   tbn-ray's in-process certification (certification.ShardCertifier: inference mode, one reused
    noise buffer drawn from a per-example generator, torch.bincount, and the plan options
    channels-last, BN folded into the convolutions and a noise batch of its own). Also checked: fed the same noise, the baseline's CERTIFY and
    tbn-ray's give the same counts, predictions and radii (identical semantics).
@@ -45,7 +45,8 @@ from torch import nn
 
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.models import build_model
-from tbn_ray.pipeline import CertifyPlan, ShardCertifier, calibrate_run, plan_certify, run_plan_in_process
+from tbn_ray.certification import CertifyPlan, ShardCertifier, plan_certify, run_plan_in_process
+from tbn_ray.pipeline import calibrate_run
 from tbn_ray.runs import Run, make_checkpoint
 from tbn_ray.smoothing import ABSTAIN, example_generator
 from tbn_ray.storage import Storage

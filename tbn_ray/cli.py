@@ -1,4 +1,4 @@
-"""The ``tbn-ray`` command line: thin wrappers over ``pipeline`` (and, later, the Ray layer).
+"""The ``tbn-ray`` command line: thin wrappers over the in-process modules and the Ray layer.
 
 Flags default to ``None`` and fall back to the YAML config, whose defaults live in
 ``config.py``: one source of truth. Every ``TbnError`` becomes one line on stderr and
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import CalibrateConfig, CertifyConfig, default, load_config
-from .errors import TbnError
+from .errors import TbnError, log
 
 app = typer.Typer(
     add_completion=False,
@@ -28,11 +28,17 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="exper
 DataOpt = Annotated[
     Optional[str], typer.Option("--data", help="CIFAR-10 source: auto | official | jpeg | partial (env TBN_DATA)")
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N [default: auto]")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (default: auto)")]
 StorageOpt = Annotated[
     Optional[str], typer.Option("--storage", help="results root: a directory or s3://bucket/prefix (env TBN_STORAGE)")
 ]
 SigmaOpt = Annotated[Optional[list[float]], typer.Option("--sigma", help="noise level(s), repeatable")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto | host:port; default: $RAY_ADDRESS, else a local instance with the dashboard)")]
+ActorsOpt = Annotated[Optional[int], typer.Option(help="actors to start (default: one per GPU, else one per CPU)")]
+GpusPerActorOpt = Annotated[Optional[float], typer.Option(help="GPUs per actor (default: 1 on a cluster with GPUs, else 0)")]
+CpusPerActorOpt = Annotated[Optional[float], typer.Option(help="CPUs per actor, also its torch threads (default: the node's CPUs per GPU, else 1)")]
+LocalDeviceOpt = Annotated[Optional[str], typer.Option("--device", help="with --local: auto | cpu | cuda | cuda:N (default: auto)")]
+ProgressOpt = Annotated[bool, typer.Option(help="progress bar")]
 
 
 def _storage_root(storage: str | None):
@@ -61,10 +67,7 @@ def train(
     gpus_per_worker: Annotated[
         Optional[int], typer.Option(help="0 (gloo on CPU, the default) or 1 (nccl, one GPU per worker)")
     ] = None,
-    address: Annotated[
-        Optional[str],
-        typer.Option(help="join this Ray cluster (auto, host:port); default: $RAY_ADDRESS, else a local instance with the dashboard"),
-    ] = None,
+    address: AddressOpt = None,
     keep: Annotated[Optional[int], typer.Option(help="Ray checkpoints kept, the most recent; best.pt is kept besides (default: 3)")] = None,
     max_failures: Annotated[
         Optional[int], typer.Option(help="worker failures recovered from the last checkpoint (default: 3)")
@@ -78,7 +81,6 @@ def train(
 
     The global batch size (optim.batch_size) is the same for any number of workers: each worker trains on batch_size / workers images per step.
     """
-    from .pipeline import log
     from .runs import Run
 
     ray_flags = {
@@ -121,14 +123,14 @@ def calibrate(
     run: Annotated[str, typer.Argument(help="run directory (or its checkpoint.pt), local or s3://")],
     sigma: SigmaOpt = None,
     config: ConfigOpt = None,
-    samples: Annotated[Optional[int], typer.Option(help=f"noisy samples per sigma [default {default(CalibrateConfig, 'samples')}]")] = None,
+    samples: Annotated[Optional[int], typer.Option(help=f"noisy samples per sigma (default: {default(CalibrateConfig, 'samples')})")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="images per forward pass")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """TBN: estimate frozen BN statistics per sigma on noisy held-out training images."""
-    from .pipeline import calibrate_run, log
+    from .pipeline import calibrate_run
     from .runs import Run
 
     cfg = load_config(
@@ -162,9 +164,9 @@ def certify(
     run: Annotated[str, typer.Argument(help="run directory (or its checkpoint.pt), local or s3://")],
     sigma: SigmaOpt = None,
     config: ConfigOpt = None,
-    n0: Annotated[Optional[int], typer.Option(help=f"selection samples [default {default(CertifyConfig, 'n0')}]")] = None,
-    n: Annotated[Optional[int], typer.Option(help=f"estimation samples [default {default(CertifyConfig, 'n')}]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help=f"failure probability [default {default(CertifyConfig, 'alpha')}]")] = None,
+    n0: Annotated[Optional[int], typer.Option(help=f"selection samples (default: {default(CertifyConfig, 'n0')})")] = None,
+    n: Annotated[Optional[int], typer.Option(help=f"estimation samples (default: {default(CertifyConfig, 'n')})")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help=f"failure probability (default: {default(CertifyConfig, 'alpha')})")] = None,
     skip: Annotated[Optional[int], typer.Option(help="certify every skip-th test image (Cohen: 20)")] = None,
     start: Annotated[Optional[int], typer.Option(help="first test index")] = None,
     indices: Annotated[Optional[str], typer.Option(help="test indices START:STOP (STOP excluded; with --skip, every skip-th)")] = None,
@@ -175,20 +177,20 @@ def certify(
     output: Annotated[Optional[str], typer.Option(help="results root; results go to <output>/<run-id> (default: <run>/certify)")] = None,
     shards: Annotated[Optional[int], typer.Option(help="fixed shards the images are split into (default: 64, at most one per image)")] = None,
     local: Annotated[bool, typer.Option("--local", help="certify in this process, without Ray")] = False,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto | host:port; default: $RAY_ADDRESS, else an embedded local Ray)")] = None,
-    actors: Annotated[Optional[int], typer.Option(help="actors to start (default: one per GPU, else one per CPU)")] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor (default: 1 on a cluster with GPUs, else 0)")] = None,
-    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor, also its torch threads (default: the node's CPUs per GPU, else 1)")] = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = None,
+    cpus_per_actor: CpusPerActorOpt = None,
     channels_last: Annotated[bool, typer.Option(help="channels-last memory format: faster convolutions (its own run id)")] = False,
     fold_bn: Annotated[bool, typer.Option(help="fold the frozen BN statistics into the convolutions: faster (its own run id)")] = False,
     amp: Annotated[str, typer.Option(help="forward passes in off | bf16 | fp16 on CUDA (its own run id)")] = "off",
-    progress: Annotated[bool, typer.Option(help="progress bar")] = True,
+    progress: ProgressOpt = True,
     data: DataOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="with --local: auto | cpu | cuda | cuda:N (default: auto)")] = None,
+    device: LocalDeviceOpt = None,
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
-    from .pipeline import log, plan_certify, run_plan_in_process
+    from .certification import plan_certify, run_plan_in_process
     from .runs import Run
     from .storage import Storage
     from .training import resolve_device
@@ -247,7 +249,7 @@ def report(
     results: Annotated[str, typer.Argument(help="a certification's results, <output>/<run-id> (local or s3://)")],
 ) -> None:
     """Rebuild the per-sigma results, the markdown table and the plot from the shard files alone."""
-    from .pipeline import aggregate, log
+    from .certification import aggregate
     from .storage import Storage
 
     out = Storage.open(results)
@@ -268,17 +270,14 @@ def quickstart(
 
     t0 = time.perf_counter()
     quickstart_run(config, _storage_root(storage), data=data, device=device)
-    print(f"[tbn-ray] quickstart finished in {time.perf_counter() - t0:.0f} s")
+    log(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="sweep YAML (configs/sweep.yaml)")],
     storage: StorageOpt = None,
-    address: Annotated[
-        Optional[str],
-        typer.Option(help="join this Ray cluster (auto, host:port); default: $RAY_ADDRESS, else a local instance with the dashboard"),
-    ] = None,
+    address: AddressOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the stored sweep of this name (an error if there is none)")
     ] = False,
@@ -286,7 +285,6 @@ def sweep(
     """Ray Tune over the training epsilon and the TBN sigma: each epsilon trained once, every (epsilon, sigma)
     calibrated and certified on held-out validation images; a table, a heatmap and best.json. Re-running resumes."""
     from .config import load_sweep_config
-    from .pipeline import log
 
     cfg = load_sweep_config(config)
     try:
@@ -328,12 +326,6 @@ BnOpt = Annotated[
     typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing)"),
 ]
 LocalOpt = Annotated[bool, typer.Option("--local", help="evaluate in this process, without Ray")]
-AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto | host:port; default: $RAY_ADDRESS, else an embedded local Ray)")]
-ActorsOpt = Annotated[Optional[int], typer.Option(help="actors to start (default: one per GPU, else one per CPU)")]
-GpusPerActorOpt = Annotated[Optional[float], typer.Option(help="GPUs per actor (default: 1 on a cluster with GPUs, else 0)")]
-CpusPerActorOpt = Annotated[Optional[float], typer.Option(help="CPUs per actor, also its torch threads (default: the node's CPUs per GPU, else 1)")]
-LocalDeviceOpt = Annotated[Optional[str], typer.Option("--device", help="with --local: auto | cpu | cuda | cuda:N (default: auto)")]
-ProgressOpt = Annotated[bool, typer.Option(help="progress bar")]
 
 
 def _indices(indices: str | None) -> tuple[int | None, int | None]:
@@ -342,7 +334,7 @@ def _indices(indices: str | None) -> tuple[int | None, int | None]:
 
 def _run_evaluation(plan, *, local: bool, device: str | None, address, actors, gpus_per_actor, cpus_per_actor, progress: bool):  # type: ignore[no-untyped-def]
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
-    from .evaluation import evaluation_section, log, run_in_process
+    from .evaluation import evaluation_section, run_in_process
     from .storage import Storage
     from .training import resolve_device
 
@@ -383,7 +375,7 @@ def data_cifar10c(
 
     from .corruptions import parse_corruptions, parse_severities
     from .data import load_from_config
-    from .evaluation import generate_cifar10c, log, regenerated_cifar10c, released_cifar10c, select_test
+    from .evaluation import generate_cifar10c, regenerated_cifar10c, released_cifar10c, select_test
 
     names, levels = parse_corruptions(corruptions), parse_severities(severities)
     start, stop = _indices(indices)

@@ -170,21 +170,27 @@ def _one_line(e: ValidationError, where: str) -> str:
     return f"invalid config {where}: " + "; ".join(parts)
 
 
+def _read_yaml(path: str | Path, what: str, holds: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise TbnError(f"{what} not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TbnError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise TbnError(f"{what} {p} must hold a mapping ({holds})")
+    return raw
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """Read a YAML experiment config (or the defaults), apply dotted overrides, validate."""
     raw: dict[str, Any] = {}
     where = "(defaults)"
     if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise TbnError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TbnError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise TbnError(f"config file {p} must hold a mapping with train/calibrate/certify sections")
+        where = str(path)
+        raw = _read_yaml(path, "config file", "train, calibrate, certify sections")
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -316,13 +322,4 @@ class SweepConfig(_Strict):
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep YAML (configs/sweep.yaml); every problem is a one-line TbnError."""
-    p = Path(path)
-    if not p.is_file():
-        raise TbnError(f"sweep config not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TbnError(f"sweep config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise TbnError(f"sweep config {p} must hold a mapping (epsilons, sigmas, objective, train, ...)")
-    return parse_config(SweepConfig, raw, str(p))
+    return parse_config(SweepConfig, _read_yaml(path, "sweep config", "epsilons, sigmas, objective, train, ..."), str(path))

@@ -375,7 +375,6 @@ def _elastic_transform(x: np.ndarray, p: tuple[float, float, float], rngs: _Rngs
     """Random affine warp of three control points (reflect-101 border), then a smoothed
     random displacement field (alpha, sigma in px) sampled bilinearly (reflect border)."""
     alpha, sigma, affine = p
-    n = x.shape[0]
     draws = [
         (
             g.uniform(-affine, affine, size=(3, 2)).astype(np.float32),

@@ -122,6 +122,11 @@ class Cifar10:
     classes: tuple[str, ...]
 
 
+def data_meta(d: Cifar10) -> dict[str, str]:
+    """The fields every stored result carries to name its data."""
+    return {"data_source": d.source, "data": d.description}
+
+
 # --- locating the data ------------------------------------------------------------------
 
 

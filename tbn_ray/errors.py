@@ -1,4 +1,4 @@
-"""The one exception type users see.
+"""What users read: the one exception type, and progress lines.
 
 Anything raised as ``TbnError`` is a problem with the user's input or environment
 (a wrong sigma, a missing checkpoint, an unreachable bucket). The CLI prints its
@@ -13,3 +13,8 @@ class TbnError(Exception):
 
 class SoundnessError(TbnError):
     """Refused because the result would not be a valid certificate."""
+
+
+def log(msg: str) -> None:
+    """A progress line for the user (stdout, so it interleaves with progress bars)."""
+    print(f"[tbn-ray] {msg}", flush=True)

@@ -56,9 +56,9 @@ from . import corruptions as C
 from . import data as data_mod
 from .attacks import apgd_ce, pgd
 from .config import AttackConfig, DataConfig, ModelConfig, parse_config
-from .errors import TbnError
+from .errors import TbnError, log
 from .models import build_model
-from .runs import Run
+from .runs import Run, load_data_for
 from .storage import Storage
 from .tbn import CLEAN, BNStats, batch_statistics, bn_key, bn_layers, use_bn_stats
 from .training import eval_mode
@@ -78,10 +78,6 @@ EVALUATE_DIR = "evaluate"
 NONE = "none"
 
 _READ_THREADS = 16
-
-
-def log(msg: str) -> None:
-    print(f"[tbn-ray] {msg}", flush=True)
 
 
 # --- BN modes --------------------------------------------------------------------------------
@@ -811,7 +807,6 @@ def _base_plan(
     run: Run, modes: Sequence[str], *, batch_size: int, data_cfg: DataConfig | None, start: int | None, stop: int | None, kind: str,
 ) -> dict[str, Any]:
     """Everything both plans check first: the modes and their statistics, the checkpoint, the images."""
-    from .pipeline import load_data_for
 
     parsed = parse_bn_modes(modes)
     _check_batch_size(batch_size)

@@ -45,7 +45,9 @@ from . import data as data_mod
 from .config import TrainConfig
 from .errors import TbnError
 from .models import build_model
-from .pipeline import data_meta, log, write_metrics, write_metrics_plot
+from .data import data_meta
+from .errors import log
+from .pipeline import write_metrics, write_metrics_plot
 from .runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from .storage import Storage
 from .training import epoch_seed, evaluate, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
@@ -324,19 +326,6 @@ def check_fits(scaling: Scaling, available: dict[str, float]) -> None:
             )
 
 
-def clear_run(root: Storage, name: str) -> int:
-    """What ``fresh`` does: empty the run directory, Ray's state included; returns the objects deleted.
-
-    Everything in it (checkpoints, metrics, TBN statistics, certificates) derives from the model
-    being discarded, and TBN statistics of an old model must not meet a new one.
-    """
-    run_dir = root.child(name)
-    keys = run_dir.list()
-    for key in keys:
-        run_dir.delete(key)
-    return len(keys)
-
-
 @contextlib.contextmanager
 def _environ(name: str, value: str) -> Iterator[None]:
     """Ray Train reads some settings only from the driver's environment (and passes them on)."""
@@ -441,7 +430,7 @@ def train_on_ray(
         )
     run = Run(root.child(cfg.name))
     if fresh:
-        if deleted := clear_run(root, cfg.name):
+        if deleted := run.clear():
             say(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
     elif run.has_checkpoint():
         done = run.load_checkpoint()

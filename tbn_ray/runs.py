@@ -25,7 +25,8 @@ import torch
 import yaml
 from torch import nn
 
-from .config import TrainConfig, parse_config
+from . import data as data_mod
+from .config import DataConfig, TrainConfig, parse_config
 from .errors import TbnError
 from .models import build_model
 from .storage import Storage
@@ -127,6 +128,17 @@ class Run:
         self.storage.write_text("config.yaml", yaml.safe_dump(ckpt.config.model_dump(mode="json"), sort_keys=False))
         return self.storage.write_bytes(self.checkpoint_key, ckpt.to_bytes())
 
+    def clear(self) -> int:
+        """What ``--fresh`` does: empty the run directory (Ray's state included); the objects deleted.
+
+        Everything in it (checkpoints, metrics, TBN statistics, certificates) derives from the model
+        being discarded, and TBN statistics of an old model must not meet a new one.
+        """
+        keys = self.storage.list()
+        for key in keys:
+            self.storage.delete(key)
+        return len(keys)
+
     def has_checkpoint(self) -> bool:
         return self.storage.exists(self.checkpoint_key)
 
@@ -177,3 +189,8 @@ class Run:
             f"no TBN statistics {name!r} in {self.storage.uri} (calibrated: {known}); "
             f"run: tbn-ray calibrate {self.storage.uri} --sigma {name.removeprefix('sigma=')}"
         )
+
+
+def load_data_for(ckpt: Checkpoint, override: DataConfig | None) -> data_mod.Cifar10:
+    """The data the run was trained on, unless the user names another source."""
+    return data_mod.load_from_config(override if override is not None else ckpt.config.data)

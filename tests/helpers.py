@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,3 +18,16 @@ def partial_test_images(n: int) -> tuple[np.ndarray, np.ndarray]:
         pytest.skip(f"CIFAR-10 subset not found at {path}")
     with np.load(path) as d:
         return d["images"][:n].copy(), d["labels"][:n].astype(np.int64)
+
+
+def wait_actors_gone(cluster, class_name: str, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Until no actor of ``class_name`` is alive (ray.kill is asynchronous), so that none is still writing."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = list_actors(address=cluster.address, filters=[("class_name", "=", class_name), ("state", "!=", "DEAD")])
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{class_name} actors still alive after {timeout_s} s: {alive}")

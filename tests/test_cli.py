@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,17 @@ def test_train_calibrate_certify_report_through_the_cli(trained):
     assert summary["acr"] == pytest.approx(acr, abs=1e-3)
     rep = ok(tbn("report", str(tsvs[0].parent.parent), cwd=trained.parent.parent))
     assert "0.25" in rep.stdout and "Cohen" in rep.stdout
+
+
+def test_fresh_training_discards_everything_derived_from_the_old_model(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "results" / "tiny")
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    p = ok(tbn("train", "--config", "tiny.yaml", "--local", "--fresh", cwd=tmp_path))
+    assert "--fresh: deleted the" in p.stdout and "nothing to do" not in p.stdout  # trained again, from scratch
+    run = tmp_path / "results" / "tiny"
+    # TBN statistics and certificates of the old model must not meet the new one
+    assert not (run / "bn_stats.pt").exists() and not [p for p in (run / "certify").rglob("*") if p.is_file()]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_calibrate_refuses_a_missing_checkpoint(tmp_path):

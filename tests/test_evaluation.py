@@ -8,6 +8,7 @@ accuracy) but trained, so attacks have something to break.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch import nn
 from tbn_ray import corruptions as C
 from tbn_ray import data as data_mod
 from tbn_ray.attacks import apgd_ce, pgd
-from tbn_ray.config import AttackConfig, CalibrateConfig, TrainConfig
+from tbn_ray.certification import aggregate, certify_run
+from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.evaluation import (
     BNMode,
@@ -39,7 +41,7 @@ from tbn_ray.evaluation import (
 from tbn_ray.pipeline import calibrate_run
 from tbn_ray.runs import Run, make_checkpoint
 from tbn_ray.storage import Storage
-from tbn_ray.tbn import CLEAN, batch_statistics, bn_layers, get_bn_stats
+from tbn_ray.tbn import CLEAN, batch_statistics, bn_layers
 from tbn_ray.training import fit
 
 from .helpers import SHARED_DATA
@@ -295,6 +297,23 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
     assert (more.items_computed, more.items_skipped) == (4, 8)
     assert set(more.result["modes"]) == {"clean", "test-batch-b24", "sigma=0.25"}
     assert "l2, eps=0.5" in (evaluation_section(run.storage) or "")
+
+
+def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
+    run_in_process(plan_attack(run, ["clean"], attacks=["pgd"], norm="l2", eps="0.25", steps=1, batch_size=16, start=0, stop=16), CPU, progress=False)
+    cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=40, batch_size=40, max_images=3)
+    (out,) = certify_run(run, cfg, run.storage.child("certify"), device="cpu", progress=False)
+    certify_dir = Storage.open(out.location.rsplit("/", 1)[0])  # <output>/<run-id>
+    report = certify_dir.read_text("report.md")
+    assert report.startswith(f"# Certification of {run.uri}")
+    assert "## Corruption and adversarial robustness" in report and "l2, eps=0.25" in report
+    # a corruption plot (when an earlier test wrote one) is linked relative to the report
+    for link in re.findall(r"!\[corruption accuracy per BN mode\]\(([^)]+)\)", report):
+        assert (certify_dir.local_path() / link).resolve() == run.storage.local_path("evaluate/corruption_accuracy.png").resolve()
+    # `tbn-ray report` rebuilds the same report from the shard files alone
+    certify_dir.local_path("report.md").unlink()
+    aggregate(certify_dir)
+    assert certify_dir.read_text("report.md") == report
 
 
 def test_bad_input_fails_before_any_work(run: Run, tmp_path: Path) -> None:

@@ -25,23 +25,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tbn_ray.certification import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
 from tbn_ray.cli import app
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.models import build_model
-from tbn_ray.pipeline import (
-    ShardResult,
-    calibrate_run,
-    certify_run,
-    pending_shards,
-    plan_certify,
-    run_plan_in_process,
-)
+from tbn_ray.pipeline import calibrate_run
 from tbn_ray.runs import Run, make_checkpoint
 from tbn_ray.smoothing import certify_examples
 from tbn_ray.storage import Storage
 
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, wait_actors_gone
 
 SIGMAS = (0.25, 0.5)
 SMALL = {"n0": 20, "n": 200, "batch_size": 100, "skip": 7}
@@ -87,19 +81,6 @@ def last_modified(out: Storage) -> dict[str, float]:
     client = boto3.session.Session().client("s3")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if "/shard-" in o["Key"]}
-
-
-def wait_actors_gone(cluster, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    """Until no CertifyActor is alive (ray.kill is asynchronous), so that no shard is still being written."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = list_actors(address=cluster.address, filters=[("class_name", "=", "CertifyActor"), ("state", "!=", "DEAD")])
-        if not alive:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"certify actors still alive after {timeout_s} s: {alive}")
 
 
 # --- no Ray ---------------------------------------------------------------------------------
@@ -301,7 +282,7 @@ def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_
 
     with pytest.raises(KeyboardInterrupt):
         run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_shard=interrupt_after_3)
-    wait_actors_gone(ray_local)
+    wait_actors_gone(ray_local, "CertifyActor")
     before = last_modified(plan.out)
     assert 3 <= len(before) < 8
     # resumed by the command line (Ray path, joining the session's cluster): same plan, same run id
@@ -329,7 +310,7 @@ def test_s3_outage_fails_clearly_and_rerun_finishes(run: Run, ray_local, s3_buck
 
     with pytest.raises(TbnError, match="cannot reach the S3 endpoint"):
         run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_shard=stop_s3_after_2)
-    wait_actors_gone(ray_local)
+    wait_actors_gone(ray_local, "CertifyActor")
     restartable_s3.start()
     present = shard_keys(plan.out)
     assert 2 <= len(present) < 8

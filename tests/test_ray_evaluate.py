@@ -24,7 +24,7 @@ from tbn_ray.pipeline import calibrate_run
 from tbn_ray.runs import Checkpoint, Run
 from tbn_ray.storage import Storage
 
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, wait_actors_gone
 
 pytestmark = pytest.mark.ray
 
@@ -51,19 +51,6 @@ def last_modified(out: Storage) -> dict[str, float]:
     bucket, _, prefix = out.uri.removeprefix("s3://").partition("/")
     pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if o["Key"].endswith(".json") and "result" not in o["Key"]}
-
-
-def wait_actors_gone(cluster, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    """Until no EvaluateActor is alive (ray.kill is asynchronous), so that no item is still being written."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = list_actors(address=cluster.address, filters=[("class_name", "=", "EvaluateActor"), ("state", "!=", "DEAD")])
-        if not alive:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"evaluate actors still alive after {timeout_s} s: {alive}")
 
 
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
@@ -122,7 +109,7 @@ def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, 
 
     with pytest.raises(KeyboardInterrupt):
         run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_task=interrupt_after_2)
-    wait_actors_gone(ray_local)
+    wait_actors_gone(ray_local, "EvaluateActor")
     before = last_modified(plan.out)
     assert 6 <= len(before) < 21  # two whole tasks (3 modes each), maybe some items of tasks in flight
     resumed = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)

@@ -1,0 +1,206 @@
+"""A pool of Ray actors fed whole units of idempotent work (certification shards, evaluation tasks).
+
+Shared by ``ray_certify`` and ``ray_evaluate``, whose actors subclass ``PoolWorker`` and
+expose ``run(plan, unit)``. The rules both rely on:
+
+- The plan goes into the object store once; each actor fetches it with its first unit (a
+  restarted actor fetches it again), builds its model once, and writes every finished unit to
+  storage itself. What comes back through the object store is a small result per unit.
+- Actors restart when they die (``max_restarts``) and the unit they were running is retried
+  (``max_task_retries``): at-least-once execution, harmless because a unit's output is
+  idempotent (same key, same numbers). A unit that outlives its actor's restarts goes to
+  another actor, at most ``MAX_UNIT_ATTEMPTS`` times.
+- The driver hands units to whichever actor is free and kills every actor on any error or
+  interrupt: a killed driver loses at most the units in flight, and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import ray
+import torch
+
+from .errors import TbnError, log
+from .training import resolve_device
+
+#: Restarts of a dead actor, and retries of the unit it was running, before the driver gives
+#: that unit to another actor. Finite: a crash on every start must not loop forever.
+MAX_RESTARTS = 3
+#: How often one unit may outlive its actor's restarts before the run fails.
+MAX_UNIT_ATTEMPTS = 3
+#: How long the driver waits for the first actor to start (an autoscaler may be adding a node).
+READY_TIMEOUT_S = 600.0
+
+
+class PoolWorker:
+    """The part every pool actor shares: torch threads, and who it is (stored with its results)."""
+
+    def __init__(self, name: str, threads: int, gpus: float) -> None:
+        torch.set_num_threads(threads)
+        ctx = ray.get_runtime_context()
+        with warnings.catch_warnings():  # Ray's own property uses its deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ctx.was_current_actor_reconstructed
+        self.name = name
+        self.gpus = gpus
+        self.worker = {
+            "actor": ctx.get_actor_id() or "?",
+            "node": ctx.get_node_id(),
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "threads": str(threads),
+            "restarted": str(restarted),
+        }
+
+    def __repr__(self) -> str:  # the dashboard's name for the actor
+        return f"{type(self).__name__}({self.name})"
+
+    def ready(self) -> dict[str, str]:
+        return self.worker
+
+    def device(self) -> torch.device:
+        return resolve_device("cuda" if self.gpus > 0 else "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorShape:
+    """Resources of one actor and how many to start."""
+
+    actors: int
+    cpus: float
+    gpus: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus))
+
+
+def actor_shape(
+    nodes: list[dict[str, Any]],
+    *,
+    work: int,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
+    autoscaling: bool = False,
+) -> ActorShape:
+    """One actor per GPU on a GPU cluster (with that node's CPUs per GPU), else one per CPU.
+
+    Counted per alive node, so the default never asks for an actor no node can hold;
+    never more actors than pending units (``work``).
+    """
+    alive = [n["Resources"] for n in nodes if n.get("Alive")]
+    has_gpus = any(r.get("GPU", 0) >= 1 for r in alive)
+    gpus = float(gpus_per_actor) if gpus_per_actor is not None else (1.0 if has_gpus else 0.0)
+    if gpus < 0 or (cpus_per_actor is not None and cpus_per_actor <= 0):
+        raise TbnError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+    if cpus_per_actor is not None:
+        cpus = float(cpus_per_actor)
+    elif gpus > 0:
+        per_gpu = [int(r.get("CPU", 0) // r["GPU"]) for r in alive if r.get("GPU", 0) >= gpus]
+        cpus = float(max(1, min(per_gpu) * gpus)) if per_gpu else 1.0
+    else:
+        cpus = 1.0
+
+    def per_node(r: dict[str, float]) -> int:
+        by_cpu = r.get("CPU", 0) // cpus
+        return int(min(by_cpu, r.get("GPU", 0) // gpus) if gpus > 0 else by_cpu)
+
+    fits = sum(per_node(r) for r in alive)
+    if fits < 1 and not autoscaling:
+        need = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
+        raise TbnError(f"no node of this Ray cluster has {need} for one actor: lower --cpus-per-actor/--gpus-per-actor")
+    if actors is None:
+        actors = max(1, fits)
+    elif actors < 1:
+        raise TbnError(f"--actors must be >= 1, got {actors}")
+    return ActorShape(actors=max(1, min(actors, work)), cpus=cpus, gpus=gpus)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The user-side exception inside a Ray error (a TbnError raised in an actor)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+def run_pool(
+    actor_cls: Any,
+    kind: str,
+    name: str,
+    plan: Any,
+    units: Sequence[Hashable],
+    shape: ActorShape,
+    *,
+    label: Callable[[Any], str],
+    bar: Any,
+    on_result: Callable[[Any], None] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> None:
+    """Run every unit on a pool of ``shape.actors`` actors of ``actor_cls`` (a remote
+    ``PoolWorker`` subclass built with ``(name, threads, gpus)``; ``kind`` names them in
+    errors), updating the progress ``bar`` and calling ``on_result`` with each unit's result as
+    it arrives; on any error or interrupt, kill every actor."""
+    plan_ref = ray.put(plan)
+    pool = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
+    starting = {actor.ready.remote(): actor for actor in pool}
+    idle: list[Any] = []
+    running: dict[Any, tuple[Any, Hashable]] = {}
+    queue = deque(units)
+    attempts = dict.fromkeys(units, 0)
+    first_error: str | None = None
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while queue or running:
+            while idle and queue:
+                actor, unit = idle.pop(), queue.popleft()
+                running[actor.run.options(name=label(unit)[:120]).remote([plan_ref], unit)] = (actor, unit)
+            if not running and not starting:
+                raise TbnError(f"every {kind} failed to start: {first_error}")
+            if not running and time.monotonic() > deadline:
+                raise TbnError(
+                    f"no {kind} started within {ready_timeout_s:.0f} s: the cluster has no node with "
+                    f"{shape.cpus:g} CPU + {shape.gpus:g} GPU free (see the dashboard); lower --cpus-per-actor/--gpus-per-actor"
+                )
+            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
+            for ref in done:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except ray.exceptions.RayError as e:  # the constructor failed on every restart
+                        first_error = first_error or str(_cause(e)).strip().splitlines()[-1][:300]
+                    continue
+                actor, unit = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    cause = _cause(e)
+                    if isinstance(cause, TbnError):
+                        raise TbnError(f"{label(unit)}: {cause} (finished work is kept: run the same command again to resume)") from None
+                    raise
+                except ray.exceptions.RayActorError as e:  # died more often than it may restart
+                    attempts[unit] += 1
+                    if attempts[unit] >= MAX_UNIT_ATTEMPTS:
+                        raise TbnError(
+                            f"{label(unit)} killed its actor {attempts[unit]} times (out of memory?): {str(e).splitlines()[0][:200]}"
+                        ) from None
+                    log(f"an actor died for good on {label(unit)}; giving it to another actor")
+                    queue.appendleft(unit)
+                    continue
+                idle.append(actor)
+                bar.update(result)
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        bar.close()
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
