@@ -528,8 +528,9 @@ def _table_row(cfg: SweepConfig, eps: float, sigma: float, training: dict[str, A
 
 
 def _best(cfg: SweepConfig, rows: list[dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]) -> dict[str, Any]:
-    """The pair with the highest objective (the first in grid order on a tie), ready for ``tbn-ray certify``."""
-    top = max((r for r in rows if r["status"] == EVALUATED), key=lambda r: r["objective"])
+    """The pair with the highest objective, ready for ``tbn-ray certify``. Ties (common with few
+    validation images) go to the higher ACR, then to the first in grid order."""
+    top = max((r for r in rows if r["status"] == EVALUATED), key=lambda r: (r["objective"], r["acr"]))
     pair = pairs[(top["epsilon"], top["sigma"])]
     return {
         "sweep": cfg.name,

@@ -28,7 +28,7 @@ from tbn_ray.storage import Storage
 pytest.importorskip("ray.tune", reason='Ray missing: pip install "ray[default,tune,train]==2.60.0"')
 
 from tbn_ray.cli import main  # noqa: E402
-from tbn_ray.ray_sweep import EVALUATED, STOPPED, prepare, trained_epochs  # noqa: E402
+from tbn_ray.ray_sweep import EVALUATED, SPLIT_KEYS, STOPPED, _best, prepare, trained_epochs  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -220,3 +220,16 @@ def test_requests_the_cluster_cannot_hold_fail_before_any_trial(ray_local, tmp_p
     Storage.open(storage / "changed").write_text("sweep.yaml", yaml.safe_dump({"name": "changed", "epsilons": [0.5]}))
     with pytest.raises(TbnError, match="was started with another config"):
         prepare(load_sweep_config(tiny_sweep(tmp_path, "changed")), Storage.open(storage), resume=False)
+
+
+def test_best_pair_breaks_objective_ties_by_acr() -> None:
+    cfg = load_sweep_config(TINY)
+    rows = [
+        {"epsilon": 1.0, "sigma": 0.25, "status": EVALUATED, "objective": 0.22, "acr": 0.09},
+        {"epsilon": 1.0, "sigma": 0.5, "status": EVALUATED, "objective": 0.22, "acr": 0.15},
+        {"epsilon": 0.25, "sigma": 0.5, "status": EVALUATED, "objective": 0.20, "acr": 0.30},
+        {"epsilon": 2.0, "sigma": 0.5, "status": STOPPED, "objective": None, "acr": None},
+    ]
+    pair = {"run": "r", "checkpoint": "r/checkpoint.pt", "epoch": 3, "data": "d", **{k: 0 for k in SPLIT_KEYS}}
+    best = _best(cfg, rows, {(r["epsilon"], r["sigma"]): pair for r in rows})
+    assert (best["epsilon"], best["sigma"], best["value"]) == (1.0, 0.5, 0.22)
