@@ -8,7 +8,9 @@
    channels-last, BN folded into the convolutions and a noise batch of its own). Also checked: fed the same noise, the baseline's CERTIFY and
    tbn-ray's give the same counts, predictions and radii (identical semantics).
 2. Ray: 1 vs 2 actors (one torch thread each) on the same shards, against the in-process
-   path at one thread: scaling and Ray's overhead.
+   path at one thread: scaling and Ray's overhead. ``ray-steady``: one warm actor and the
+   in-process path certify the same shards alternately, shard by shard: the per-shard cost of
+   running in an actor, without fixed costs and without run-to-run drift.
 3. GPU (skipped without CUDA): ResNet-110 at n=100,000, seconds per image, baseline vs
    tbn-ray fp32 vs tbn-ray bf16 + channels-last + BN folded.
 
@@ -19,6 +21,12 @@ that load from other processes hits them alike; per image the best time counts (
 is reported too, and CPU seconds, which contention inflates less).
 
     python bench/certify_throughput.py                      # CPU and Ray parts (about 12 min on 2 cores)
+    OMP_NUM_THREADS=1 python bench/certify_throughput.py --parts ray   # Ray part, both sides alike
+
+Ray starts its workers with OMP_NUM_THREADS=1. Measured shard by shard (one actor and the
+in-process path interleaved on the same shards), the actor computed each shard 10% slower
+than this process when only this process had 2 OpenMP threads (torch.set_num_threads(1)
+on top), and 2% slower when both had OMP_NUM_THREADS=1: give the Ray part the same setting.
     python bench/certify_throughput.py --parts gpu          # GPU part only
 Figures go to bench/results/certify_throughput.{json,md}.
 """
@@ -175,6 +183,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": os.getloadavg(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
 
 
@@ -288,6 +297,50 @@ def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def ray_steady_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Steady-state cost of an actor: the same shards certified alternately by one warm actor and
+    in this process (one torch thread each), shard by shard, so drift on a shared machine hits
+    both alike. No fixed costs (actor start, plan shipping, aggregation) are in these figures."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from tbn_ray.ray_certify import CertifyActor
+    from tbn_ray.ray_runtime import connect, disconnect
+
+    images, shards = args.steady_images, args.steady_shards
+    print(f"Ray steady state: {images} images in {shards} shards, one actor vs in-process, interleaved", flush=True)
+    options = {"batch_size": args.batch_size, "shards": shards, "channels_last": True, "fold_bn": True}
+    local_plan = make_plan(run, tmp / "steady-local", args, images, **options)
+    actor_plan = make_plan(run, tmp / "steady-actor", args, images, **options)
+    cluster = connect(num_cpus=os.cpu_count())
+    try:
+        torch.set_num_threads(1)
+        local = ShardCertifier(local_plan, torch.device("cpu"), {"actor": "bench", "node": platform.node()})
+        actor = CertifyActor.options(num_cpus=1).remote(actor_plan.run_id, 1, 0.0)
+        ref = ray.put(actor_plan)
+        ray.get(actor.run.remote([ref], (SIGMA, 0)))  # shard 0 warms both up (model build, first passes)
+        local.certify_shard(SIGMA, 0)
+        in_process, in_actor, round_trip = [], [], []
+        for shard in range(1, shards):
+            in_process.append(local.certify_shard(SIGMA, shard).seconds)
+            t0 = time.perf_counter()
+            in_actor.append(ray.get(actor.run.remote([ref], (SIGMA, shard))).seconds)
+            round_trip.append(time.perf_counter() - t0)
+        ray.kill(actor)
+    finally:
+        disconnect(cluster)
+    return {
+        "images": images,
+        "shards": shards,
+        "in_process_s": sum(in_process),
+        "actor_s": sum(in_actor),
+        "round_trip_s": sum(round_trip),
+        "actor_compute_overhead": sum(in_actor) / sum(in_process) - 1,
+        "actor_round_trip_overhead": sum(round_trip) / sum(in_process) - 1,
+        "per_shard": {"in_process": in_process, "actor": in_actor, "round_trip": round_trip},
+    }
+
+
 # --- part 3: GPU ----------------------------------------------------------------------------------
 
 
@@ -344,7 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# Certification throughput",
         "",
         f"{report['date']}; `{report['command']}`",
-        f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}; torch {m['torch']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}; torch {m['torch']}; OMP_NUM_THREADS={m.get('omp_num_threads')}; "
         f"load average at start {tuple(round(x, 1) for x in m['load_average'])}, at end {tuple(round(x, 1) for x in report['load_average_end'])}.",
         "",
     ]
@@ -380,6 +433,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"({r['note']})",
             "",
         ]
+    if "ray-steady" in report:
+        s = report["ray-steady"]
+        lines += [
+            f"## Ray, steady state ({s['images']} images in {s['shards']} shards; shard 0 warms up; the rest alternately in one actor and in-process)",
+            "",
+            f"In-process {s['in_process_s']:.1f} s, in the actor {s['actor_s']:.1f} s ({100 * s['actor_compute_overhead']:+.1f}%), "
+            f"driver round trips {s['round_trip_s']:.1f} s ({100 * s['actor_round_trip_overhead']:+.1f}%).",
+            "",
+        ]
     if "gpu" in report:
         g = report["gpu"]
         if "skipped" in g:
@@ -393,7 +455,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="cpu,ray,gpu", help="comma-separated: cpu, ray, gpu")
+    parser.add_argument("--parts", default="cpu,ray,ray-steady,gpu", help="comma-separated: cpu, ray, ray-steady, gpu")
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--images", type=int, default=8, help="images for the CPU part")
     parser.add_argument("--n0", type=int, default=100)
@@ -403,6 +465,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ray-images", type=int, default=48)
     parser.add_argument("--ray-shards", type=int, default=12)
+    parser.add_argument("--steady-images", type=int, default=24)
+    parser.add_argument("--steady-shards", type=int, default=12)
     parser.add_argument("--gpu-images", type=int, default=3)
     parser.add_argument("--gpu-n", type=int, default=100_000)
     parser.add_argument("--gpu-batch-size", type=int, default=4000)
@@ -417,12 +481,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="tbn-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if parts & {"cpu", "ray"}:
+        if parts & {"cpu", "ray", "ray-steady"}:
             run = make_run(tmp / "run", args.arch)
         if "cpu" in parts:
             report["cpu"] = cpu_part(run, tmp, args)
         if "ray" in parts:
             report["ray"] = ray_part(run, tmp, args)
+        if "ray-steady" in parts:
+            report["ray-steady"] = ray_steady_part(run, tmp, args)
         if "gpu" in parts:
             report["gpu"] = gpu_part(tmp, args)
     report["load_average_end"] = os.getloadavg()
