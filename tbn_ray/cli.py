@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import CalibrateConfig, CertifyConfig, default, load_config
+from .config import CalibrateConfig, CertifyConfig, EvaluateConfig, default, load_config
 from .errors import TbnError, log
 
 app = typer.Typer(
@@ -397,7 +397,7 @@ def data_cifar10c(
 def evaluate_corruptions(
     run: Annotated[str, typer.Argument(help="run directory (or its checkpoint.pt), local or s3://")],
     bn: BnOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="images per forward pass: the test batch of the test-batch modes (default: 200)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"images per forward pass: the test batch of the test-batch modes (default: {default(EvaluateConfig, 'batch_size')})")] = None,
     corruptions: CorruptionsOpt = "all",
     severities: SeveritiesOpt = "1-5",
     seed: Cifar10cSeedOpt = 0,
@@ -435,11 +435,11 @@ def evaluate_attack(
     bn: BnOpt = None,
     norm: Annotated[str, typer.Option(help="l2 | linf")] = "l2",
     eps: Annotated[str, typer.Option(help="budget in [0,1] pixel units, e.g. 0.5 or 8/255")] = "0.5",
-    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="pgd | apgd-ce, repeatable (default: both)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="iterations per attack run (default: 50)")] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="random restarts (default: 1)")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help=f"pgd | apgd-ce, repeatable (default: {' and '.join(default(EvaluateConfig, 'attacks'))})")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"iterations per attack run (default: {default(EvaluateConfig, 'attack_steps')})")] = None,
+    restarts: Annotated[Optional[int], typer.Option(help=f"random restarts (default: {default(EvaluateConfig, 'restarts')})")] = None,
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size (default: 2.5 eps / steps); APGD sets its own")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="images per batch: the test batch the test-batch modes normalise with (default: 200)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"images per batch: the test batch the test-batch modes normalise with (default: {default(EvaluateConfig, 'batch_size')})")] = None,
     seed: Annotated[int, typer.Option(help="random starts derive from (seed, attack, batch)")] = 0,
     indices: IndicesOpt = None,
     data: DataOpt = None,

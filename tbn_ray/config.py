@@ -154,6 +154,15 @@ class CertifyConfig(_Strict):
         return v
 
 
+class EvaluateConfig(_Strict):
+    """Defaults of ``tbn-ray evaluate`` (its flags override them)."""
+
+    batch_size: int = Field(200, ge=1, description="images per forward pass, and the test batch of the batch BN modes (TENT's CIFAR-10-C setting)")
+    attack_steps: int = Field(50, ge=1, description="iterations per attack run: an evaluation, not training")
+    restarts: int = Field(1, ge=1, description="random starts per attack")
+    attacks: tuple[str, ...] = ("pgd", "apgd-ce")
+
+
 class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()

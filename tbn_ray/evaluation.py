@@ -55,7 +55,7 @@ from torch import nn
 from . import corruptions as C
 from . import data as data_mod
 from .attacks import apgd_ce, pgd
-from .config import AttackConfig, DataConfig, ModelConfig, parse_config
+from .config import AttackConfig, DataConfig, EvaluateConfig, ModelConfig, default, parse_config
 from .errors import TbnError, log
 from .models import build_model
 from .runs import Run, load_data_for
@@ -63,12 +63,11 @@ from .storage import Storage
 from .tbn import CLEAN, BNStats, batch_statistics, bn_key, bn_layers, use_bn_stats
 from .training import eval_mode
 
-#: Images per forward pass, and the test batch of the batch modes (TENT's CIFAR-10-C setting).
-DEFAULT_BATCH_SIZE = 200
-#: Attack defaults: many steps (an evaluation, not training), one random start.
-DEFAULT_ATTACK_STEPS = 50
-DEFAULT_RESTARTS = 1
-ATTACKS: tuple[str, ...] = ("pgd", "apgd-ce")
+# The defaults live in config.EvaluateConfig.
+DEFAULT_BATCH_SIZE: int = default(EvaluateConfig, "batch_size")
+DEFAULT_ATTACK_STEPS: int = default(EvaluateConfig, "attack_steps")
+DEFAULT_RESTARTS: int = default(EvaluateConfig, "restarts")
+ATTACKS: tuple[str, ...] = default(EvaluateConfig, "attacks")
 ITEM_FORMAT = "tbn-ray/evaluate-item-v1"
 RESULT_FORMAT = "tbn-ray/evaluate-result-v1"
 CIFAR10C_FORMAT = "tbn-ray/cifar10c-v1"

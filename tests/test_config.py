@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tbn_ray.config import REPORT_RADII, AttackConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config
+from tbn_ray.config import REPORT_RADII, AttackConfig, EvaluateConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config, parse_config
 from tbn_ray.errors import TbnError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -66,3 +66,12 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_report_radii_are_cohens_grid():
     assert REPORT_RADII[0] == 0.0 and REPORT_RADII[-1] == 2.25 and len(REPORT_RADII) == 10
+
+
+def test_evaluate_defaults_come_from_config_and_are_validated():
+    from tbn_ray import evaluation
+
+    cfg = EvaluateConfig()
+    assert (evaluation.DEFAULT_BATCH_SIZE, evaluation.DEFAULT_ATTACK_STEPS, evaluation.ATTACKS) == (cfg.batch_size, cfg.attack_steps, cfg.attacks)
+    with pytest.raises(TbnError, match="batch_size"):
+        parse_config(EvaluateConfig, {"batch_size": 0}, "evaluate flags")
