@@ -19,7 +19,7 @@ from . import data as data_mod
 from .certification import certify_run
 from .config import CalibrateConfig, DataConfig, TrainConfig
 from .data import data_meta
-from .errors import TbnError, log
+from .errors import log
 from .models import build_model
 from .runs import Checkpoint, Run, load_data_for, make_checkpoint
 from .storage import Storage
@@ -95,13 +95,7 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
     start, rows = 0, []
     if run.has_checkpoint():
         ckpt = run.load_checkpoint()
-        if ckpt.config.model != cfg.model:
-            raise TbnError(f"{run.uri} holds a {ckpt.config.model.arch} run; use another --name or --fresh")
-        model.load_state_dict(ckpt.model)
-        if ckpt.optimizer is not None:
-            optimizer.load_state_dict(ckpt.optimizer)
-        if ckpt.scheduler is not None:
-            scheduler.load_state_dict(ckpt.scheduler)
+        ckpt.resume_into(model, optimizer, scheduler, cfg.model, run.uri)
         start, rows = ckpt.epoch, list(ckpt.meta.get("history", []))
         if start >= cfg.optim.epochs:
             log(f"{run.uri} already trained for {start} epochs; nothing to do (--fresh to start over)")

@@ -44,13 +44,12 @@ import torch
 from . import data as data_mod
 from .config import TrainConfig
 from .errors import TbnError
-from .models import build_model
 from .data import data_meta
 from .errors import log
 from .pipeline import write_metrics, write_metrics_plot
 from .runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from .storage import Storage
-from .training import epoch_seed, evaluate, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
+from .training import epoch_seed, evaluate, initial_model, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -194,12 +193,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
 
     d = data_mod.load_from_config(cfg.data)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes=len(d.classes))
-    model = model.to(device)
-    if cfg.optim.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = initial_model(cfg, len(d.classes), device)
     dataset = TensorDataset(*data_mod.as_tensors(d.train))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     per_worker = cfg.optim.batch_size // world
@@ -218,13 +212,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     start, meta = 0, {}
     resumed = _latest_checkpoint(run)
     if resumed is not None:
-        if resumed.config.model != cfg.model:
-            raise TbnError(f"{run.uri} holds a {resumed.config.model.arch} run; use another --name or --fresh")
-        model.load_state_dict(resumed.model)
-        if resumed.optimizer is not None:
-            optimizer.load_state_dict(resumed.optimizer)
-        if resumed.scheduler is not None:
-            scheduler.load_state_dict(resumed.scheduler)
+        resumed.resume_into(model, optimizer, scheduler, cfg.model, run.uri)
         start, meta = resumed.epoch, dict(resumed.meta)
     history: list[dict[str, Any]] = list(meta.get("history", []))
     started = [*meta.get("started_at_epochs", []), start]

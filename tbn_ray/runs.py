@@ -63,6 +63,16 @@ class Checkpoint:
         )
         return buf.getvalue()
 
+    def resume_into(self, model: nn.Module, optimizer: Any, scheduler: Any, model_config: Any, where: str) -> None:
+        """Load the states training continues from; another architecture under the same name is refused."""
+        if self.config.model != model_config:
+            raise TbnError(f"{where} holds a {self.config.model.arch} run; use another --name or --fresh")
+        model.load_state_dict(self.model)
+        if self.optimizer is not None:
+            optimizer.load_state_dict(self.optimizer)
+        if self.scheduler is not None:
+            scheduler.load_state_dict(self.scheduler)
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (state_dict keys without 'module.')."""

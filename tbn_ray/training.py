@@ -282,6 +282,21 @@ def evaluate(
     }
 
 
+def initial_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The untrained network, the same for a seed whoever builds it (this process, every DDP
+    worker), without touching the caller's random state; channels-last if the config asks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes=num_classes)
+    return prepare_model(model, cfg, device)
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """On ``device``, in the config's memory format."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.optim.channels_last else model
+
+
 def fit(
     cfg: TrainConfig,
     data: data_mod.Cifar10,
@@ -302,13 +317,7 @@ def fit(
     so the caller can checkpoint; ``metrics["lr"]`` is the learning rate the epoch started with.
     """
     device = torch.device(device)
-    if model is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = build_model(cfg.model, num_classes=len(data.classes))
-    model = model.to(device)
-    if cfg.optim.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = initial_model(cfg, len(data.classes), device) if model is None else prepare_model(model, cfg, device)
     x, y = data_mod.as_tensors(data.train)
     steps_per_epoch = len(x) // cfg.optim.batch_size
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg.optim)

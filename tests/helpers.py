@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +35,23 @@ def wait_actors_gone(cluster, class_name: str, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"{class_name} actors still alive after {timeout_s} s: {alive}")
+
+
+def kill_soon(pid: int, delay_s: float = 0.5) -> None:
+    """SIGKILL ``pid`` after ``delay_s``, from a thread: called when an actor reports a finished
+    unit, the driver has handed it the next one by then, so it dies in the middle of that one."""
+
+    def kill() -> None:
+        time.sleep(delay_s)
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+
+
+def s3_last_modified(uri: str, keep: Callable[[str], bool]) -> dict[str, float]:
+    """LastModified of the objects under ``uri`` (s3://bucket/prefix) whose key ``keep`` accepts, straight from S3."""
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if keep(o["Key"])}

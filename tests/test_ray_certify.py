@@ -10,15 +10,10 @@ of training. Certification is small (n0=20, n=200) so that shards take about a s
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -35,7 +30,7 @@ from tbn_ray.runs import Run, make_checkpoint
 from tbn_ray.smoothing import certify_examples
 from tbn_ray.storage import Storage
 
-from .helpers import SHARED_DATA, wait_actors_gone
+from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
 
 SIGMAS = (0.25, 0.5)
 SMALL = {"n0": 20, "n": 200, "batch_size": 100, "skip": 7}
@@ -77,10 +72,7 @@ def shard_keys(out: Storage) -> list[str]:
 
 def last_modified(out: Storage) -> dict[str, float]:
     """LastModified of every shard object, straight from S3."""
-    bucket, _, prefix = out.uri.removeprefix("s3://").partition("/")
-    client = boto3.session.Session().client("s3")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-    return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if "/shard-" in o["Key"]}
+    return s3_last_modified(out.uri, lambda key: "/shard-" in key)
 
 
 # --- no Ray ---------------------------------------------------------------------------------
@@ -244,15 +236,11 @@ def test_actor_killed_mid_shard_run_completes(run: Run, ray_local, s3_bucket: st
     results: list[ShardResult] = []
     killed: list[str] = []
 
-    def kill_later(pid: int) -> None:
-        time.sleep(0.5)  # the driver has handed this actor its next shard by now: kill it in the middle
-        os.kill(pid, signal.SIGKILL)
-
     def on_shard(result: ShardResult) -> None:
         results.append(result)
         if not killed:
             killed.append(result.worker["pid"])
-            threading.Thread(target=kill_later, args=(int(result.worker["pid"]),), daemon=True).start()
+            kill_soon(int(result.worker["pid"]))
 
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_shard=on_shard)
     assert result.shards_computed == 8

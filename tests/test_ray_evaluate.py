@@ -7,10 +7,6 @@ orchestration (a killed actor, an interrupted driver, resumption), not accuracy.
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 import uuid
 
 import boto3
@@ -24,7 +20,7 @@ from tbn_ray.pipeline import calibrate_run
 from tbn_ray.runs import Checkpoint, Run
 from tbn_ray.storage import Storage
 
-from .helpers import SHARED_DATA, wait_actors_gone
+from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
 
 pytestmark = pytest.mark.ray
 
@@ -48,9 +44,7 @@ def run(s3_server: str) -> Run:
 
 def last_modified(out: Storage) -> dict[str, float]:
     """LastModified of every item object, straight from S3."""
-    bucket, _, prefix = out.uri.removeprefix("s3://").partition("/")
-    pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-    return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if o["Key"].endswith(".json") and "result" not in o["Key"]}
+    return s3_last_modified(out.uri, lambda key: key.endswith(".json") and "result" not in key)
 
 
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
@@ -61,16 +55,12 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
     killed: list[str] = []
     before_kill: dict[str, float] = {}
 
-    def kill_later(pid: int) -> None:
-        time.sleep(0.5)  # the driver has handed this actor its next task by now: kill it in the middle
-        os.kill(pid, signal.SIGKILL)
-
     def on_task(result: TaskResult) -> None:
         results.append(result)
         if not killed:
             killed.append(result.worker["pid"])
             before_kill.update(last_modified(plan.out))
-            threading.Thread(target=kill_later, args=(int(result.worker["pid"]),), daemon=True).start()
+            kill_soon(int(result.worker["pid"]))
 
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False, on_task=on_task)
     assert (result.items_computed, result.items_skipped) == (10, 0)
