@@ -10,7 +10,8 @@
 2. Ray: 1 vs 2 actors (one torch thread each) on the same shards, against the in-process
    path at one thread: scaling and Ray's overhead. ``ray-steady``: one warm actor and the
    in-process path certify the same shards alternately, shard by shard: the per-shard cost of
-   running in an actor, without fixed costs and without run-to-run drift.
+   running in an actor, without run-to-run drift; and, apart, the fixed costs of an actor
+   (its start, its first shard).
 3. GPU (skipped without CUDA): ResNet-110 at n=100,000, seconds per image, baseline vs
    tbn-ray fp32 vs tbn-ray bf16 + channels-last + BN folded.
 
@@ -315,11 +316,17 @@ def ray_steady_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, 
     cluster = connect(num_cpus=os.cpu_count())
     try:
         torch.set_num_threads(1)
+        t0 = time.perf_counter()
         local = ShardCertifier(local_plan, torch.device("cpu"), {"actor": "bench", "node": platform.node()})
+        local_first = local.certify_shard(SIGMA, 0).seconds + time.perf_counter() - t0  # model build, first passes
+        t0 = time.perf_counter()
         actor = CertifyActor.options(num_cpus=1).remote(actor_plan.run_id, 1, 0.0)
+        ray.get(actor.ready.remote())  # a worker process, its imports (torch), the actor's constructor
+        actor_start = time.perf_counter() - t0
+        t0 = time.perf_counter()
         ref = ray.put(actor_plan)
-        ray.get(actor.run.remote([ref], (SIGMA, 0)))  # shard 0 warms both up (model build, first passes)
-        local.certify_shard(SIGMA, 0)
+        ray.get(actor.run.remote([ref], (SIGMA, 0)))  # shard 0 warms it up: plan fetch, model build, first passes
+        actor_first = time.perf_counter() - t0
         in_process, in_actor, round_trip = [], [], []
         for shard in range(1, shards):
             in_process.append(local.certify_shard(SIGMA, shard).seconds)
@@ -335,6 +342,8 @@ def ray_steady_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, 
         "in_process_s": sum(in_process),
         "actor_s": sum(in_actor),
         "round_trip_s": sum(round_trip),
+        "actor_start_s": actor_start,
+        "first_shard_s": {"in_process": local_first, "actor": actor_first},
         "actor_compute_overhead": sum(in_actor) / sum(in_process) - 1,
         "actor_round_trip_overhead": sum(round_trip) / sum(in_process) - 1,
         "per_shard": {"in_process": in_process, "actor": in_actor, "round_trip": round_trip},
@@ -440,6 +449,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"In-process {s['in_process_s']:.1f} s, in the actor {s['actor_s']:.1f} s ({100 * s['actor_compute_overhead']:+.1f}%), "
             f"driver round trips {s['round_trip_s']:.1f} s ({100 * s['actor_round_trip_overhead']:+.1f}%).",
+            f"Fixed costs: starting the actor {s['actor_start_s']:.1f} s (worker process, imports); its first shard "
+            f"{s['first_shard_s']['actor']:.1f} s vs {s['first_shard_s']['in_process']:.1f} s in-process (plan fetch, model build, first passes).",
             "",
         ]
     if "gpu" in report:

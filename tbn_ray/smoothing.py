@@ -26,7 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from scipy.stats import beta, binomtest, norm
+# scipy.special, not scipy.stats: the same beta.ppf and norm.ppf bit for bit, without the ~1.4 s
+# scipy.stats adds to the start of every process that certifies (each Ray actor, each CLI call)
+from scipy.special import betaincinv, ndtri
 from torch import Tensor, nn
 
 from .config import REPORT_RADII, check_sigma
@@ -88,7 +90,7 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if k == 0:
         return 0.0
-    return float(beta.ppf(alpha, k, n - k + 1))
+    return float(betaincinv(k, n - k + 1, alpha))  # = scipy.stats.beta.ppf(alpha, k, n - k + 1)
 
 
 def example_generator(seed: int, idx: int, device: str | torch.device) -> torch.Generator:
@@ -184,7 +186,7 @@ class Smooth:
         if p_a_lower < 0.5:
             prediction, radius = ABSTAIN, 0.0
         else:
-            prediction, radius = c_a_hat, self.sigma * float(norm.ppf(p_a_lower))
+            prediction, radius = c_a_hat, self.sigma * float(ndtri(p_a_lower))  # sigma * Phi^-1(pA)
         return Certificate(
             prediction=prediction,
             radius=radius,
@@ -201,6 +203,8 @@ class Smooth:
         With probability at least 1 - alpha over the noise, the returned class is g(x)
         (or ABSTAIN).
         """
+        from scipy.stats import binomtest  # here: only PREDICT needs scipy.stats (see the imports)
+
         _check_sampling(alpha, n=n)
         counts = self.sample_counts(x, n, generator=generator)
         # the two most frequent classes (lowest class index first on equal counts)

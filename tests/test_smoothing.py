@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,15 @@ def test_lower_confidence_bound_is_clopper_pearson() -> None:
         lower_confidence_bound(5, 4, 0.01)
 
 
+def test_science_core_imports_neither_ray_nor_scipy_stats() -> None:
+    """The science core must run where Ray cannot travel (the GPU machines); and scipy.stats,
+    ~1.4 s of import, must stay out of the start-up of every actor and CLI call that certifies."""
+    modules = ", ".join(f"tbn_ray.{m}" for m in ("cli", "certification", "evaluation", "corruptions", "pipeline", "report"))
+    code = f"import sys, {modules}; print(sorted(m for m in ('ray', 'scipy.stats') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- PREDICT
 
 
@@ -248,7 +259,7 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
         assert r["correct"] == int(r["predict"] == r["label"])
         assert (r["predict"] == ABSTAIN) == (r["radius"] == 0.0 and r["p_a_lower"] < 0.5)
         if r["predict"] != ABSTAIN:
-            assert r["radius"] == pytest.approx(sigma * norm.ppf(lower_confidence_bound(r["count"], 300, 0.001)))
+            assert r["radius"] == sigma * norm.ppf(lower_confidence_bound(r["count"], 300, 0.001))
     summary = summarize(records)
     params = dict(sigma=sigma, n0=20, n=300, alpha=0.001, seed=0, batch_size=128, bn="tbn",
                   model="tiny BN conv net (random weights)", data_source="CIFAR-10 test, exact subset (cifar10-partial)")  # fmt: skip
