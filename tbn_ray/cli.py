@@ -397,6 +397,7 @@ def data_cifar10c(
 def evaluate_corruptions(
     run: Annotated[str, typer.Argument(help="run directory (or its checkpoint.pt), local or s3://")],
     bn: BnOpt = None,
+    config: ConfigOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"images per forward pass: the test batch of the test-batch modes (default: {default(EvaluateConfig, 'batch_size')})")] = None,
     corruptions: CorruptionsOpt = "all",
     severities: SeveritiesOpt = "1-5",
@@ -417,14 +418,15 @@ def evaluate_corruptions(
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into <run>/evaluate/;
     resumable: the same command again skips finished items. Missing arrays are generated and cached."""
-    from .evaluation import DEFAULT_BATCH_SIZE, plan_corruptions
+    from .evaluation import plan_corruptions
     from .runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+    cfg = load_config(config, **{"evaluate.batch_size": batch_size}).evaluate
     start, stop = _indices(indices)
     plan = plan_corruptions(
         Run.open(run), bn or [], cache_root=_storage_root(storage) if storage else None, corruptions=corruptions, severities=severities,
-        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, seed=seed, released=released, data_cfg=_data_override(data), start=start, stop=stop, progress=progress,
+        batch_size=cfg.batch_size, seed=seed, released=released, data_cfg=_data_override(data), start=start, stop=stop, progress=progress,
     )  # fmt: skip
     _run_evaluation(plan, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, progress=progress)
 
@@ -435,6 +437,7 @@ def evaluate_attack(
     bn: BnOpt = None,
     norm: Annotated[str, typer.Option(help="l2 | linf")] = "l2",
     eps: Annotated[str, typer.Option(help="budget in [0,1] pixel units, e.g. 0.5 or 8/255")] = "0.5",
+    config: ConfigOpt = None,
     attack: Annotated[Optional[list[str]], typer.Option("--attack", help=f"pgd | apgd-ce, repeatable (default: {' and '.join(default(EvaluateConfig, 'attacks'))})")] = None,
     steps: Annotated[Optional[int], typer.Option(help=f"iterations per attack run (default: {default(EvaluateConfig, 'attack_steps')})")] = None,
     restarts: Annotated[Optional[int], typer.Option(help=f"random restarts (default: {default(EvaluateConfig, 'restarts')})")] = None,
@@ -453,15 +456,17 @@ def evaluate_attack(
 ) -> None:
     """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
     their batch statistics. Into <run>/evaluate/; resumable like certify."""
-    from .evaluation import ATTACKS, DEFAULT_ATTACK_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_RESTARTS, plan_attack
+    from .evaluation import plan_attack
     from .runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+    cfg = load_config(
+        config, **{"evaluate.attacks": attack or None, "evaluate.attack_steps": steps, "evaluate.restarts": restarts, "evaluate.batch_size": batch_size}
+    ).evaluate
     start, stop = _indices(indices)
     plan = plan_attack(
-        Run.open(run), bn or [], attacks=attack or ATTACKS, norm=norm, eps=eps,
-        steps=DEFAULT_ATTACK_STEPS if steps is None else steps, restarts=DEFAULT_RESTARTS if restarts is None else restarts,
-        step_size=step_size, batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, seed=seed, data_cfg=_data_override(data), start=start, stop=stop,
+        Run.open(run), bn or [], attacks=cfg.attacks, norm=norm, eps=eps, steps=cfg.attack_steps, restarts=cfg.restarts,
+        step_size=step_size, batch_size=cfg.batch_size, seed=seed, data_cfg=_data_override(data), start=start, stop=stop,
     )  # fmt: skip
     _run_evaluation(plan, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, progress=progress)
 

@@ -155,7 +155,7 @@ class CertifyConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    """Defaults of ``tbn-ray evaluate`` (its flags override them)."""
+    """The ``evaluate`` section: defaults of ``tbn-ray evaluate`` (its flags override them)."""
 
     batch_size: int = Field(200, ge=1, description="images per forward pass, and the test batch of the batch BN modes (TENT's CIFAR-10-C setting)")
     attack_steps: int = Field(50, ge=1, description="iterations per attack run: an evaluation, not training")
@@ -167,6 +167,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     certify: CertifyConfig = CertifyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _one_line(e: ValidationError, where: str) -> str:
@@ -199,7 +200,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
     where = "(defaults)"
     if path is not None:
         where = str(path)
-        raw = _read_yaml(path, "config file", "train, calibrate, certify sections")
+        raw = _read_yaml(path, "config file", "train, calibrate, certify, evaluate sections")
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -277,6 +278,7 @@ class SweepConfig(_Strict):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     certify: CertifyConfig = CertifyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     validation: ValidationConfig = ValidationConfig()
     resources: SweepResources = SweepResources()
     early_stopping: EarlyStopConfig = EarlyStopConfig()

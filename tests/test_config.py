@@ -35,6 +35,7 @@ def test_shipped_configs_validate(path):
         ({"train.attack.eps": "eight"}, "not a number"),
         ({"train.optim.epochs": 0}, "train.optim.epochs"),
         ({"train.bogus": 1}, "train.bogus"),
+        ({"evaluate.restarts": 0}, "evaluate.restarts"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):
@@ -75,3 +76,10 @@ def test_evaluate_defaults_come_from_config_and_are_validated():
     assert (evaluation.DEFAULT_BATCH_SIZE, evaluation.DEFAULT_ATTACK_STEPS, evaluation.ATTACKS) == (cfg.batch_size, cfg.attack_steps, cfg.attacks)
     with pytest.raises(TbnError, match="batch_size"):
         parse_config(EvaluateConfig, {"batch_size": 0}, "evaluate flags")
+
+
+def test_evaluate_section_of_an_experiment_config(tmp_path):
+    path = tmp_path / "experiment.yaml"
+    path.write_text("evaluate: {attack_steps: 7, attacks: [pgd]}\n")
+    cfg = load_config(path, **{"evaluate.restarts": 3, "evaluate.batch_size": None}).evaluate
+    assert (cfg.attack_steps, cfg.attacks, cfg.restarts, cfg.batch_size) == (7, ("pgd",), 3, EvaluateConfig().batch_size)

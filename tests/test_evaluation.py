@@ -357,3 +357,21 @@ def test_cli_bad_input_one_line_exit_2(run: Run, tmp_path: Path, monkeypatch: py
         assert exit_info.value.code == 2, (name, stderr)
         assert len(lines) == 1 and lines[0].startswith("tbn-ray: error: ") and message in lines[0], (name, stderr)
     assert not (tmp_path / "cache").exists()
+
+
+def test_cli_takes_evaluation_defaults_from_the_config_and_flags_override_them(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tbn_ray.cli import main
+    from tbn_ray.evaluation import load_results
+
+    config = tmp_path / "experiment.yaml"
+    config.write_text("evaluate: {batch_size: 4, attack_steps: 1, restarts: 2, attacks: [pgd]}\n")
+    args = ["evaluate", "attack", run.uri, "--bn", "clean", "--eps", "0.125", "--indices", "0:8", "--local", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["tbn-ray", *args, "--config", str(config), "--restarts", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    (result,) = [r for r in load_results(run.storage) if r["kind"] == "attack" and r["attack"]["eps"] == 0.125]
+    assert (result["batch_size"], result["test_images"]) == (4, 8)
+    assert (result["attack"]["steps"], result["attack"]["restarts"], result["attack"]["attacks"]) == (1, 1, ["pgd"])
