@@ -373,9 +373,9 @@ def data_cifar10c(
     one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
     import numpy as np
 
-    from .corruptions import parse_corruptions, parse_severities
+    from .corruptions import generate_cifar10c, parse_corruptions, parse_severities, regenerated_cifar10c, released_cifar10c
     from .data import load_from_config
-    from .evaluation import generate_cifar10c, regenerated_cifar10c, released_cifar10c, select_test
+    from .evaluation import select_test
 
     names, levels = parse_corruptions(corruptions), parse_severities(severities)
     start, stop = _indices(indices)

@@ -26,7 +26,6 @@ from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainCo
 from tbn_ray.errors import TbnError
 from tbn_ray.evaluation import (
     BNMode,
-    Cifar10C,
     attack_variants,
     bn_mode,
     correct_predictions,
@@ -213,7 +212,7 @@ def test_adaptive_attack_on_test_batch_is_not_weaker_than_a_transferred_one(run:
 # --- CIFAR-10-C and the sharded, resumable evaluations (in process) ------------------------------
 
 
-def _write_released(directory: Path, c10c: Cifar10C, corruptions: tuple[str, ...], all_labels: np.ndarray) -> None:
+def _write_released(directory: Path, c10c: C.Cifar10C, corruptions: tuple[str, ...], all_labels: np.ndarray) -> None:
     """A released-layout copy holding the regenerated arrays at their rows (other rows zero)."""
     directory.mkdir()
     np.save(directory / "labels.npy", np.tile(all_labels, 5).astype(np.uint8))
