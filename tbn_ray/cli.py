@@ -258,9 +258,18 @@ def report(
     log(f"report: {out.object_uri('report.md')}, plot: {out.object_uri('certified_accuracy.png')}")
 
 
+def shipped_config(name: str) -> Path:
+    """``configs/<name>`` of the working directory, else of the checkout tbn_ray runs from, so
+    the default works from any directory of an editable install."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "configs" / name).is_file():
+            return root / "configs" / name
+    raise TbnError(f"configs/{name} is neither in the working directory nor beside the tbn_ray package: pass --config PATH")
+
+
 @app.command()
 def quickstart(
-    config: Annotated[Path, typer.Option("--config", "-c")] = Path("configs/quickstart.yaml"),
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="experiment YAML (default: configs/quickstart.yaml)")] = None,
     storage: StorageOpt = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
@@ -269,7 +278,7 @@ def quickstart(
     from .pipeline import quickstart_run
 
     t0 = time.perf_counter()
-    quickstart_run(config, _storage_root(storage), data=data, device=device)
+    quickstart_run(config or shipped_config("quickstart.yaml"), _storage_root(storage), data=data, device=device)
     log(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
 
 

@@ -153,3 +153,19 @@ def test_wrong_architecture_checkpoint(trained, tmp_path):
     torch.save(ckpt, run / "checkpoint.pt")
     p = tbn("calibrate", str(run), "--sigma", "0.25", cwd=tmp_path)
     assert p.returncode == 2 and "does not fit architecture 'resnet20'" in p.stderr
+
+
+def test_the_quickstart_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    from tbn_ray.cli import shipped_config
+    from tbn_ray.config import load_config
+    from tbn_ray.errors import TbnError
+
+    monkeypatch.chdir(tmp_path)
+    found = shipped_config("quickstart.yaml")
+    assert found == Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    assert load_config(found).train.name == "quickstart"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.yaml").write_text("train: {name: mine}\n")  # the working directory's wins
+    assert load_config(shipped_config("quickstart.yaml")).train.name == "mine"
+    with pytest.raises(TbnError, match="pass --config PATH"):
+        shipped_config("nope.yaml")
