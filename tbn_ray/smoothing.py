@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-# scipy.special, not scipy.stats: the same beta.ppf and norm.ppf bit for bit, without the ~1.4 s
+# scipy.special, not scipy.stats: the same beta.ppf and norm.ppf bit for bit, without the ~1 s
 # scipy.stats adds to the start of every process that certifies (each Ray actor, each CLI call)
 from scipy.special import betaincinv, ndtri
 from torch import Tensor, nn
