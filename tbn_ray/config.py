@@ -278,7 +278,6 @@ class SweepConfig(_Strict):
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     certify: CertifyConfig = CertifyConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
     validation: ValidationConfig = ValidationConfig()
     resources: SweepResources = SweepResources()
     early_stopping: EarlyStopConfig = EarlyStopConfig()
