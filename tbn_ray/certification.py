@@ -18,7 +18,6 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -33,9 +32,9 @@ from . import data as data_mod
 from .config import CertifyConfig, DataConfig, ModelConfig, check_sigma
 from .errors import TbnError, log
 from .models import build_model
-from .runs import Run, load_data_for
+from .runs import Run, hash_weights, load_data_for, tensor_bytes
 from .smoothing import certify_examples, summarize, write_results
-from .storage import Storage
+from .storage import Storage, map_concurrently
 from .tbn import CLEAN, BNStats, bn_key, set_bn_stats
 from .training import autocast, resolve_device
 
@@ -45,8 +44,6 @@ DEFAULT_SHARDS = 64
 SHARD_FORMAT = "tbn-ray/certify-shard-v1"
 _SHARD_META = b"tbn_ray.shard"
 _SHARD_KEY = re.compile(r"^(sigma=[^/]+)/shard-(\d{5})-of-(\d{5})\.parquet$")
-# Shards are small objects: read them concurrently to hide S3 latency.
-_READ_THREADS = 16
 
 
 def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | None = None) -> np.ndarray:
@@ -70,10 +67,6 @@ def bn_set_for(cfg: CertifyConfig, sigma: float) -> str:
 
 def sigma_dir(sigma: float) -> str:
     return f"sigma={float(sigma):g}"
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,13 +103,12 @@ class CertifyPlan:
     def run_id(self) -> str:
         """``<run name>-n<n>-<digest>``: the digest covers everything that changes a certificate."""
         h = hashlib.sha256()
-        for name in sorted(self.model_state):
-            h.update(name.encode() + _tensor_bytes(self.model_state[name]))
+        hash_weights(h, self.model_state)
         for sigma in sorted(self.stats):
             for layer in sorted(self.stats[sigma]):
                 h.update(f"{sigma}/{layer}".encode())
-                h.update(_tensor_bytes(self.stats[sigma][layer]["running_mean"]))
-                h.update(_tensor_bytes(self.stats[sigma][layer]["running_var"]))
+                h.update(tensor_bytes(self.stats[sigma][layer]["running_mean"]))
+                h.update(tensor_bytes(self.stats[sigma][layer]["running_var"]))
         for array in (self.test.index, self.test.labels, self.test.images):
             h.update(np.ascontiguousarray(array).tobytes())
         cfg = self.cfg
@@ -373,11 +365,6 @@ def _read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tu
     return records, meta
 
 
-def _map_threads(fn: Any, items: list[Any]) -> list[Any]:
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        return list(pool.map(fn, items))
-
-
 def pending_shards(plan: CertifyPlan) -> list[tuple[float, int]]:
     """The (sigma, shard) pairs not yet stored and verified (readable, the planned indices)."""
     present = set(plan.out.list())
@@ -397,7 +384,7 @@ def pending_shards(plan: CertifyPlan) -> list[tuple[float, int]]:
         return True
 
     jobs = [(sigma, shard) for sigma in plan.sigmas for shard in range(plan.shards)]
-    return [job for job, ok in zip(jobs, _map_threads(usable, jobs)) if not ok]
+    return [job for job, ok in zip(jobs, map_concurrently(usable, jobs)) if not ok]
 
 
 @dataclass(frozen=True)
@@ -420,9 +407,9 @@ class CertifyResult:
 def _merge_sigma(out: Storage, name: str, keys: list[str], expected: CertifyPlan | None) -> CertifyOutput:
     """One sigma's shards -> certify.tsv, radii.parquet, summary.json, after checking every index appears once."""
     if expected is None:
-        shards = _map_threads(lambda key: _read_shard(out, key), keys)
+        shards = map_concurrently(lambda key: _read_shard(out, key), keys)
     else:
-        shards = _map_threads(lambda k: _read_shard(out, keys[k], expected.shard_indices(k).tolist()), list(range(len(keys))))
+        shards = map_concurrently(lambda k: _read_shard(out, keys[k], expected.shard_indices(k).tolist()), list(range(len(keys))))
     records = [r for recs, _ in shards for r in recs]
     metas = [meta for _, meta in shards]
     idx = [r["idx"] for r in records]

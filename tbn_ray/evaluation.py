@@ -38,7 +38,6 @@ import socket
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
@@ -56,8 +55,8 @@ from .attacks import apgd_ce, pgd
 from .config import AttackConfig, DataConfig, EvaluateConfig, ModelConfig, default, parse_config
 from .errors import TbnError, log
 from .models import build_model
-from .runs import Run, load_data_for
-from .storage import Storage
+from .runs import Run, hash_weights, load_data_for, tensor_bytes
+from .storage import Storage, map_concurrently
 from .tbn import CLEAN, BNStats, batch_statistics, bn_key, bn_layers, use_bn_stats
 from .training import eval_mode
 
@@ -72,7 +71,6 @@ EVALUATE_DIR = "evaluate"
 #: The pseudo corruption of the uncorrupted test images (each mode's clean accuracy).
 NONE = "none"
 
-_READ_THREADS = 16
 
 
 # --- BN modes --------------------------------------------------------------------------------
@@ -224,12 +222,8 @@ def stats_digest(stats: BNStats) -> str:
     h = hashlib.sha256()
     for layer in sorted(stats):
         for buf in ("running_mean", "running_var"):
-            h.update(f"{layer}/{buf}".encode() + _tensor_bytes(stats[layer][buf]))
+            h.update(f"{layer}/{buf}".encode() + tensor_bytes(stats[layer][buf]))
     return h.hexdigest()[:16]
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 # --- corruption accuracy ------------------------------------------------------------------------
@@ -413,8 +407,7 @@ class EvalPlan:
     def eval_id(self) -> str:
         """``<run name>-<digest>`` of the weights, the test images and ``_id_params``."""
         h = hashlib.sha256()
-        for name in sorted(self.model_state):
-            h.update(name.encode() + _tensor_bytes(self.model_state[name]))
+        hash_weights(h, self.model_state)
         for array in (self.test.index, self.test.labels, self.test.images):
             h.update(np.ascontiguousarray(array).tobytes())
         h.update(json.dumps({"run": self.run_uri, "epoch": self.epoch, "data": self.data_source, **self._id_params()}, sort_keys=True).encode())
@@ -463,8 +456,7 @@ class EvalPlan:
             item = _read_item(self.out, key)
             return item is not None and item["params"] == self.item_params(mode, part)
 
-        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            finished = list(pool.map(done, jobs))
+        finished = map_concurrently(done, jobs)
         todo: dict[tuple[str, int], list[str]] = {}
         for (part, mode), ok in zip(jobs, finished):
             if not ok:
@@ -803,8 +795,7 @@ def finish(plan: EvalPlan, *, computed: int) -> EvalResult:
 
 
 def _read_items(out: Storage, keys: list[str]) -> list[dict[str, Any]]:
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        items = list(pool.map(lambda k: _read_item(out, k), keys))
+    items = map_concurrently(lambda k: _read_item(out, k), keys)
     bad = [k for k, item in zip(keys, items) if item is None]
     if bad:
         raise TbnError(f"{out.object_uri(bad[0])} is not a readable evaluation item; delete it and run the same command again")

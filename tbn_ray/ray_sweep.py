@@ -59,9 +59,8 @@ import yaml
 
 from . import data as data_mod
 from .config import SweepConfig, TrainConfig, parse_config
-from .errors import TbnError
 from .data import data_meta
-from .errors import log
+from .errors import TbnError, log
 from .ray_runtime import RayCluster
 from .ray_train import Recovery, Scaling, _root_cause, train_on_ray
 from .runs import CHECKPOINT, Run

@@ -43,9 +43,8 @@ import torch
 
 from . import data as data_mod
 from .config import TrainConfig
-from .errors import TbnError
 from .data import data_meta
-from .errors import log
+from .errors import TbnError, log
 from .pipeline import write_metrics, write_metrics_plot
 from .runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from .storage import Storage

@@ -38,6 +38,18 @@ FORMAT = "tbn-ray/checkpoint-v1"
 BN_FORMAT = "tbn-ray/bn-stats-v1"
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw bytes, for digests."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def hash_weights(h: Any, model_state: dict[str, torch.Tensor]) -> None:
+    """Feed a state dict into ``h`` (a hashlib object), name by name: the weights part of the
+    run id of a certification and of the id of an evaluation."""
+    for name in sorted(model_state):
+        h.update(name.encode() + tensor_bytes(model_state[name]))
+
+
 @dataclass
 class Checkpoint:
     model: dict[str, torch.Tensor]

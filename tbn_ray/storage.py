@@ -23,7 +23,8 @@ import os
 import secrets
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -48,6 +49,15 @@ _READ_TIMEOUT_S = 60
 _MAX_ATTEMPTS = 3
 # S3 writes spill from memory to a temporary file above this size.
 _SPOOL_BYTES = 64 * 2**20
+# Many small objects (shards, items) are read this many at a time, to hide S3 latency.
+_READ_THREADS = 16
+
+
+def map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on a thread pool: for reading many small objects, where S3
+    latency, not bandwidth, is the cost."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        return list(pool.map(fn, items))
 
 
 def default_storage_uri() -> str:
