@@ -53,13 +53,13 @@ from scipy.stats import beta, norm
 from torch import nn
 
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
-from tbn_ray.models import build_model
-from tbn_ray.certification import CertifyPlan, ShardCertifier, plan_certify, run_plan_in_process
-from tbn_ray.pipeline import calibrate_run
-from tbn_ray.runs import Run, make_checkpoint
-from tbn_ray.smoothing import ABSTAIN, example_generator
-from tbn_ray.storage import Storage
-from tbn_ray.tbn import set_bn_stats
+from tbn_ray.science.models import build_model
+from tbn_ray.jobs.certify import CertifyPlan, ShardCertifier, plan_certify, run_plan_in_process
+from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.science.smoothing import ABSTAIN, example_generator
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import set_bn_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGMA = 0.25
@@ -254,8 +254,8 @@ def _shard_records(plan: CertifyPlan, shard: int) -> list[dict[str, Any]]:
 
 def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from tbn_ray.ray_certify import run_plan_on_ray
-    from tbn_ray.ray_runtime import connect, disconnect
+    from tbn_ray.distributed.certify import run_plan_on_ray
+    from tbn_ray.distributed.runtime import connect, disconnect
 
     images, shards = args.ray_images, args.ray_shards
     print(f"Ray: {images} images in {shards} shards, n0={args.n0}, n={args.n}, one torch thread per actor", flush=True)
@@ -305,8 +305,8 @@ def ray_steady_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from tbn_ray.ray_certify import CertifyActor
-    from tbn_ray.ray_runtime import connect, disconnect
+    from tbn_ray.distributed.certify import CertifyActor
+    from tbn_ray.distributed.runtime import connect, disconnect
 
     images, shards = args.steady_images, args.steady_shards
     print(f"Ray steady state: {images} images in {shards} shards, one actor vs in-process, interleaved", flush=True)

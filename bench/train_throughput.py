@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from tbn_ray import data as data_mod
+from tbn_ray.science import data as data_mod
 from tbn_ray.config import TrainConfig
-from tbn_ray.models import build_model
-from tbn_ray.training import epoch_seed, make_loader, make_optimizer, make_scheduler, train_epoch
+from tbn_ray.science.models import build_model
+from tbn_ray.science.training import epoch_seed, make_loader, make_optimizer, make_scheduler, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -81,8 +81,8 @@ def in_process(cfg: TrainConfig, device: torch.device, threads: int) -> dict[str
 
 
 def on_ray(cfg: TrainConfig, cluster: Any, workers: int, cpus: float, gpus: int, root: Path) -> dict[str, Any]:
-    from tbn_ray.ray_train import Recovery, Scaling, train_on_ray
-    from tbn_ray.storage import Storage
+    from tbn_ray.distributed.train import Recovery, Scaling, train_on_ray
+    from tbn_ray.store.storage import Storage
 
     t0 = time.perf_counter()
     ckpt = train_on_ray(
@@ -180,7 +180,7 @@ def main() -> None:
 
     import ray
 
-    from tbn_ray.ray_runtime import connect, disconnect
+    from tbn_ray.distributed.runtime import connect, disconnect
 
     load_before = os.getloadavg()
     cluster = connect(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())

@@ -1,5 +1,5 @@
 """``python -m tbn_ray``: the same as the ``tbn-ray`` command."""
 
-from .cli import main
+from tbn_ray.cli import main
 
 main()

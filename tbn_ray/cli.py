@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import CalibrateConfig, CertifyConfig, EvaluateConfig, default, load_config
-from .errors import TbnError, log
+from tbn_ray.config import CalibrateConfig, CertifyConfig, EvaluateConfig, default, load_config
+from tbn_ray.errors import TbnError, log
 
 app = typer.Typer(
     add_completion=False,
@@ -42,7 +42,7 @@ ProgressOpt = Annotated[bool, typer.Option(help="progress bar")]
 
 
 def _storage_root(storage: str | None):
-    from .storage import Storage, default_storage_uri
+    from tbn_ray.store.storage import Storage, default_storage_uri
 
     return Storage.open(storage or default_storage_uri())
 
@@ -81,7 +81,7 @@ def train(
 
     The global batch size (optim.batch_size) is the same for any number of workers: each worker trains on batch_size / workers images per step.
     """
-    from .runs import Run
+    from tbn_ray.store.runs import Run
 
     ray_flags = {
         "--workers": workers, "--cpus-per-worker": cpus_per_worker, "--gpus-per-worker": gpus_per_worker,
@@ -92,7 +92,7 @@ def train(
     cfg = load_config(config, **{"train.name": name, "train.optim.epochs": epochs, "train.data.source": data, "train.device": device})
     root = _storage_root(storage)
     if local:
-        from .pipeline import train_run
+        from tbn_ray.jobs.pipeline import train_run
 
         root.check()
         run = Run(root.child(cfg.train.name))
@@ -101,8 +101,8 @@ def train(
         return
     if device is not None:
         raise TbnError("--device applies to --local runs; on Ray, --gpus-per-worker decides (0: CPU, 1: one GPU per worker)")
-    from .ray_runtime import connect, disconnect
-    from .ray_train import Recovery, Scaling, train_on_ray
+    from tbn_ray.distributed.runtime import connect, disconnect
+    from tbn_ray.distributed.train import Recovery, Scaling, train_on_ray
 
     given = {"workers": workers, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker}
     scaling = Scaling(**{k: v for k, v in given.items() if v is not None})
@@ -130,8 +130,8 @@ def calibrate(
     device: DeviceOpt = None,
 ) -> None:
     """TBN: estimate frozen BN statistics per sigma on noisy held-out training images."""
-    from .pipeline import calibrate_run
-    from .runs import Run
+    from tbn_ray.jobs.pipeline import calibrate_run
+    from tbn_ray.store.runs import Run
 
     cfg = load_config(
         config,
@@ -143,7 +143,7 @@ def calibrate(
 
 
 def _data_override(source: str | None):
-    from .config import DataConfig, parse_config
+    from tbn_ray.config import DataConfig, parse_config
 
     return None if source is None else parse_config(DataConfig, {"source": source}, "--data")
 
@@ -190,10 +190,10 @@ def certify(
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
-    from .certification import plan_certify, run_plan_in_process
-    from .runs import Run
-    from .storage import Storage
-    from .training import resolve_device
+    from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
+    from tbn_ray.store.runs import Run
+    from tbn_ray.store.storage import Storage
+    from tbn_ray.science.training import resolve_device
 
     stop = None
     if indices is not None:
@@ -232,7 +232,7 @@ def certify(
         result = run_plan_in_process(plan, dev, progress=progress)
     else:
         try:
-            from .ray_certify import certify_on_ray
+            from tbn_ray.distributed.certify import certify_on_ray
         except ImportError as e:
             raise TbnError(f"Ray is not installed ({e.name}): pip install 'tbn-ray[ray]', or certify in this process with --local") from None
         result = certify_on_ray(
@@ -249,8 +249,8 @@ def report(
     results: Annotated[str, typer.Argument(help="a certification's results, <output>/<run-id> (local or s3://)")],
 ) -> None:
     """Rebuild the per-sigma results, the markdown table and the plot from the shard files alone."""
-    from .certification import aggregate
-    from .storage import Storage
+    from tbn_ray.jobs.certify import aggregate
+    from tbn_ray.store.storage import Storage
 
     out = Storage.open(results)
     aggregate(out)
@@ -275,7 +275,7 @@ def quickstart(
     device: DeviceOpt = None,
 ) -> None:
     """The whole pipeline at CPU scale: train briefly, calibrate TBN, certify a few dozen images, report."""
-    from .pipeline import quickstart_run
+    from tbn_ray.jobs.pipeline import quickstart_run
 
     t0 = time.perf_counter()
     quickstart_run(config or shipped_config("quickstart.yaml"), _storage_root(storage), data=data, device=device)
@@ -293,14 +293,14 @@ def sweep(
 ) -> None:
     """Ray Tune over the training epsilon and the TBN sigma: each epsilon trained once, every (epsilon, sigma)
     calibrated and certified on held-out validation images; a table, a heatmap and best.json. Re-running resumes."""
-    from .config import load_sweep_config
+    from tbn_ray.config import load_sweep_config
 
     cfg = load_sweep_config(config)
     try:
-        from .ray_sweep import prepare, run_sweep
+        from tbn_ray.distributed.sweep import prepare, run_sweep
     except ImportError as e:
         raise TbnError(f"Ray is not installed ({e.name}): pip install 'tbn-ray[ray]'") from None
-    from .ray_runtime import connect, disconnect
+    from tbn_ray.distributed.runtime import connect, disconnect
 
     root = prepare(cfg, _storage_root(storage), resume=resume)  # config, data and sizes: before Ray starts
     t0 = time.perf_counter()
@@ -343,15 +343,15 @@ def _indices(indices: str | None) -> tuple[int | None, int | None]:
 
 def _run_evaluation(plan, *, local: bool, device: str | None, address, actors, gpus_per_actor, cpus_per_actor, progress: bool):  # type: ignore[no-untyped-def]
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
-    from .evaluation import evaluation_section, run_in_process
-    from .storage import Storage
-    from .training import resolve_device
+    from tbn_ray.jobs.evaluate import evaluation_section, run_in_process
+    from tbn_ray.store.storage import Storage
+    from tbn_ray.science.training import resolve_device
 
     if local:
         result = run_in_process(plan, resolve_device(device or "auto"), progress=progress)
     else:
         try:
-            from .ray_evaluate import evaluate_on_ray
+            from tbn_ray.distributed.evaluate import evaluate_on_ray
         except ImportError as e:
             raise TbnError(f"Ray is not installed ({e.name}): pip install 'tbn-ray[ray]', or evaluate in this process with --local") from None
         result = evaluate_on_ray(plan, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, progress=progress)
@@ -382,9 +382,9 @@ def data_cifar10c(
     one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
     import numpy as np
 
-    from .corruptions import generate_cifar10c, parse_corruptions, parse_severities, regenerated_cifar10c, released_cifar10c
-    from .data import load_from_config
-    from .evaluation import select_test
+    from tbn_ray.science.corruptions import generate_cifar10c, parse_corruptions, parse_severities, regenerated_cifar10c, released_cifar10c
+    from tbn_ray.science.data import load_from_config
+    from tbn_ray.jobs.evaluate import select_test
 
     names, levels = parse_corruptions(corruptions), parse_severities(severities)
     start, stop = _indices(indices)
@@ -427,8 +427,8 @@ def evaluate_corruptions(
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into <run>/evaluate/;
     resumable: the same command again skips finished items. Missing arrays are generated and cached."""
-    from .evaluation import plan_corruptions
-    from .runs import Run
+    from tbn_ray.jobs.evaluate import plan_corruptions
+    from tbn_ray.store.runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
     cfg = load_config(config, **{"evaluate.batch_size": batch_size}).evaluate
@@ -465,8 +465,8 @@ def evaluate_attack(
 ) -> None:
     """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
     their batch statistics. Into <run>/evaluate/; resumable like certify."""
-    from .evaluation import plan_attack
-    from .runs import Run
+    from tbn_ray.jobs.evaluate import plan_attack
+    from tbn_ray.store.runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
     cfg = load_config(

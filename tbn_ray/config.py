@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import TbnError
+from tbn_ray.errors import TbnError
 
 Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn"]
 DataSource = Literal["auto", "official", "jpeg", "partial"]

@@ -110,7 +110,7 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
     S3 server so that AWS_* point at it before Ray starts: the workers inherit them.
     """
     pytest.importorskip("ray.train.torch", reason='Ray missing: pip install "ray[default,train]==2.60.0"')
-    from tbn_ray.ray_runtime import connect, disconnect
+    from tbn_ray.distributed.runtime import connect, disconnect
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)  # a local instance of our own, never a developer's cluster

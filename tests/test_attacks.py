@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbn_ray.attacks import pgd
+from tbn_ray.science.attacks import pgd
 from tbn_ray.config import AttackConfig, ModelConfig
-from tbn_ray.models import build_model
+from tbn_ray.science.models import build_model
 
 from .helpers import partial_test_images
 

@@ -70,7 +70,7 @@ def test_report_radii_are_cohens_grid():
 
 
 def test_evaluate_defaults_come_from_config_and_are_validated():
-    from tbn_ray import evaluation
+    from tbn_ray.jobs import evaluate as evaluation
 
     cfg = EvaluateConfig()
     assert (evaluation.DEFAULT_BATCH_SIZE, evaluation.DEFAULT_ATTACK_STEPS, evaluation.ATTACKS) == (cfg.batch_size, cfg.attack_steps, cfg.attacks)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from tbn_ray import corruptions as C
+from tbn_ray.science import corruptions as C
 from tbn_ray.errors import TbnError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-partial" / "cifar10_test_prefix.npz"

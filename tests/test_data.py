@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
-from tbn_ray import data as D
+from tbn_ray.science import data as D
 from tbn_ray.config import DataConfig
 from tbn_ray.errors import TbnError
 

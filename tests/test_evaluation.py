@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from tbn_ray import corruptions as C
-from tbn_ray import data as data_mod
-from tbn_ray.attacks import apgd_ce, pgd
-from tbn_ray.certification import aggregate, certify_run
+from tbn_ray.science import corruptions as C
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.attacks import apgd_ce, pgd
+from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.evaluation import (
+from tbn_ray.jobs.evaluate import (
     BNMode,
     attack_variants,
     bn_mode,
@@ -37,11 +37,11 @@ from tbn_ray.evaluation import (
     run_in_process,
     used_bn_stats,
 )
-from tbn_ray.pipeline import calibrate_run
-from tbn_ray.runs import Run, make_checkpoint
-from tbn_ray.storage import Storage
-from tbn_ray.tbn import CLEAN, batch_statistics, bn_layers
-from tbn_ray.training import fit
+from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import CLEAN, batch_statistics, bn_layers
+from tbn_ray.science.training import fit
 
 from .helpers import SHARED_DATA
 
@@ -362,7 +362,7 @@ def test_cli_takes_evaluation_defaults_from_the_config_and_flags_override_them(
     run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tbn_ray.cli import main
-    from tbn_ray.evaluation import load_results
+    from tbn_ray.jobs.evaluate import load_results
 
     config = tmp_path / "experiment.yaml"
     config.write_text("evaluate: {batch_size: 4, attack_steps: 1, restarts: 2, attacks: [pgd]}\n")

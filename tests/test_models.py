@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tbn_ray.config import ModelConfig
-from tbn_ray.data import CIFAR10_MEAN, CIFAR10_STD
-from tbn_ray.models import Normalize, build_model, count_parameters
+from tbn_ray.science.data import CIFAR10_MEAN, CIFAR10_STD
+from tbn_ray.science.models import Normalize, build_model, count_parameters
 
 #: (config, published parameter count); tiny has no reference, only a size class.
 ARCHS = {

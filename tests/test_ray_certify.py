@@ -20,15 +20,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tbn_ray.certification import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
+from tbn_ray.jobs.certify import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
 from tbn_ray.cli import app
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.models import build_model
-from tbn_ray.pipeline import calibrate_run
-from tbn_ray.runs import Run, make_checkpoint
-from tbn_ray.smoothing import certify_examples
-from tbn_ray.storage import Storage
+from tbn_ray.science.models import build_model
+from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.science.smoothing import certify_examples
+from tbn_ray.store.storage import Storage
 
 from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
 
@@ -130,7 +130,7 @@ def test_counts_of_an_image_do_not_depend_on_its_shard(run: Run, tmp_path: Path)
     assert exact(by_shards[3]) == exact(by_shards[8])
     plan = plan_certify(run, cfg, Storage.open(tmp_path / "direct"))
     model = plan.build_model(torch.device("cpu"))
-    from tbn_ray.tbn import set_bn_stats
+    from tbn_ray.science.tbn import set_bn_stats
 
     set_bn_stats(model, plan.stats[0.5])
     direct = certify_examples(
@@ -163,7 +163,7 @@ def test_local_cli_resume_recomputes_only_unusable_shards(run: Run, tmp_path: Pa
 
 
 def test_actor_pool_shape_follows_the_nodes() -> None:
-    from tbn_ray.ray_certify import actor_shape
+    from tbn_ray.distributed.certify import actor_shape
 
     def node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
         return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
@@ -187,7 +187,7 @@ def test_actor_pool_shape_follows_the_nodes() -> None:
 
 @pytest.mark.ray
 def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_bucket: str, tmp_path: Path) -> None:
-    from tbn_ray.ray_certify import run_plan_on_ray
+    from tbn_ray.distributed.certify import run_plan_on_ray
 
     cfg = certify_cfg(16)
     fast = {"channels_last": True, "fold_bn": True}  # the fast base classifier, built alike in every process
@@ -230,7 +230,7 @@ def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_buc
 
 @pytest.mark.ray
 def test_actor_killed_mid_shard_run_completes(run: Run, ray_local, s3_bucket: str) -> None:
-    from tbn_ray.ray_certify import run_plan_on_ray
+    from tbn_ray.distributed.certify import run_plan_on_ray
 
     plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,), n=600), Storage.open(f"{s3_bucket}/certify"), shards=8)
     results: list[ShardResult] = []
@@ -253,7 +253,7 @@ def test_actor_killed_mid_shard_run_completes(run: Run, ray_local, s3_bucket: st
 
 @pytest.mark.ray
 def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_bucket: str) -> None:
-    from tbn_ray.ray_certify import run_plan_on_ray
+    from tbn_ray.distributed.certify import run_plan_on_ray
 
     # the run itself on S3 too
     s3_run = Run(Storage.open(f"{s3_bucket}/runs/tiny"))
@@ -285,7 +285,7 @@ def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_
 
 @pytest.mark.ray
 def test_s3_outage_fails_clearly_and_rerun_finishes(run: Run, ray_local, s3_bucket: str, restartable_s3) -> None:
-    from tbn_ray.ray_certify import run_plan_on_ray
+    from tbn_ray.distributed.certify import run_plan_on_ray
 
     plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,)), Storage.open(f"{s3_bucket}/certify"), shards=8)
 

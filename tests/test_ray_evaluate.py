@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tbn_ray.config import CalibrateConfig, DataConfig, ModelConfig, TrainConfig
-from tbn_ray.evaluation import Task, TaskResult, TaskRunner, parse_bn_mode, plan_attack, plan_corruptions
-from tbn_ray.pipeline import calibrate_run
-from tbn_ray.runs import Checkpoint, Run
-from tbn_ray.storage import Storage
+from tbn_ray.jobs.evaluate import Task, TaskResult, TaskRunner, parse_bn_mode, plan_attack, plan_corruptions
+from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.store.runs import Checkpoint, Run
+from tbn_ray.store.storage import Storage
 
 from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
 
@@ -34,7 +34,7 @@ def run(s3_server: str) -> Run:
     r = Run(Storage.open(f"s3://{bucket}/runs/tiny"))
     cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
     torch.manual_seed(0)
-    from tbn_ray.models import build_model
+    from tbn_ray.science.models import build_model
 
     state = {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
     r.save_checkpoint(Checkpoint(model=state, config=cfg, epoch=0, meta={"note": "untrained"}))
@@ -48,7 +48,7 @@ def last_modified(out: Storage) -> dict[str, float]:
 
 
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
-    from tbn_ray.ray_evaluate import run_plan_on_ray
+    from tbn_ray.distributed.evaluate import run_plan_on_ray
 
     plan = plan_attack(run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160)
     results: list[TaskResult] = []
@@ -86,7 +86,7 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
 
 
 def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, ray_local) -> None:
-    from tbn_ray.ray_evaluate import run_plan_on_ray
+    from tbn_ray.distributed.evaluate import run_plan_on_ray
 
     kw = dict(corruptions="gaussian_noise,fog,pixelate", severities="2,4", batch_size=50, start=0, stop=100, progress=False)
     plan = plan_corruptions(run, ["clean", "sigma:0.25", "test-batch"], **kw)

@@ -22,13 +22,13 @@ import yaml
 
 from tbn_ray.config import load_sweep_config
 from tbn_ray.errors import TbnError
-from tbn_ray.runs import Run
-from tbn_ray.storage import Storage
+from tbn_ray.store.runs import Run
+from tbn_ray.store.storage import Storage
 
 pytest.importorskip("ray.tune", reason='Ray missing: pip install "ray[default,tune,train]==2.60.0"')
 
 from tbn_ray.cli import main  # noqa: E402
-from tbn_ray.ray_sweep import EVALUATED, SPLIT_KEYS, STOPPED, _best, prepare, trained_epochs  # noqa: E402
+from tbn_ray.distributed.sweep import EVALUATED, SPLIT_KEYS, STOPPED, _best, prepare, trained_epochs  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

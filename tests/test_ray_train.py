@@ -24,17 +24,17 @@ import yaml
 
 from tbn_ray.config import CalibrateConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.models import build_model
-from tbn_ray.runs import Run, make_checkpoint
-from tbn_ray.storage import Storage
+from tbn_ray.science.models import build_model
+from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.store.storage import Storage
 
 from .conftest import free_port
 
 pytest.importorskip("ray.train.torch", reason='Ray missing: pip install "ray[default,train]==2.60.0"')
 
-from tbn_ray import ray_train  # noqa: E402  (imports ray)
-from tbn_ray.pipeline import calibrate_run  # noqa: E402
-from tbn_ray.ray_train import Recovery, Scaling, train_on_ray  # noqa: E402
+from tbn_ray.distributed import train as ray_train  # noqa: E402  (imports ray)
+from tbn_ray.jobs.pipeline import calibrate_run  # noqa: E402
+from tbn_ray.distributed.train import Recovery, Scaling, train_on_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

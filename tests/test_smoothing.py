@@ -17,7 +17,7 @@ from torch import nn
 
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.errors import SoundnessError, TbnError
-from tbn_ray.smoothing import (
+from tbn_ray.science.smoothing import (
     ABSTAIN,
     TSV_HEADER,
     Smooth,

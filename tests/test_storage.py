@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tbn_ray.errors import TbnError
-from tbn_ray.storage import Storage, default_storage_uri
+from tbn_ray.store.storage import Storage, default_storage_uri
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tbn_ray import tbn
+from tbn_ray.science import tbn
 from tbn_ray.errors import TbnError
 
 from .helpers import partial_test_images

@@ -14,11 +14,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from tbn_ray import data as data_mod
+from tbn_ray.science import data as data_mod
 from tbn_ray.config import OptimConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.models import build_model
-from tbn_ray.training import (
+from tbn_ray.science.models import build_model
+from tbn_ray.science.training import (
     evaluate,
     fit,
     frozen_bn_stats,

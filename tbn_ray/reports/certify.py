@@ -16,10 +16,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .errors import TbnError
-from .smoothing import as_storage
-from .storage import Storage
-from .tbn import bn_key
+from tbn_ray.errors import TbnError
+from tbn_ray.science.smoothing import as_storage
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import bn_key
 
 ENVELOPE_LABEL = "envelope: best sigma per radius (not a single classifier)"
 

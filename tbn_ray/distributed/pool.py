@@ -1,6 +1,6 @@
 """A pool of Ray actors fed whole units of idempotent work (certification shards, evaluation tasks).
 
-Shared by ``ray_certify`` and ``ray_evaluate``, whose actors subclass ``PoolWorker`` and
+Shared by ``distributed.certify`` and ``distributed.evaluate``, whose actors subclass ``PoolWorker`` and
 expose ``run(plan, unit)``. The rules both rely on:
 
 - The plan goes into the object store once; each actor fetches it with its first unit (a
@@ -28,8 +28,8 @@ from typing import Any
 import ray
 import torch
 
-from .errors import TbnError, log
-from .training import resolve_device
+from tbn_ray.errors import TbnError, log
+from tbn_ray.science.training import resolve_device
 
 #: Restarts of a dead actor, and retries of the unit it was running, before the driver gives
 #: that unit to another actor. Finite: a crash on every start must not loop forever.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AttackConfig
+from tbn_ray.config import AttackConfig
 
 #: Per-example loss from (logits, labels); the attack ascends it.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

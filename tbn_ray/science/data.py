@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DataConfig
-from .errors import TbnError
+from tbn_ray.config import DataConfig
+from tbn_ray.errors import TbnError
 
 CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 #: Per-channel mean and std of the 50,000 official training images in [0,1] pixel units.

@@ -4,7 +4,7 @@ A certification is cut into shards: fixed lists of test indices, the same on eve
 Each shard is certified as a whole and written once, as one object, to a deterministic key
 under ``<output>/<run-id>/``; the run id is a digest of everything that changes the numbers,
 so a re-run of the same command finds its shards and a different one never mixes with them.
-The in-process path (``certify_run``) and the Ray actors (``ray_certify``) run the same
+The in-process path (``certify_run``) and the Ray actors (``distributed.certify``) run the same
 ``ShardCertifier`` and the same ``aggregate``: same files, and either can finish the other's run.
 """
 
@@ -28,15 +28,15 @@ import pyarrow.parquet as pq
 import torch
 from torch.fx.experimental.optimization import fuse as fold_conv_bn
 
-from . import data as data_mod
-from .config import CertifyConfig, DataConfig, ModelConfig, check_sigma
-from .errors import TbnError, log
-from .models import build_model
-from .runs import Run, hash_weights, load_data_for, tensor_bytes
-from .smoothing import certify_examples, summarize, write_results
-from .storage import Storage, map_concurrently
-from .tbn import CLEAN, BNStats, bn_key, set_bn_stats
-from .training import autocast, resolve_device
+from tbn_ray.science import data as data_mod
+from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
+from tbn_ray.errors import TbnError, log
+from tbn_ray.science.models import build_model
+from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
+from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.store.storage import Storage, map_concurrently
+from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
+from tbn_ray.science.training import autocast, resolve_device
 
 #: Shards when none are asked for (capped at the number of images): enough to keep dozens of
 #: GPUs busy, few enough that a shard is a sizeable unit of resumable work.
@@ -470,7 +470,7 @@ def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyO
     outputs = [_merge_sigma(out, name, keys, plan) for name, keys in chosen.items()]
     summaries = [{**o.summary, "params": o.summary} for o in outputs]
     first = outputs[0].summary
-    from .report import write_report
+    from tbn_ray.reports.certify import write_report
 
     write_report(summaries, out, title=f"Certification of {first['run']} ({first['run_id']})", extra=_evaluation_section(first["run"], out))
     for o in outputs:
@@ -483,7 +483,7 @@ def _evaluation_section(run_uri: str, out: Storage) -> str | None:
     """The run's ``tbn-ray evaluate`` results, for the report next to its certificates. Best
     effort: a run that cannot be read from here (moved, another account's bucket) only loses
     that section, not the certification report."""
-    from .evaluation import EVALUATE_DIR, evaluation_section
+    from tbn_ray.jobs.evaluate import EVALUATE_DIR, evaluation_section
 
     try:
         run = Storage.open(run_uri)

@@ -1,9 +1,9 @@
 """Certification sharded across a pool of Ray actors (``tbn-ray certify``, issue #4).
 
 The Ray layer only orchestrates: the plan, the shard certifier, the shard files and the
-aggregation are ``certification``'s, shared with the in-process path (``--local``), so both
+aggregation are ``jobs.certify``'s, shared with the in-process path (``--local``), so both
 write the same files and either can finish a run the other started. The actor pool and its
-failure rules are ``ray_pool``'s.
+failure rules are ``distributed.pool``'s.
 
 - The plan (weights, every sigma's frozen TBN statistics, the selected uint8 images) goes
   into the object store once; each actor certifies whole shards and writes each to its
@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import ray
 
-from .certification import CertifyPlan, CertifyResult, ShardCertifier, ShardProgress, ShardResult, aggregate, pending_shards
-from .errors import log
-from .ray_pool import MAX_RESTARTS, READY_TIMEOUT_S, PoolWorker, actor_shape, run_pool
-from .ray_runtime import RayCluster, connect, disconnect
+from tbn_ray.jobs.certify import CertifyPlan, CertifyResult, ShardCertifier, ShardProgress, ShardResult, aggregate, pending_shards
+from tbn_ray.errors import log
+from tbn_ray.distributed.pool import MAX_RESTARTS, READY_TIMEOUT_S, PoolWorker, actor_shape, run_pool
+from tbn_ray.distributed.runtime import RayCluster, connect, disconnect
 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)

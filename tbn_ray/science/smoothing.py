@@ -31,9 +31,9 @@ import torch
 from scipy.special import betaincinv, ndtri
 from torch import Tensor, nn
 
-from .config import REPORT_RADII, check_sigma
-from .errors import SoundnessError, TbnError
-from .storage import Storage
+from tbn_ray.config import REPORT_RADII, check_sigma
+from tbn_ray.errors import SoundnessError, TbnError
+from tbn_ray.store.storage import Storage
 
 #: The prediction recorded when the smoothed classifier abstains.
 ABSTAIN = -1

@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data as data_mod
-from .certification import certify_run
-from .config import CalibrateConfig, DataConfig, TrainConfig
-from .data import data_meta
-from .errors import log
-from .models import build_model
-from .runs import Checkpoint, Run, load_data_for, make_checkpoint
-from .storage import Storage
-from .tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats, stats_distance
-from .training import fit, make_optimizer, make_scheduler, resolve_device
+from tbn_ray.science import data as data_mod
+from tbn_ray.jobs.certify import certify_run
+from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
+from tbn_ray.science.data import data_meta
+from tbn_ray.errors import log
+from tbn_ray.science.models import build_model
+from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats, stats_distance
+from tbn_ray.science.training import fit, make_optimizer, make_scheduler, resolve_device
 
 
 # --- train ------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ def noise_accuracy(
 
 def quickstart_run(config_path, root: Storage, *, data: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Train briefly, calibrate TBN, certify a few dozen test images, write the report."""
-    from .config import load_config
-    from .report import load_summaries, write_report
+    from tbn_ray.config import load_config
+    from tbn_ray.reports.certify import load_summaries, write_report
 
     cfg = load_config(config_path, **{"train.data.source": data, "train.device": device})
     root.check()

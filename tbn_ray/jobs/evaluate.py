@@ -22,7 +22,7 @@ Work is cut into items written once each to deterministic keys under
 one (BN mode, attack, batch of test images) per object. A re-run skips items already there
 with the same parameters; the eval id is a digest of everything else that changes a number
 (weights, test images, CIFAR-10-C version, threat model), so a different evaluation never
-mixes with it. The Ray layer (``ray_evaluate``) runs the same tasks on actors.
+mixes with it. The Ray layer (``distributed.evaluate``) runs the same tasks on actors.
 
 CIFAR-10-C is cached in the storage layer under ``<root>/cifar10c/<variant>/`` (``corruptions.Cifar10C``).
 """
@@ -49,16 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import corruptions as C
-from . import data as data_mod
-from .attacks import apgd_ce, pgd
-from .config import AttackConfig, DataConfig, EvaluateConfig, ModelConfig, default, parse_config
-from .errors import TbnError, log
-from .models import build_model
-from .runs import Run, hash_weights, load_data_for, tensor_bytes
-from .storage import Storage, map_concurrently
-from .tbn import CLEAN, BNStats, batch_statistics, bn_key, bn_layers, use_bn_stats
-from .training import eval_mode
+from tbn_ray.science import corruptions as C
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.attacks import apgd_ce, pgd
+from tbn_ray.config import AttackConfig, DataConfig, EvaluateConfig, ModelConfig, default, parse_config
+from tbn_ray.errors import TbnError, log
+from tbn_ray.science.models import build_model
+from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
+from tbn_ray.store.storage import Storage, map_concurrently
+from tbn_ray.science.tbn import CLEAN, BNStats, batch_statistics, bn_key, bn_layers, use_bn_stats
+from tbn_ray.science.training import eval_mode
 
 # The defaults live in config.EvaluateConfig.
 DEFAULT_BATCH_SIZE: int = default(EvaluateConfig, "batch_size")

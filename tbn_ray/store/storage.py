@@ -32,7 +32,7 @@ from tempfile import SpooledTemporaryFile
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .errors import TbnError
+from tbn_ray.errors import TbnError
 
 if TYPE_CHECKING:
     import pyarrow.fs

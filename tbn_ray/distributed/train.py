@@ -41,19 +41,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import data as data_mod
-from .config import TrainConfig
-from .data import data_meta
-from .errors import TbnError, log
-from .pipeline import write_metrics, write_metrics_plot
-from .runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
-from .storage import Storage
-from .training import epoch_seed, evaluate, initial_model, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
+from tbn_ray.science import data as data_mod
+from tbn_ray.config import TrainConfig
+from tbn_ray.science.data import data_meta
+from tbn_ray.errors import TbnError, log
+from tbn_ray.jobs.pipeline import write_metrics, write_metrics_plot
+from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.training import epoch_seed, evaluate, initial_model, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-    from .ray_runtime import RayCluster
+    from tbn_ray.distributed.runtime import RayCluster
 
 BEST = "best.pt"
 RAY_CHECKPOINT_PREFIX = "checkpoint_epoch"

@@ -6,7 +6,7 @@ accuracy at radius r (or ACR), and what does that cost in clean and PGD accuracy
 Sigma does not change training, so the sweep has two Tune stages:
 
 1. ``train``: one trial per epsilon. The trial builds a Ray Train ``TorchTrainer``
-   (``ray_train.train_on_ray``; Train V2 runs inside the trial, whose own reservation is
+   (``distributed.train.train_on_ray``; Train V2 runs inside the trial, whose own reservation is
    nominal: the Train workers reserve the resources) with ``TuneReportCallback`` so that Tune
    sees each epoch's held-out PGD accuracy, which optional ASHA early stopping ranks on. A
    stopped trial's process ends, and with it its Train run, whose workers are then released.
@@ -57,17 +57,17 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from . import data as data_mod
-from .config import SweepConfig, TrainConfig, parse_config
-from .data import data_meta
-from .errors import TbnError, log
-from .ray_runtime import RayCluster
-from .ray_train import Recovery, Scaling, _root_cause, train_on_ray
-from .runs import CHECKPOINT, Run
-from .smoothing import certify_examples, summarize, write_results
-from .storage import Storage
-from .tbn import bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats
-from .training import evaluate, resolve_device
+from tbn_ray.science import data as data_mod
+from tbn_ray.config import SweepConfig, TrainConfig, parse_config
+from tbn_ray.science.data import data_meta
+from tbn_ray.errors import TbnError, log
+from tbn_ray.distributed.runtime import RayCluster
+from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
+from tbn_ray.store.runs import CHECKPOINT, Run
+from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats
+from tbn_ray.science.training import evaluate, resolve_device
 
 #: Certified-accuracy radii in the results table (the objective's radius is added if not among them).
 TABLE_RADII: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)

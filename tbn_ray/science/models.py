@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .data import CIFAR10_MEAN, CIFAR10_STD
+from tbn_ray.config import ModelConfig
+from tbn_ray.science.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 class Normalize(nn.Module):

@@ -25,12 +25,12 @@ import torch
 import yaml
 from torch import nn
 
-from . import data as data_mod
-from .config import DataConfig, TrainConfig, parse_config
-from .errors import TbnError
-from .models import build_model
-from .storage import Storage
-from .tbn import CLEAN, BNStats, get_bn_stats
+from tbn_ray.science import data as data_mod
+from tbn_ray.config import DataConfig, TrainConfig, parse_config
+from tbn_ray.errors import TbnError
+from tbn_ray.science.models import build_model
+from tbn_ray.store.storage import Storage
+from tbn_ray.science.tbn import CLEAN, BNStats, get_bn_stats
 
 CHECKPOINT = "checkpoint.pt"
 BN_STATS = "bn_stats.pt"

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import TbnError
+from tbn_ray.errors import TbnError
 
 #: Where a local instance's dashboard listens (loopback only: it can run code).
 DASHBOARD_HOST = "127.0.0.1"

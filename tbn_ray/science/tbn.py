@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import TbnError
+from tbn_ray.errors import TbnError
 
 #: BN statistics of one model: layer name -> {"running_mean", "running_var"}.
 BNStats = dict[str, dict[str, torch.Tensor]]

@@ -39,11 +39,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from .attacks import pgd
-from .config import AttackConfig, OptimConfig, TrainConfig
-from .errors import TbnError
-from .models import build_model
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.attacks import pgd
+from tbn_ray.config import AttackConfig, OptimConfig, TrainConfig
+from tbn_ray.errors import TbnError
+from tbn_ray.science.models import build_model
 
 EpochCallback = Callable[[int, dict[str, Any], nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None]
 

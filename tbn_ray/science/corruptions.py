@@ -58,9 +58,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from . import data as data_mod
-from .errors import TbnError, log
-from .storage import Storage
+from tbn_ray.science import data as data_mod
+from tbn_ray.errors import TbnError, log
+from tbn_ray.store.storage import Storage
 
 CIFAR10C_FORMAT = "tbn-ray/cifar10c-v1"
 CIFAR10C_DIR = "cifar10c"  # under a storage root

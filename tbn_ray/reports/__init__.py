@@ -1,0 +1,1 @@
+"""Reports: markdown tables, JSON and PNG plots written from aggregated results."""
