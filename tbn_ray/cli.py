@@ -343,7 +343,8 @@ def _indices(indices: str | None) -> tuple[int | None, int | None]:
 
 def _run_evaluation(plan, *, local: bool, device: str | None, address, actors, gpus_per_actor, cpus_per_actor, progress: bool):  # type: ignore[no-untyped-def]
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
-    from tbn_ray.jobs.evaluate import evaluation_section, run_in_process
+    from tbn_ray.jobs.evaluate import run_in_process
+    from tbn_ray.reports.evaluation import evaluation_section
     from tbn_ray.store.storage import Storage
     from tbn_ray.science.training import resolve_device
 
@@ -382,7 +383,8 @@ def data_cifar10c(
     one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
     import numpy as np
 
-    from tbn_ray.science.corruptions import generate_cifar10c, parse_corruptions, parse_severities, regenerated_cifar10c, released_cifar10c
+    from tbn_ray.science.corruptions import parse_corruptions, parse_severities
+    from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
     from tbn_ray.science.data import load_from_config
     from tbn_ray.jobs.evaluate import select_test
 
@@ -427,7 +429,7 @@ def evaluate_corruptions(
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into <run>/evaluate/;
     resumable: the same command again skips finished items. Missing arrays are generated and cached."""
-    from tbn_ray.jobs.evaluate import plan_corruptions
+    from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
     from tbn_ray.store.runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
@@ -465,7 +467,7 @@ def evaluate_attack(
 ) -> None:
     """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
     their batch statistics. Into <run>/evaluate/; resumable like certify."""
-    from tbn_ray.jobs.evaluate import plan_attack
+    from tbn_ray.jobs.evaluate_attack import plan_attack
     from tbn_ray.store.runs import Run
 
     _check_ray_flags(local, device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)

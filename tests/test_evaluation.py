@@ -24,20 +24,14 @@ from tbn_ray.science.attacks import apgd_ce, pgd
 from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.evaluate import (
-    BNMode,
-    attack_variants,
-    bn_mode,
-    correct_predictions,
-    evaluation_section,
-    parse_bn_mode,
-    plan_attack,
-    plan_corruptions,
-    run_attack,
-    run_in_process,
-    used_bn_stats,
-)
+from tbn_ray.jobs.evaluate import run_in_process
+from tbn_ray.jobs.evaluate_attack import plan_attack
+from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
+from tbn_ray.reports.evaluation import evaluation_section
+from tbn_ray.science.bn_modes import BNMode, bn_mode, parse_bn_mode, used_bn_stats
+from tbn_ray.science.robustness import attack_variants, correct_predictions, run_attack
 from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.store.cifar10c import Cifar10C
 from tbn_ray.store.runs import Run, make_checkpoint
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, batch_statistics, bn_layers
@@ -212,7 +206,7 @@ def test_adaptive_attack_on_test_batch_is_not_weaker_than_a_transferred_one(run:
 # --- CIFAR-10-C and the sharded, resumable evaluations (in process) ------------------------------
 
 
-def _write_released(directory: Path, c10c: C.Cifar10C, corruptions: tuple[str, ...], all_labels: np.ndarray) -> None:
+def _write_released(directory: Path, c10c: Cifar10C, corruptions: tuple[str, ...], all_labels: np.ndarray) -> None:
     """A released-layout copy holding the regenerated arrays at their rows (other rows zero)."""
     directory.mkdir()
     np.save(directory / "labels.npy", np.tile(all_labels, 5).astype(np.uint8))
@@ -362,7 +356,7 @@ def test_cli_takes_evaluation_defaults_from_the_config_and_flags_override_them(
     run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tbn_ray.cli import main
-    from tbn_ray.jobs.evaluate import load_results
+    from tbn_ray.reports.evaluation import load_results
 
     config = tmp_path / "experiment.yaml"
     config.write_text("evaluate: {batch_size: 4, attack_steps: 1, restarts: 2, attacks: [pgd]}\n")

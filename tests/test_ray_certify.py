@@ -163,7 +163,7 @@ def test_local_cli_resume_recomputes_only_unusable_shards(run: Run, tmp_path: Pa
 
 
 def test_actor_pool_shape_follows_the_nodes() -> None:
-    from tbn_ray.distributed.certify import actor_shape
+    from tbn_ray.distributed.pool import actor_shape
 
     def node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
         return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from tbn_ray.config import CalibrateConfig, DataConfig, ModelConfig, TrainConfig
-from tbn_ray.jobs.evaluate import Task, TaskResult, TaskRunner, parse_bn_mode, plan_attack, plan_corruptions
+from tbn_ray.jobs.evaluate import Task, TaskResult, TaskRunner
+from tbn_ray.jobs.evaluate_attack import plan_attack
+from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
+from tbn_ray.science.bn_modes import parse_bn_mode
 from tbn_ray.jobs.pipeline import calibrate_run
 from tbn_ray.store.runs import Checkpoint, Run
 from tbn_ray.store.storage import Storage

@@ -22,7 +22,9 @@ import torch
 
 from tbn_ray.config import CertifyConfig, DataConfig
 from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
-from tbn_ray.jobs.evaluate import plan_attack, plan_corruptions, run_in_process
+from tbn_ray.jobs.evaluate import run_in_process
+from tbn_ray.jobs.evaluate_attack import plan_attack
+from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 

@@ -1,7 +1,7 @@
 """A pool of Ray actors fed whole units of idempotent work (certification shards, evaluation tasks).
 
-Shared by ``distributed.certify`` and ``distributed.evaluate``, whose actors subclass ``PoolWorker`` and
-expose ``run(plan, unit)``. The rules both rely on:
+Used by ``distributed.jobs``, whose actors subclass ``PoolWorker`` and expose ``run(plan, unit)``.
+The rules every job relies on:
 
 - The plan goes into the object store once; each actor fetches it with its first unit (a
   restarted actor fetches it again), builds its model once, and writes every finished unit to
@@ -146,8 +146,8 @@ def run_pool(
 ) -> None:
     """Run every unit on a pool of ``shape.actors`` actors of ``actor_cls`` (a remote
     ``PoolWorker`` subclass built with ``(name, threads, gpus)``; ``kind`` names them in
-    errors), updating the progress ``bar`` and calling ``on_result`` with each unit's result as
-    it arrives; on any error or interrupt, kill every actor."""
+    errors), updating the progress ``bar`` with each finished unit and calling ``on_result`` with
+    its result as it arrives; on any error or interrupt, kill every actor."""
     plan_ref = ray.put(plan)
     pool = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
     starting = {actor.ready.remote(): actor for actor in pool}
@@ -197,7 +197,7 @@ def run_pool(
                     queue.appendleft(unit)
                     continue
                 idle.append(actor)
-                bar.update(result)
+                bar.update(unit)
                 if on_result is not None:
                     on_result(result)
     finally:

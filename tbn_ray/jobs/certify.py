@@ -4,46 +4,43 @@ A certification is cut into shards: fixed lists of test indices, the same on eve
 Each shard is certified as a whole and written once, as one object, to a deterministic key
 under ``<output>/<run-id>/``; the run id is a digest of everything that changes the numbers,
 so a re-run of the same command finds its shards and a different one never mixes with them.
-The in-process path (``certify_run``) and the Ray actors (``distributed.certify``) run the same
+Certification is a job of ``jobs.engine`` (one unit: one sigma x one shard): the in-process
+path (``certify_run``) and the Ray actors (``distributed.certify``) run the same
 ``ShardCertifier`` and the same ``aggregate``: same files, and either can finish the other's run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
-import os
 import re
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.fx.experimental.optimization import fuse as fold_conv_bn
 
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
 from tbn_ray.errors import TbnError, log
+from tbn_ray.jobs.certify_shards import SHARD_FORMAT, CertifyOutput, UnusableShard, merge_shards, read_shard, shard_key, write_shard
+from tbn_ray.jobs.engine import Metric, pending, run_in_process
+from tbn_ray.reports.certify import write_certification_report
 from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
-from tbn_ray.science.smoothing import certify_examples, summarize, write_results
-from tbn_ray.store.storage import Storage, map_concurrently
+from tbn_ray.science.smoothing import certify_examples
+from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
 from tbn_ray.science.training import autocast, resolve_device
 
 #: Shards when none are asked for (capped at the number of images): enough to keep dozens of
 #: GPUs busy, few enough that a shard is a sizeable unit of resumable work.
 DEFAULT_SHARDS = 64
-SHARD_FORMAT = "tbn-ray/certify-shard-v1"
-_SHARD_META = b"tbn_ray.shard"
-_SHARD_KEY = re.compile(r"^(sigma=[^/]+)/shard-(\d{5})-of-(\d{5})\.parquet$")
 
 
 def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | None = None) -> np.ndarray:
@@ -63,10 +60,6 @@ def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | Non
 
 def bn_set_for(cfg: CertifyConfig, sigma: float) -> str:
     return bn_key(sigma) if cfg.bn == "tbn" else CLEAN
-
-
-def sigma_dir(sigma: float) -> str:
-    return f"sigma={float(sigma):g}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,7 +147,7 @@ class CertifyPlan:
         return self.test.index[lo:hi]
 
     def shard_key(self, sigma: float, shard: int) -> str:
-        return f"{sigma_dir(sigma)}/shard-{shard:05d}-of-{self.shards:05d}.parquet"
+        return shard_key(sigma, shard, self.shards)
 
     def params(self, sigma: float) -> dict[str, Any]:
         """What produced a result (stored with every shard and summary)."""
@@ -197,6 +190,66 @@ class CertifyPlan:
         if self.channels_last:
             f = f.to(memory_format=torch.channels_last)
         return _Autocast(f, self.amp, device) if self.effective_amp != "off" else f
+
+    # --- the job (``jobs.engine.Job``): a unit is one (sigma, shard), stored as one Parquet object
+
+    name = "certify"
+    amount_unit = "img"
+    metrics = (
+        Metric("tbn_certify_images", "test images certified", ("run_id", "sigma")),
+        Metric("tbn_certify_shards", "shards certified and written", ("run_id", "sigma")),
+        Metric("tbn_certify_images_per_second", "images/s of this actor's last shard", ("run_id", "sigma"), gauge=True),
+    )
+
+    @property
+    def job_id(self) -> str:
+        return self.run_id
+
+    def outputs(self) -> list[tuple[tuple[float, int], str]]:
+        return [((sigma, shard), self.shard_key(sigma, shard)) for sigma in self.sigmas for shard in range(self.shards)]
+
+    def usable(self, output: tuple[float, int], key: str) -> bool:
+        """Readable, with the planned indices and parameters; otherwise certified again."""
+        sigma, shard = output
+        try:
+            _, meta = read_shard(self.out, key, self.shard_indices(shard).tolist())
+            if meta["params"] != self.params(sigma):
+                raise UnusableShard(f"{self.out.object_uri(key)} was certified with other parameters")
+        except UnusableShard as e:
+            log(f"{e}: certifying it again")
+            return False
+        return True
+
+    def units(self, missing: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
+        return list(missing)
+
+    def amount(self, unit: tuple[float, int]) -> int:
+        return len(self.shard_indices(unit[1]))
+
+    def label(self, unit: tuple[float, int]) -> str:
+        return f"certify sigma={unit[0]:g} shard {unit[1]}/{self.shards}"
+
+    def describe(self, todo: Sequence[tuple[float, int]], skipped: int) -> str:
+        return (
+            f"certification {self.run_id}: {len(self.test)} test images x {len(self.sigmas)} sigma(s) in {self.shards} shards each, "
+            f"{skipped} shard(s) already done -> {self.out.uri}"
+        )
+
+    def make_worker(self, device: torch.device, worker: dict[str, str], gpus: float) -> ShardCertifier:
+        return ShardCertifier(self, device, worker, gpus)
+
+    def measure(self, unit: tuple[float, int], result: ShardResult) -> list[tuple[str, float, dict[str, str]]]:
+        tags = {"run_id": self.run_id, "sigma": f"{result.sigma:g}"}
+        rate = result.images / max(result.seconds, 1e-9)
+        return [("tbn_certify_images", result.images, tags), ("tbn_certify_shards", 1, tags), ("tbn_certify_images_per_second", rate, tags)]
+
+    def on_device(self, device_type: str) -> CertifyPlan:
+        """The noise stream differs on a CUDA generator: another run id."""
+        return dataclasses.replace(self, device_type=device_type)
+
+    def finish(self, computed: int, skipped: int) -> CertifyResult:
+        outputs = aggregate(self.out, plan=self)
+        return CertifyResult(self.run_id, self.out.uri, outputs, self.out.object_uri("report.md"), computed, skipped)
 
 
 class _Autocast(torch.nn.Module):
@@ -291,6 +344,9 @@ class ShardCertifier:
         self._classifiers: dict[float, torch.nn.Module] = {}  # per sigma (a folded copy holds its statistics)
         self._row = {int(i): row for row, i in enumerate(plan.test.index)}
 
+    def run(self, unit: tuple[float, int]) -> ShardResult:
+        return self.certify_shard(*unit)
+
     def certify_shard(self, sigma: float, shard: int) -> ShardResult:
         plan, cfg = self.plan, self.plan.cfg
         idx = plan.shard_indices(shard)
@@ -328,70 +384,14 @@ class ShardCertifier:
             "started": started,
             "seconds": seconds,
         }
-        key = plan.shard_key(sigma, shard)
         rows_out = [{**r, "actor": self.worker["actor"], "node": self.worker["node"]} for r in records]
-        table = pa.Table.from_pylist(rows_out).replace_schema_metadata({_SHARD_META: json.dumps(meta)})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        uri = plan.out.write_bytes(key, buf.getvalue())  # one whole object: present complete or absent
+        uri = write_shard(plan.out, plan.shard_key(sigma, shard), rows_out, meta)
         return ShardResult(float(sigma), shard, len(idx), seconds, uri, dict(self.worker))
-
-
-class _UnusableShard(TbnError):
-    """A stored shard that cannot be used (corrupt, or another plan's): certify it again."""
-
-
-def _read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A shard's records and metadata, checked: it holds exactly the indices it was planned with.
-
-    An unreachable store raises TbnError; a shard that is there but unusable, ``_UnusableShard``.
-    """
-    data = out.read_bytes(key)
-    where = out.object_uri(key)
-    try:
-        table = pq.read_table(io.BytesIO(data))
-        meta = json.loads((table.schema.metadata or {})[_SHARD_META])
-    except (pa.ArrowException, KeyError, ValueError, OSError) as e:
-        raise _UnusableShard(f"{where} is not a readable shard ({type(e).__name__})") from None
-    m = _SHARD_KEY.match(key)
-    if meta.get("format") != SHARD_FORMAT or m is None:
-        raise _UnusableShard(f"{where} is not a tbn-ray shard ({SHARD_FORMAT})")
-    if (sigma_dir(meta["sigma"]), meta["shard"], meta["shards"]) != (m.group(1), int(m.group(2)), int(m.group(3))):
-        raise _UnusableShard(f"{where} holds sigma={meta['sigma']} shard {meta['shard']}/{meta['shards']}, not what its key says")
-    records = table.to_pylist()
-    planned = meta["indices"] if expected is None else expected
-    if meta["indices"] != planned or [r["idx"] for r in records] != planned:
-        raise _UnusableShard(f"{where} does not hold the indices planned for it")
-    return records, meta
 
 
 def pending_shards(plan: CertifyPlan) -> list[tuple[float, int]]:
     """The (sigma, shard) pairs not yet stored and verified (readable, the planned indices)."""
-    present = set(plan.out.list())
-
-    def usable(job: tuple[float, int]) -> bool:
-        sigma, shard = job
-        key = plan.shard_key(sigma, shard)
-        if key not in present:
-            return False
-        try:
-            _, meta = _read_shard(plan.out, key, plan.shard_indices(shard).tolist())
-            if meta["params"] != plan.params(sigma):
-                raise _UnusableShard(f"{plan.out.object_uri(key)} was certified with other parameters")
-        except _UnusableShard as e:
-            log(f"{e}: certifying it again")
-            return False
-        return True
-
-    jobs = [(sigma, shard) for sigma in plan.sigmas for shard in range(plan.shards)]
-    return [job for job, ok in zip(jobs, map_concurrently(usable, jobs)) if not ok]
-
-
-@dataclass(frozen=True)
-class CertifyOutput:
-    sigma: float
-    summary: dict[str, Any]
-    location: str
+    return pending(plan).units
 
 
 @dataclass(frozen=True)
@@ -404,141 +404,26 @@ class CertifyResult:
     shards_skipped: int
 
 
-def _merge_sigma(out: Storage, name: str, keys: list[str], expected: CertifyPlan | None) -> CertifyOutput:
-    """One sigma's shards -> certify.tsv, radii.parquet, summary.json, after checking every index appears once."""
-    if expected is None:
-        shards = map_concurrently(lambda key: _read_shard(out, key), keys)
-    else:
-        shards = map_concurrently(lambda k: _read_shard(out, keys[k], expected.shard_indices(k).tolist()), list(range(len(keys))))
-    records = [r for recs, _ in shards for r in recs]
-    metas = [meta for _, meta in shards]
-    idx = [r["idx"] for r in records]
-    if len(set(idx)) != len(idx):
-        raise TbnError(f"{out.uri}/{name}: an index appears in two shards; delete that folder and certify again")
-    total = metas[0]["images_total"]
-    wanted = set(expected.indices.tolist()) if expected is not None else None
-    if len(idx) != total or (wanted is not None and set(idx) != wanted):
-        raise TbnError(f"{out.uri}/{name}: the shards hold {len(idx)} images, the certification {total}; certify again")
-    params = metas[0]["params"]
-    if any(m["params"] != params for m in metas):
-        raise TbnError(f"{out.uri}/{name}: shards from different certifications; delete that folder and certify again")
-    finished = max(m["started"] + m["seconds"] for m in metas)
-    params = {
-        **params,
-        "wall_seconds": round(finished - min(m["started"] for m in metas), 3),  # first shard start to last shard end
-        "compute_seconds": round(sum(m["seconds"] for m in metas), 3),
-        "gpu_hours": round(sum(m["seconds"] * m["gpus"] for m in metas) / 3600, 6),
-        "workers": len({m["worker"]["actor"] for m in metas}),
-    }
-    summary = summarize(records)
-    where = out.child(name)
-    write_results(records, summary, where, params)
-    return CertifyOutput(float(params["sigma"]), {**summary, **params}, where.uri)
-
-
 def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyOutput]:
-    """Merge the shards under ``out`` (``<output>/<run-id>``) into per-sigma results and the report.
+    """Merge the shards under ``out`` (``<output>/<run-id>``) into per-sigma results, then write the report.
 
     Reads nothing but the shard files, so ``tbn-ray report`` can rebuild all of it. With a
     ``plan``, every planned shard must be there with its planned indices; without, each sigma
     uses its complete set of shards and incomplete sigmas are left out (and named).
     """
-    found: dict[str, dict[int, dict[int, str]]] = {}
-    for key in out.list():
-        m = _SHARD_KEY.match(key)
-        if m:
-            found.setdefault(m.group(1), {}).setdefault(int(m.group(3)), {})[int(m.group(2))] = key
-    chosen: dict[str, list[str]] = {}
-    if plan is not None:
-        for sigma in plan.sigmas:
-            have = found.get(sigma_dir(sigma), {}).get(plan.shards, {})
-            missing = sorted(set(range(plan.shards)) - set(have))
-            if missing:
-                raise TbnError(f"{out.uri}/{sigma_dir(sigma)}: shards {missing[:5]} missing; run the same certify command again")
-            chosen[sigma_dir(sigma)] = [have[k] for k in range(plan.shards)]
-    else:
-        for name, by_count in sorted(found.items()):
-            complete = [n for n, have in by_count.items() if len(have) == n]
-            if complete:
-                n = max(complete)
-                chosen[name] = [by_count[n][k] for k in range(n)]
-            else:
-                n, have = max(by_count.items(), key=lambda item: len(item[1]) / item[0])
-                log(f"{out.uri}/{name}: {n - len(have)} of {n} shards missing, left out (run the certify command again to finish)")
-        if not chosen:
-            raise TbnError(f"no complete certification under {out.uri}: point at <output>/<run-id> of a finished (or resumed) tbn-ray certify")
-    outputs = [_merge_sigma(out, name, keys, plan) for name, keys in chosen.items()]
-    summaries = [{**o.summary, "params": o.summary} for o in outputs]
-    first = outputs[0].summary
-    from tbn_ray.reports.certify import write_report
-
-    write_report(summaries, out, title=f"Certification of {first['run']} ({first['run_id']})", extra=_evaluation_section(first["run"], out))
+    outputs = merge_shards(out, plan)
+    write_certification_report([{**o.summary, "params": o.summary} for o in outputs], out)
     for o in outputs:
         acc = o.summary["certified_accuracy"]
         log(f"sigma={o.sigma:g}: certified accuracy at r=0 {acc['0.0']:.3f}, r=0.5 {acc['0.5']:.3f}, ACR {o.summary['acr']:.3f} -> {o.location}")
     return outputs
 
 
-def _evaluation_section(run_uri: str, out: Storage) -> str | None:
-    """The run's ``tbn-ray evaluate`` results, for the report next to its certificates. Best
-    effort: a run that cannot be read from here (moved, another account's bucket) only loses
-    that section, not the certification report."""
-    from tbn_ray.jobs.evaluate import EVALUATE_DIR, evaluation_section
-
-    try:
-        run = Storage.open(run_uri)
-        image = run.object_uri(f"{EVALUATE_DIR}/corruption_accuracy.png")
-        if "://" not in image and "://" not in out.uri:
-            image = os.path.relpath(image, out.uri)
-        return evaluation_section(run, image=image)
-    except TbnError as e:
-        log(f"report: the evaluation results of {run_uri} are left out ({e})")
-        return None
-
-
-class ShardProgress:
-    """The driver's progress bar: images and shards done, images/s and ETA (tqdm's)."""
-
-    def __init__(self, plan: CertifyPlan, todo: list[tuple[float, int]], enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        total = len(plan.test) * len(plan.sigmas)
-        left = sum(len(plan.shard_indices(shard)) for _, shard in todo)
-        self.total_shards = plan.shards * len(plan.sigmas)
-        self.shards = self.total_shards - len(todo)
-        self.bar = tqdm(total=total, initial=total - left, unit="img", desc="certify", disable=not enabled, dynamic_ncols=True)
-        self.bar.set_postfix_str(f"shards {self.shards}/{self.total_shards}")
-
-    def update(self, result: ShardResult) -> None:
-        self.shards += 1
-        self.bar.set_postfix_str(f"shards {self.shards}/{self.total_shards}", refresh=False)
-        self.bar.update(result.images)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def run_plan_in_process(
     plan: CertifyPlan, device: torch.device, *, progress: bool = True, on_shard: Callable[[ShardResult], None] | None = None
 ) -> CertifyResult:
     """Certify the pending shards of ``plan`` in this process, then aggregate (no Ray)."""
-    todo = pending_shards(plan)
-    skipped = plan.shards * len(plan.sigmas) - len(todo)
-    log(f"certification {plan.run_id}: {len(plan.test)} test images x {len(plan.sigmas)} sigma(s) in {plan.shards} shards each, "
-        f"{skipped} shard(s) already done, device {device} -> {plan.out.uri}")
-    if todo:
-        certifier = ShardCertifier(plan, device, {"actor": "in-process", "node": socket.gethostname()}, 1.0 if device.type == "cuda" else 0.0)
-        bar = ShardProgress(plan, todo, progress)
-        try:
-            for sigma, shard in todo:
-                result = certifier.certify_shard(sigma, shard)
-                bar.update(result)
-                if on_shard is not None:
-                    on_shard(result)
-        finally:
-            bar.close()
-    outputs = aggregate(plan.out, plan=plan)
-    return CertifyResult(plan.run_id, plan.out.uri, outputs, plan.out.object_uri("report.md"), len(todo), skipped)
+    return run_in_process(plan, device, progress=progress, on_unit=on_shard)
 
 
 def certify_run(

@@ -10,13 +10,15 @@ on all 10,000 test images, shown as a reference point only.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from tbn_ray.errors import TbnError
+from tbn_ray.errors import TbnError, log
+from tbn_ray.reports.evaluation import EVALUATE_DIR, evaluation_section
 from tbn_ray.science.smoothing import as_storage
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import bn_key
@@ -205,3 +207,25 @@ def write_report(
         "certified_accuracy.png": store.object_uri("certified_accuracy.png"),
         "report.json": store.write_text("report.json", json.dumps(report, indent=2) + "\n"),
     }
+
+
+def write_certification_report(summaries: Sequence[dict[str, Any]], out: Storage) -> dict[str, str]:
+    """The report of one certification (``<output>/<run-id>``, its per-sigma ``summaries``), with
+    the run's ``tbn-ray evaluate`` results appended when there are any."""
+    first = summaries[0]["params"]
+    title = f"Certification of {first['run']} ({first['run_id']})"
+    return write_report(summaries, out, title=title, extra=_evaluation_section(first["run"], out))
+
+
+def _evaluation_section(run_uri: str, out: Storage) -> str | None:
+    """The run's evaluation section, read from its stored results. Best effort: a run that cannot
+    be read from here (moved, another account's bucket) only loses that section, not the report."""
+    try:
+        run = Storage.open(run_uri)
+        image = run.object_uri(f"{EVALUATE_DIR}/corruption_accuracy.png")
+        if "://" not in image and "://" not in out.uri:
+            image = os.path.relpath(image, out.uri)
+        return evaluation_section(run, image=image)
+    except TbnError as e:
+        log(f"report: the evaluation results of {run_uri} are left out ({e})")
+        return None
