@@ -10,11 +10,12 @@ task as ``certify sigma=<s> shard <k>/<n>``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from tbn_ray.distributed.jobs import JobActor, job_on_ray, run_job_on_ray
-from tbn_ray.distributed.pool import MAX_RESTARTS, READY_TIMEOUT_S
+from tbn_ray.distributed.pool import MAX_RESTARTS
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.jobs.certify import CertifyPlan, CertifyResult, ShardResult
 
@@ -25,35 +26,14 @@ class CertifyActor(JobActor):
 
 
 def run_plan_on_ray(
-    plan: CertifyPlan,
-    cluster: RayCluster,
-    *,
-    actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    progress: bool = True,
-    on_shard: Callable[[ShardResult], None] | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
+    plan: CertifyPlan, cluster: RayCluster, *, on_shard: Callable[[ShardResult], None] | None = None, **options: Any
 ) -> CertifyResult:
-    """Certify the pending shards of ``plan`` on a pool of actors, then aggregate."""
-    return run_job_on_ray(
-        plan, CertifyActor, cluster, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        progress=progress, on_unit=on_shard, ready_timeout_s=ready_timeout_s,
-    )  # fmt: skip
+    """Certify the pending shards of ``plan`` on a pool of actors, then aggregate. ``options``:
+    ``actors``, ``gpus_per_actor``, ``cpus_per_actor``, ``progress``, ``ready_timeout_s``
+    (``distributed.jobs.run_job_on_ray``)."""
+    return run_job_on_ray(plan, CertifyActor, cluster, on_unit=on_shard, **options)
 
 
-def certify_on_ray(
-    plan: CertifyPlan,
-    *,
-    address: str | None = None,
-    actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    progress: bool = True,
-    on_shard: Callable[[ShardResult], None] | None = None,
-) -> CertifyResult:
-    """Join ``address`` (else start an embedded local Ray with the dashboard), certify, disconnect."""
-    return job_on_ray(
-        plan, CertifyActor, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        progress=progress, on_unit=on_shard,
-    )  # fmt: skip
+def certify_on_ray(plan: CertifyPlan, *, on_shard: Callable[[ShardResult], None] | None = None, **options: Any) -> CertifyResult:
+    """Join ``options["address"]`` (else start an embedded local Ray with the dashboard), certify, disconnect."""
+    return job_on_ray(plan, CertifyActor, on_unit=on_shard, **options)

@@ -10,11 +10,12 @@ each task by name; actors export ``ray_tbn_evaluate_*`` metrics.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from tbn_ray.distributed.jobs import JobActor, job_on_ray, run_job_on_ray
-from tbn_ray.distributed.pool import MAX_RESTARTS, READY_TIMEOUT_S
+from tbn_ray.distributed.pool import MAX_RESTARTS
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.jobs.evaluate import EvalPlan, EvalResult, TaskResult
 
@@ -24,32 +25,12 @@ class EvaluateActor(JobActor):
     """A ``TaskRunner`` (model built once per process)."""
 
 
-def run_plan_on_ray(
-    plan: EvalPlan,
-    cluster: RayCluster,
-    *,
-    actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    progress: bool = True,
-    on_task: Callable[[TaskResult], None] | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
-) -> EvalResult:
-    """Run the pending tasks of ``plan`` on a pool of actors, then aggregate and report."""
-    return run_job_on_ray(
-        plan, EvaluateActor, cluster, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        progress=progress, on_unit=on_task, ready_timeout_s=ready_timeout_s,
-    )  # fmt: skip
+def run_plan_on_ray(plan: EvalPlan, cluster: RayCluster, *, on_task: Callable[[TaskResult], None] | None = None, **options: Any) -> EvalResult:
+    """Run the pending tasks of ``plan`` on a pool of actors, then aggregate and report. ``options``:
+    as ``distributed.jobs.run_job_on_ray``'s."""
+    return run_job_on_ray(plan, EvaluateActor, cluster, on_unit=on_task, **options)
 
 
-def evaluate_on_ray(
-    plan: EvalPlan,
-    *,
-    address: str | None = None,
-    actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    progress: bool = True,
-) -> EvalResult:
-    """Join ``address`` (else start an embedded local Ray with the dashboard), evaluate, disconnect."""
-    return job_on_ray(plan, EvaluateActor, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, progress=progress)
+def evaluate_on_ray(plan: EvalPlan, **options: Any) -> EvalResult:
+    """Join ``options["address"]`` (else start an embedded local Ray with the dashboard), evaluate, disconnect."""
+    return job_on_ray(plan, EvaluateActor, **options)

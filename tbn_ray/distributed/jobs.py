@@ -64,26 +64,12 @@ class JobActor(PoolWorker):
 
 
 def run_job_on_ray(
-    job: Job,
-    actor_cls: Any,
-    cluster: RayCluster,
-    *,
-    actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    progress: bool = True,
-    on_unit: Callable[[Any], None] | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
+    job: Job, actor_cls: Any, cluster: RayCluster, *, progress: bool = True, on_unit: Callable[[Any], None] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S, **sizing: Any,
 ) -> Any:
-    """Run the pending units of ``job`` on a pool of ``actor_cls`` actors (a remote ``JobActor``), then finish it."""
-    shape = actor_shape(
-        ray.nodes(),
-        work=len(job.units([o for o, _ in job.outputs()])),
-        actors=actors,
-        gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor,
-        autoscaling=cluster.autoscaling,
-    )
+    """Run the pending units of ``job`` on a pool of ``actor_cls`` actors (a remote ``JobActor``),
+    then finish it. ``sizing``: ``actors``, ``gpus_per_actor``, ``cpus_per_actor`` (``pool.actor_shape``)."""
+    shape = actor_shape(ray.nodes(), work=len(job.units([o for o, _ in job.outputs()])), autoscaling=cluster.autoscaling, **sizing)
     job = job.on_device("cuda" if shape.gpus > 0 else "cpu")
     left = pending(job)
     log(job.describe(left.units, left.stored))

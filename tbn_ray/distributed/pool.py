@@ -148,59 +148,80 @@ def run_pool(
     ``PoolWorker`` subclass built with ``(name, threads, gpus)``; ``kind`` names them in
     errors), updating the progress ``bar`` with each finished unit and calling ``on_result`` with
     its result as it arrives; on any error or interrupt, kill every actor."""
-    plan_ref = ray.put(plan)
-    pool = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
-    starting = {actor.ready.remote(): actor for actor in pool}
-    idle: list[Any] = []
-    running: dict[Any, tuple[Any, Hashable]] = {}
-    queue = deque(units)
-    attempts = dict.fromkeys(units, 0)
-    first_error: str | None = None
+    pool = _Pool(ray.put(plan), units, label)
+    actors = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
+    pool.starting = {actor.ready.remote(): actor for actor in actors}
     deadline = time.monotonic() + ready_timeout_s
     try:
-        while queue or running:
-            while idle and queue:
-                actor, unit = idle.pop(), queue.popleft()
-                running[actor.run.options(name=label(unit)[:120]).remote([plan_ref], unit)] = (actor, unit)
-            if not running and not starting:
-                raise TbnError(f"every {kind} failed to start: {first_error}")
-            if not running and time.monotonic() > deadline:
+        while pool.queue or pool.running:
+            pool.dispatch()
+            if not pool.running and not pool.starting:
+                raise TbnError(f"every {kind} failed to start: {pool.first_error}")
+            if not pool.running and time.monotonic() > deadline:
                 raise TbnError(
                     f"no {kind} started within {ready_timeout_s:.0f} s: the cluster has no node with "
                     f"{shape.cpus:g} CPU + {shape.gpus:g} GPU free (see the dashboard); lower --cpus-per-actor/--gpus-per-actor"
                 )
-            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
+            done, _ = ray.wait([*pool.running, *pool.starting], num_returns=1, timeout=1.0)
             for ref in done:
-                if ref in starting:
-                    actor = starting.pop(ref)
-                    try:
-                        ray.get(ref)
-                        idle.append(actor)
-                    except ray.exceptions.RayError as e:  # the constructor failed on every restart
-                        first_error = first_error or str(_cause(e)).strip().splitlines()[-1][:300]
+                if ref in pool.starting:
+                    pool.started(ref)
                     continue
-                actor, unit = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    cause = _cause(e)
-                    if isinstance(cause, TbnError):
-                        raise TbnError(f"{label(unit)}: {cause} (finished work is kept: run the same command again to resume)") from None
-                    raise
-                except ray.exceptions.RayActorError as e:  # died more often than it may restart
-                    attempts[unit] += 1
-                    if attempts[unit] >= MAX_UNIT_ATTEMPTS:
-                        raise TbnError(
-                            f"{label(unit)} killed its actor {attempts[unit]} times (out of memory?): {str(e).splitlines()[0][:200]}"
-                        ) from None
-                    log(f"an actor died for good on {label(unit)}; giving it to another actor")
-                    queue.appendleft(unit)
-                    continue
-                idle.append(actor)
-                bar.update(unit)
-                if on_result is not None:
-                    on_result(result)
+                unit, result = pool.finished(ref)
+                if unit is not None:
+                    bar.update(unit)
+                    if on_result is not None:
+                        on_result(result)
     finally:
         bar.close()
-        for actor in pool:
+        for actor in actors:
             ray.kill(actor, no_restart=True)
+
+
+class _Pool:
+    """The driver's bookkeeping: actors starting, idle and busy, units queued and their attempts."""
+
+    def __init__(self, plan_ref: Any, units: Sequence[Hashable], label: Callable[[Any], str]) -> None:
+        self.plan_ref, self.label = plan_ref, label
+        self.starting: dict[Any, Any] = {}
+        self.idle: list[Any] = []
+        self.running: dict[Any, tuple[Any, Hashable]] = {}
+        self.queue = deque(units)
+        self.attempts = dict.fromkeys(units, 0)
+        self.first_error: str | None = None
+
+    def dispatch(self) -> None:
+        """Hand queued units to idle actors."""
+        while self.idle and self.queue:
+            actor, unit = self.idle.pop(), self.queue.popleft()
+            self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
+
+    def started(self, ref: Any) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+            self.idle.append(actor)
+        except ray.exceptions.RayError as e:  # the constructor failed on every restart
+            self.first_error = self.first_error or str(_cause(e)).strip().splitlines()[-1][:300]
+
+    def finished(self, ref: Any) -> tuple[Hashable | None, Any]:
+        """The unit and its result; (None, None) when its actor died and the unit went back to the queue."""
+        actor, unit = self.running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = _cause(e)
+            if isinstance(cause, TbnError):
+                raise TbnError(f"{self.label(unit)}: {cause} (finished work is kept: run the same command again to resume)") from None
+            raise
+        except ray.exceptions.RayActorError as e:  # died more often than it may restart
+            self.attempts[unit] += 1
+            if self.attempts[unit] >= MAX_UNIT_ATTEMPTS:
+                raise TbnError(
+                    f"{self.label(unit)} killed its actor {self.attempts[unit]} times (out of memory?): {str(e).splitlines()[0][:200]}"
+                ) from None
+            log(f"an actor died for good on {self.label(unit)}; giving it to another actor")
+            self.queue.appendleft(unit)
+            return None, None
+        self.idle.append(actor)
+        return unit, result
