@@ -55,7 +55,6 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from tbn_ray.science import data as data_mod
 from tbn_ray.errors import TbnError
 
 CORRUPTIONS: tuple[str, ...] = (
