@@ -314,6 +314,28 @@ def sweep(
     log(f"results: {result.files['results.md']}, {result.files['heatmap.png']}, {result.files['best.json']}")
 
 
+
+@app.command()
+def reproduce(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="reproduction YAML (default: configs/paper.yaml)")] = None,
+    storage: StorageOpt = None,
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", help="train | calibrate | certify | evaluate | report, repeatable (default: all, in order)")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """The paper's claims on one experiment grid: train, calibrate, certify (TBN and clean statistics), evaluate,
+    report; resumable: every stage skips the work already stored. Report in <storage>/reproduce/<name>/report.md."""
+    from tbn_ray.config import load_reproduce_config
+    from tbn_ray.jobs.reproduce import STAGES, Reproduction, reproduce as run_reproduction
+
+    cfg = load_reproduce_config(config or shipped_config("paper.yaml"))
+    root = _storage_root(storage)
+    t0 = time.perf_counter()
+    files = run_reproduction(cfg, root, stages=stage or STAGES, progress=progress)
+    if files:
+        print(Reproduction.open(cfg, root).root.read_text("report.md"))
+        log(f"report: {files['report.md']}, {files['certified_accuracy.png']}")
+    log(f"reproduce {cfg.name}: stage(s) {', '.join(s for s in STAGES if s in (stage or STAGES))} finished in {time.perf_counter() - t0:.0f} s")
+
 # --- data and evaluate (issue #6) ------------------------------------------------------------
 
 data_app = typer.Typer(no_args_is_help=True, help="Data sets derived from CIFAR-10, cached in the storage layer.")

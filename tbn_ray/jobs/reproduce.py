@@ -1,0 +1,199 @@
+"""``tbn-ray reproduce``: the paper's experiment grid as one resumable pipeline.
+
+Stages run in order for every model of the config: train, calibrate (TBN statistics per
+sigma), certify (TBN and, as the paper's contrast, clean statistics), evaluate (accuracy
+under noise, CIFAR-10-C per BN mode, attacks with the clean statistics), report. Each stage
+calls the same code as the single commands, so each skips the work already stored: a
+killed reproduction resumes where it stopped. A finished stage leaves a small record
+(``stages/<model>/<stage>.json``: where its results are, on which device) that the report
+reads together with the stored results themselves; no number in the report is computed
+anywhere else.
+
+Layout under ``<storage>/reproduce/<name>/``: one run directory per model, ``stages/``,
+and ``report.md``, ``report.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tbn_ray.config import CalibrateConfig, ModelSpec, ReproduceConfig
+from tbn_ray.errors import TbnError, log
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.tbn import bn_key
+from tbn_ray.science.training import resolve_device
+from tbn_ray.store.runs import Run
+from tbn_ray.store.storage import Storage
+
+STAGES = ("train", "calibrate", "certify", "evaluate", "report")
+RECORD_FORMAT = "tbn-ray/reproduce-stage-v1"
+
+
+def device_name(device: str) -> str:
+    """What the report names as the hardware: the GPU's marketing name, else the CPU's."""
+    import torch
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"CPU: {model or platform.processor() or platform.machine()}"
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """Where one reproduction lives, and its config."""
+
+    cfg: ReproduceConfig
+    root: Storage  # <storage>/reproduce/<name>
+
+    @staticmethod
+    def open(cfg: ReproduceConfig, storage: Storage) -> Reproduction:
+        return Reproduction(cfg, storage.child("reproduce", cfg.name))
+
+    def run(self, spec: ModelSpec) -> Run:
+        return Run(self.root.child(spec.name))
+
+    def record_key(self, spec: ModelSpec, stage: str) -> str:
+        return f"stages/{spec.name}/{stage}.json"
+
+    def record(self, spec: ModelSpec, stage: str) -> dict[str, Any] | None:
+        key = self.record_key(spec, stage)
+        if not self.root.exists(key):
+            return None
+        rec = self.root.read_json(key)
+        if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+            raise TbnError(f"{self.root.object_uri(key)} is not a tbn-ray reproduce record; delete it and run the stage again")
+        return rec
+
+    def write_record(self, spec: ModelSpec, stage: str, body: dict[str, Any]) -> None:
+        rec = {"format": RECORD_FORMAT, "stage": stage, "model": spec.name, "device": self.cfg.device,
+               "device_name": device_name(self.cfg.device), "finished": time.time(), **body}  # fmt: skip
+        self.root.write_json(self.record_key(spec, stage), rec)
+
+
+# --- the stages, one model each -------------------------------------------------------------
+
+
+def train_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
+    from tbn_ray.jobs.pipeline import train_run
+
+    ckpt = train_run(rep.cfg.train_config(spec), rep.run(spec), progress=progress)
+    return {"epochs": ckpt.epoch, "run": rep.run(spec).uri}
+
+
+def _tbn_sigmas(cfg: ReproduceConfig) -> list[float]:
+    modes = [float(m.removeprefix("sigma:")) for m in cfg.robustness.corruption_modes if m.startswith("sigma:")]
+    return sorted({*cfg.calibrate.sigmas, *cfg.certify.sigmas, *modes})
+
+
+def calibrate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
+    """Calibrates only the sigmas whose stored set was not made with these settings."""
+    from tbn_ray.jobs.pipeline import calibrate_run
+
+    run, c = rep.run(spec), rep.cfg.calibrate
+    sets = run.load_bn_sets()
+    same = {"samples": c.samples, "batch_size": c.batch_size, "seed": c.seed}
+
+    def stored(sigma: float) -> bool:
+        meta = sets.get(bn_key(sigma), {}).get("meta", {})
+        return all(meta.get(k) == v for k, v in same.items())
+
+    missing = [s for s in _tbn_sigmas(rep.cfg) if not stored(s)]
+    if missing:
+        calibrate_run(run, c.model_copy(update={"sigmas": tuple(missing)}), device=rep.cfg.device, progress=progress)
+    else:
+        log(f"{run.uri}: TBN statistics for sigma {', '.join(f'{s:g}' for s in _tbn_sigmas(rep.cfg))} already calibrated")
+    return {"sigmas": _tbn_sigmas(rep.cfg), "calibrated_now": missing}
+
+
+def certify_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
+    from tbn_ray.jobs.certify import certify_run
+
+    run, out = rep.run(spec), rep.run(spec).storage.child("certify")
+    locations = {}
+    for bn in ("tbn", "clean") if rep.cfg.certify_clean else ("tbn",):
+        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device,
+                              shards=rep.cfg.shards, progress=progress)  # fmt: skip
+        locations[bn] = {f"{o.sigma:g}": o.location for o in outputs}
+    return {"certify": locations}
+
+
+def _noise(rep: Reproduction, spec: ModelSpec) -> str:
+    """Accuracy under noise, clean BN vs TBN, on the same noisy images; stored once per setting."""
+    from tbn_ray.jobs.pipeline import noise_accuracy
+
+    run, n = rep.run(spec), rep.cfg.noise
+    key = "noise_accuracy.json"
+    params = {**n.model_dump(), "sigmas": list(rep.cfg.certify.sigmas)}
+    if run.storage.exists(key) and run.storage.read_json(key).get("params") == params:
+        return run.storage.object_uri(key)
+    d = data_mod.load_from_config(run.load_checkpoint().config.data)
+    test = d.test.subset(np.arange(min(n.images, len(d.test))))
+    t0 = time.perf_counter()
+    rows = noise_accuracy(run, rep.cfg.certify.sigmas, test.images, test.labels, draws=n.draws, seed=n.seed,
+                          batch_size=n.batch_size, device=rep.cfg.device)  # fmt: skip
+    body = {"rows": rows, **data_mod.data_meta(d), "test_images": len(test), "params": params,
+            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return run.storage.write_json(key, body)
+
+
+def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
+    from tbn_ray.jobs.evaluate import plan_attack, plan_corruptions, run_in_process
+
+    run, r, e = rep.run(spec), rep.cfg.robustness, rep.cfg.evaluate
+    noise = _noise(rep, spec)
+    device = resolve_device(rep.cfg.device)
+    corruption = plan_corruptions(
+        run, list(r.corruption_modes), cache_root=rep.root, corruptions=r.corruptions, severities=r.severities,
+        batch_size=e.batch_size, seed=r.cifar10c_seed, stop=r.corruption_images, progress=progress,
+    )  # fmt: skip
+    c_result = run_in_process(corruption, device, progress=progress)
+    threat = rep.cfg.train_config(spec).attack
+    attack = plan_attack(
+        run, ["clean"], attacks=e.attacks, norm=threat.norm, eps=threat.eps, steps=e.attack_steps, restarts=e.restarts,
+        batch_size=e.batch_size, seed=r.attack_seed, stop=r.attack_images,
+    )  # fmt: skip
+    a_result = run_in_process(attack, device, progress=progress)
+    return {"noise": noise, "corruptions": c_result.location, "attack": a_result.location}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Reproduction, ModelSpec, bool], dict[str, Any]]] = {
+    "train": train_stage,
+    "calibrate": calibrate_stage,
+    "certify": certify_stage,
+    "evaluate": evaluate_stage,
+}
+
+
+def reproduce(cfg: ReproduceConfig, storage: Storage, *, stages: Sequence[str] = STAGES, progress: bool = True) -> dict[str, str]:
+    """Run ``stages`` (all by default, always in pipeline order) for every model; returns the
+    report's files when ``report`` is among them, else {}."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise TbnError(f"unknown stage {unknown[0]!r}: use one of {', '.join(STAGES)}")
+    storage.check()
+    rep = Reproduction.open(cfg, storage)
+    for stage in (s for s in STAGES if s in stages and s != "report"):
+        for spec in cfg.models:
+            before = STAGES[: STAGES.index(stage)]
+            missing = [s for s in before if s not in stages and rep.record(spec, s) is None]
+            if missing:
+                raise TbnError(f"stage {stage} of model {spec.name} needs stage {missing[0]} first: tbn-ray reproduce --stage {missing[0]}")
+            log(f"reproduce {cfg.name}: {stage} {spec.name}")
+            rep.write_record(spec, stage, STAGE_FUNCTIONS[stage](rep, spec, progress))
+    if "report" not in stages:
+        return {}
+    from tbn_ray.reports.reproduce import write_reproduce_report
+
+    return write_reproduce_report(rep)

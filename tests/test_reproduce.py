@@ -1,0 +1,106 @@
+"""tbn-ray reproduce at tiny scale: the whole grid end to end, stage by stage (as after a kill
+between stages), a re-run that computes nothing, and a report whose claim tables are read
+from the stored results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tbn_ray.config import load_reproduce_config
+from tbn_ray.errors import TbnError
+from tbn_ray.jobs.reproduce import Reproduction, reproduce
+from tbn_ray.store.storage import Storage
+
+TINY = {
+    "name": "tiny",
+    "device": "cpu",
+    "train": {
+        "data": {"source": "partial", "train_limit": 256},
+        "model": {"arch": "tiny"},
+        "optim": {"epochs": 1, "batch_size": 64},
+        "eval": {"images": 32},
+    },
+    "models": [
+        {"name": "l2", "train": {"attack": {"norm": "l2", "eps": 0.5, "steps": 2}}},
+        {"name": "linf", "train": {"attack": {"norm": "linf", "eps": "8/255", "steps": 2}}},
+    ],
+    "calibrate": {"sigmas": [0.25], "samples": 256, "batch_size": 128},
+    "certify": {"sigmas": [0.25], "n0": 10, "n": 60, "skip": 1, "max_images": 4, "batch_size": 60},
+    "shards": 2,
+    "noise": {"images": 32, "draws": 1},
+    "evaluate": {"batch_size": 16, "attack_steps": 2, "restarts": 1, "attacks": ["pgd"]},
+    "robustness": {"corruptions": "gaussian_noise", "severities": "1", "corruption_modes": ["clean", "test-batch"],
+                   "corruption_images": 32, "attack_images": 16},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("reproduce")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return config, root / "results"
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob(pattern)}
+
+
+def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[Path, Path]) -> None:
+    config, results = tiny
+    cfg = load_reproduce_config(config)
+    storage = Storage.open(results)
+    reproduce(cfg, storage, stages=["train"], progress=False)
+    rep = Reproduction.open(cfg, storage)
+    assert {s.name for s in cfg.models if rep.record(s, "train")} == {"l2", "linf"}
+    with pytest.raises(TbnError, match="needs stage calibrate first"):
+        reproduce(cfg, storage, stages=["certify"], progress=False)
+
+    files = reproduce(cfg, storage, progress=False)  # the rest, after a stop between stages
+    report = json.loads(Path(files["report.json"]).read_text())
+    for name in ("l2", "linf"):
+        m = report["models"][name]
+        assert m["training"]["epochs"] == 1
+        assert set(m["certify"]) == {"tbn", "clean"}
+        stored = json.loads((Path(rep.run(next(s for s in cfg.models if s.name == name)).uri)).joinpath("noise_accuracy.json").read_text())
+        assert m["noise"]["rows"] == stored["rows"]
+        assert set(m["corruptions"]["modes"]) == {"clean", "test-batch-b16"}
+        assert m["attack"]["modes"]["clean"]["variants"]["standard"]["images"] == 16
+        assert all(v > 0 for v in m["seconds"].values())
+    md = Path(files["report.md"]).read_text()
+    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)", "## Cost"):
+        assert heading in md
+    assert "SmoothAdv (Salman et al. 2019), published" in md and "| linf |" in md
+
+    # a second full run computes nothing: checkpoints, shards and evaluation items are reused
+    before = {**_mtimes(results, "checkpoint.pt"), **_mtimes(results, "shard-*.parquet"), **_mtimes(results, "bn_stats.pt")}
+    reproduce(cfg, storage, progress=False)
+    after = {**_mtimes(results, "checkpoint.pt"), **_mtimes(results, "shard-*.parquet"), **_mtimes(results, "bn_stats.pt")}
+    assert before == after and len(before) == 2 * (1 + 1 + 2 * 2)
+
+    # the claim tables are read from the stored results: change one stored summary, rebuild the report
+    l2 = report["models"]["l2"]["certify"]["tbn"]["0.25"]
+    summary_path = Path(rep.run(cfg.models[0]).uri) / "certify" / l2["params"]["run_id"] / "sigma=0.25" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["acr"] = 0.987654
+    summary_path.write_text(json.dumps(summary))
+    reproduce(cfg, storage, stages=["report"], progress=False)
+    assert "0.988" in Path(files["report.md"]).read_text()
+
+
+def test_cli_reproduce_report_stage_and_bad_config(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    config, results = tiny
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "models": [{"name": "a"}, {"name": "a"}]}))
+    out = subprocess.run([sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(bad), "--storage", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "model names must be unique" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(config), "--storage", str(tmp_path / "empty"), "--stage", "report"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "stage train has not finished" in out.stderr, out.stderr[-1500:]
