@@ -149,7 +149,9 @@ def _noise(rep: Reproduction, spec: ModelSpec) -> str:
 
 
 def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
-    from tbn_ray.jobs.evaluate import plan_attack, plan_corruptions, run_in_process
+    from tbn_ray.jobs.evaluate import run_in_process
+    from tbn_ray.jobs.evaluate_attack import plan_attack
+    from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
 
     run, r, e = rep.run(spec), rep.cfg.robustness, rep.cfg.evaluate
     noise = _noise(rep, spec)
