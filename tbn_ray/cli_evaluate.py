@@ -42,7 +42,7 @@ ReleasedOpt = Annotated[
 ]
 BnOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required)"),
+    typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)"),
 ]
 BatchOpt = Annotated[
     Optional[int], typer.Option(help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size"))
