@@ -50,8 +50,12 @@ BatchOpt = Annotated[
 LocalOpt = Annotated[bool, typer.Option("--local", help="evaluate in this process, without Ray")]
 
 
-def _evaluate_config(config: Path | None, local: bool, device: str | None, address: str | None, pool: dict[str, Any], flags: dict[str, tuple[str, Any]]) -> ExperimentConfig:
+def _evaluate_config(
+    config: Path | None, flags: dict[str, tuple[str, Any]], *, local: bool, device: str | None, address: str | None,
+    actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float | None,
+) -> ExperimentConfig:
     """Local-versus-Ray checks, then the experiment config with the flags applied."""
+    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
     check_local(local, device, "--gpus-per-actor", {"--address": address, **pool})
     return load_flags(config, {**flags, "--device": ("train.device", device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}})
 
@@ -137,11 +141,10 @@ def evaluate_corruptions(
     from tbn_ray.jobs.evaluate import plan_corruptions
     from tbn_ray.store.runs import Run
 
-    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
-    cfg = _evaluate_config(config, local, device, address, pool, {
+    cfg = _evaluate_config(config, {
         "--batch-size": ("evaluate.batch_size", batch_size), "--corruptions": ("evaluate.corruptions", corruptions),
         "--severities": ("evaluate.severities", severities), "--seed": ("evaluate.cifar10c_seed", seed),
-    })  # fmt: skip
+    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):
@@ -180,12 +183,11 @@ def evaluate_attack(
     from tbn_ray.jobs.evaluate import plan_attack
     from tbn_ray.store.runs import Run
 
-    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
-    cfg = _evaluate_config(config, local, device, address, pool, {
+    cfg = _evaluate_config(config, {
         "--attack": ("evaluate.attacks", attack or None), "--steps": ("evaluate.attack_steps", steps), "--restarts": ("evaluate.restarts", restarts),
         "--batch-size": ("evaluate.batch_size", batch_size), "--norm": ("evaluate.norm", norm), "--eps": ("evaluate.eps", eps), "--seed": ("evaluate.seed", seed),
         "--step-size": ("evaluate.step_size", step_size),
-    })  # fmt: skip
+    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):
