@@ -175,7 +175,7 @@ class EvaluateConfig(_Strict):
     restarts: int = Field(1, ge=1, description="random starts per attack")
     attacks: tuple[str, ...] = ("pgd", "apgd-ce")
     norm: Norm = Field("l2", description="threat model of the attacks")
-    eps: float = Field(0.5, gt=0, description="attack budget in [0,1] pixel units (8/255 accepted)")
+    eps: float = Field(0.5, description="attack budget in [0,1] pixel units (8/255 accepted); > 0, checked with the threat model")
     step_size: float | None = Field(None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)")
     seed: int = Field(0, description="random starts derive from (seed, attack, batch)")
     corruptions: str = Field("all", description="'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow")
