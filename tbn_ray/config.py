@@ -1,8 +1,9 @@
 """Typed, validated experiment configuration: the single source of every default.
 
-A YAML file in ``configs/`` has up to three sections (``train``, ``calibrate``,
-``certify``); anything left out takes the defaults below. CLI flags override single
-fields and take their defaults from these models too, so a default lives in one place.
+A YAML file in ``configs/`` has up to five sections (``train``, ``calibrate``,
+``certify``, ``evaluate``, ``ray``); anything left out takes the defaults below. CLI flags
+override single fields and take their defaults from these models too, so a default lives
+in one place. No field accepts NaN or infinity.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
+
+import math
+from collections.abc import Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,13 +34,18 @@ def _number(v: Any) -> Any:
     if isinstance(v, str):
         try:
             return float(Fraction(v.strip()))
-        except (ValueError, ZeroDivisionError) as e:
+        except (ValueError, ZeroDivisionError):
+            pass
+        try:
+            return float(v)  # "inf" and "nan" are numbers here, refused as not finite by the model
+        except ValueError as e:
             raise ValueError(f"not a number: {v!r}") from e
     return v
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a sigma of inf or an alpha of NaN must fail here, not store NaN statistics.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -118,8 +127,8 @@ class TrainConfig(_Strict):
 
 
 def check_sigma(sigma: float) -> float:
-    if not sigma > 0:
-        raise TbnError(f"sigma must be > 0, got {sigma}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise TbnError(f"sigma must be a finite number > 0, got {sigma}")
     return float(sigma)
 
 
@@ -145,6 +154,10 @@ class CertifyConfig(_Strict):
     max_images: int | None = Field(None, ge=1)
     seed: int = 0
     bn: str = Field("tbn", description="'tbn' (BN statistics calibrated at the same sigma) or 'clean'")
+    shards: int = Field(64, ge=1, description="fixed shards the images are split into; when not set, at most one per image")
+    channels_last: bool = Field(False, description="channels-last memory format: faster convolutions (its own run id)")
+    fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
 
     @field_validator("bn")
     @classmethod
@@ -161,6 +174,51 @@ class EvaluateConfig(_Strict):
     attack_steps: int = Field(50, ge=1, description="iterations per attack run: an evaluation, not training")
     restarts: int = Field(1, ge=1, description="random starts per attack")
     attacks: tuple[str, ...] = ("pgd", "apgd-ce")
+    norm: Norm = Field("l2", description="threat model of the attacks")
+    eps: float = Field(0.5, description="attack budget in [0,1] pixel units (8/255 accepted); > 0, checked with the threat model")
+    step_size: float | None = Field(None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)")
+    seed: int = Field(0, description="random starts derive from (seed, attack, batch)")
+    corruptions: str = Field("all", description="'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow")
+    severities: str = Field("1-5", description="severities: 1-5, 3 or 1,3,5")
+    cifar10c_seed: int = Field(0, description="CIFAR-10-C regeneration seed (per-image randomness derives from it)")
+
+    _num = field_validator("eps", mode="before")(_number)
+
+
+class RayConfig(_Strict):
+    """How work is placed on Ray (ignored by --local): Ray Train's workers and recovery for
+    ``train``, the actor pool of ``certify`` and ``evaluate``. ``None``: decided by the cluster."""
+
+    workers: int = Field(1, ge=1, description="Ray Train DDP workers")
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: a local instance's CPUs / workers; on a cluster 1")
+    gpus_per_worker: int = Field(0, ge=0, le=1, description="0 (gloo on CPU) or 1 (nccl, one GPU per worker)")
+    keep: int = Field(3, ge=1, description="Ray checkpoints kept, the most recent; best.pt is kept besides")
+    max_failures: int = Field(3, ge=0, description="worker failures recovered from the last checkpoint")
+    start_timeout_s: float | None = Field(None, gt=0, description="default: 30 s; 900 s on an autoscaling cluster")
+    actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on a cluster with GPUs, else 0")
+    cpus_per_actor: float | None = Field(None, gt=0, description="default: the node's CPUs per GPU, else 1")
+
+
+class RuntimeConfig(_Strict):
+    """Settings of this process, not of an experiment."""
+
+    threads: int | Literal["auto"] = Field(
+        "auto", description="torch CPU threads; auto: the CPUs this process may use (affinity, cgroup quota), less the load"
+    )
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or (isinstance(v, float) and v != n):
+            raise ValueError(f"use a whole number of threads >= 1, or auto; got {v!r}")
+        return n
 
 
 class ExperimentConfig(_Strict):
@@ -168,16 +226,28 @@ class ExperimentConfig(_Strict):
     calibrate: CalibrateConfig = CalibrateConfig()
     certify: CertifyConfig = CertifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    ray: RayConfig = RayConfig()
 
 
-def _one_line(e: ValidationError, where: str) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top)"
+def _one_line(e: ValidationError, where: str, flags: Mapping[str, str] | None = None) -> str:
+    """Every problem on one line, each named by its command-line flag where it came from one.
+
+    A container's "too short after validation" is left out when one of its items failed:
+    ``--sigma 0`` is one error (the value), not two."""
+    errors = e.errors()
+    failed = [tuple(err["loc"]) for err in errors]
+    parts, all_flags = [], True
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "too_short" and any(f[: len(loc)] == loc and f != loc for f in failed):
+            continue
+        dotted = ".".join(str(p) for p in loc) or "(top)"
+        flag = next((f for d, f in (flags or {}).items() if dotted == d or dotted.startswith(d + ".")), None)
+        all_flags &= flag is not None
         got = err.get("input")
         shown = f" (got {got!r})" if isinstance(got, (str, int, float)) and err["type"] != "value_error" else ""
-        parts.append(f"{loc}: {err['msg']}{shown}")
-    return f"invalid config {where}: " + "; ".join(parts)
+        parts.append(f"{flag or dotted}: {err['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(parts) if all_flags else f"invalid config {where}: " + "; ".join(parts)
 
 
 def _read_yaml(path: str | Path, what: str, holds: str) -> dict[str, Any]:
@@ -194,8 +264,10 @@ def _read_yaml(path: str | Path, what: str, holds: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
-    """Read a YAML experiment config (or the defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, flags: Mapping[str, str] | None = None, **overrides: Any) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults), apply dotted overrides, validate.
+
+    ``flags`` names the command-line flag of a dotted field, for the error message."""
     raw: dict[str, Any] = {}
     where = "(defaults)"
     if path is not None:
@@ -213,20 +285,30 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise TbnError(_one_line(e, where)) from None
+        raise TbnError(_one_line(e, where, flags)) from None
 
 
-def parse_config(model: type[BaseModel], raw: dict[str, Any], where: str) -> Any:
-    """Validate a stored config section (e.g. from a checkpoint) with a one-line error."""
+def parse_config(model: type[BaseModel], raw: dict[str, Any], where: str, flags: Mapping[str, str] | None = None) -> Any:
+    """Validate a stored config section (e.g. from a checkpoint) or flags with a one-line error."""
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise TbnError(_one_line(e, where)) from None
+        raise TbnError(_one_line(e, where, flags)) from None
 
 
 def default(model: type[BaseModel], field: str) -> Any:
     """The default of one field, for CLI help texts."""
     return model.model_fields[field].default
+
+
+def shown_default(model: type[BaseModel], field: str) -> str:
+    """A field's default as a help text writes it: ``off`` for False, ``0.12, 0.25`` for a tuple."""
+    value = default(model, field)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
 
 
 # --- tbn-ray sweep -------------------------------------------------------------------------
@@ -312,6 +394,9 @@ class SweepConfig(_Strict):
             "calibrate.sigmas": "sigmas" in self.calibrate.model_fields_set,
             **{f"certify.{k}": k in self.certify.model_fields_set for k in ("sigmas", "skip", "start", "max_images", "bn")},
         }
+        certify_only = [f"certify.{k}" for k in ("shards", "channels_last", "fold_bn", "amp") if k in self.certify.model_fields_set]
+        if certify_only:
+            raise ValueError(f"{', '.join(certify_only)}: settings of tbn-ray certify, not used by a sweep; remove from the config")
         set_here = [k for k, v in owned.items() if v]
         if set_here:
             raise ValueError(

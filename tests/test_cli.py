@@ -107,10 +107,10 @@ def test_calibrate_refuses_a_missing_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sigma", "0"], "greater than 0"),
+        (["--sigma", "0"], "--sigma: Input should be greater than 0 (got 0.0)"),
         (["--sigma", "-0.5"], "greater than 0"),
         (["--n0", "0"], "n0"),
-        (["--n", "0"], "certify.n"),
+        (["--n", "0"], "--n: Input should be greater than or equal to 1"),
         (["--alpha", "1.5"], "alpha"),
         (["--alpha", "0"], "alpha"),
     ],
@@ -169,3 +169,42 @@ def test_the_quickstart_config_is_found_from_any_directory(tmp_path, monkeypatch
     assert load_config(shipped_config("quickstart.yaml")).train.name == "mine"
     with pytest.raises(TbnError, match="pass --config PATH"):
         shipped_config("nope.yaml")
+
+
+def test_show_a_run_with_and_without_certifications(trained, tmp_path):
+    from tbn_ray.jobs.show import describe_run
+    from tbn_ray.store.runs import Run
+
+    full = ok(tbn("show", str(trained), cwd=tmp_path)).stdout
+    summary = json.loads(next(trained.rglob("summary.json")).read_text())
+    assert "model: tiny, trained 1 of 1 epochs" in full and "byte-exact" in full
+    assert "TBN statistics: sigma=0.25" in full and "best held-out PGD accuracy" in full
+    assert f"- {summary['params']['run_id']}" in full and "sigma=0.25: 6/6 images, n0=10 n=100 alpha=0.01" in full
+    assert "evaluations: none" in full
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(trained / "checkpoint.pt", bare / "checkpoint.pt")
+    text = describe_run(Run.open(str(bare)))
+    assert "certifications: none" in text and "TBN statistics: none calibrated" in text and "trained 1 of 1" in text
+
+
+def test_show_a_run_on_s3(trained, s3_bucket):
+    from tbn_ray.jobs.show import describe_run
+    from tbn_ray.store.runs import Run
+    from tbn_ray.store.storage import Storage
+
+    remote = Storage.open(f"{s3_bucket}/runs/tiny")
+    for path in trained.rglob("*"):
+        if path.is_file():
+            remote.write_bytes(path.relative_to(trained).as_posix(), path.read_bytes())
+    text = describe_run(Run.open(remote.uri))
+    assert text.startswith(f"run: {remote.uri}") and "sigma=0.25: 6/6 images" in text and "TBN statistics: sigma=0.25" in text
+
+
+def test_missing_things_point_at_show_and_bad_numbers_fail_before_ray(trained, tmp_path):
+    p = tbn("certify", str(trained), "--local", "--sigma", "0.3", cwd=tmp_path)
+    assert p.returncode == 2 and f"tbn-ray show {trained}" in p.stderr and "tbn-ray calibrate" in p.stderr
+    p = tbn("certify", str(trained), "--actors", "0", "--sigma", "inf", cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--sigma: Input should be a finite number" in p.stderr and "--actors: Input should be greater than or equal to 1" in p.stderr
+    assert "Ray" not in p.stdout  # refused before a Ray instance starts

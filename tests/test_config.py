@@ -83,3 +83,46 @@ def test_evaluate_section_of_an_experiment_config(tmp_path):
     path.write_text("evaluate: {attack_steps: 7, attacks: [pgd]}\n")
     cfg = load_config(path, **{"evaluate.restarts": 3, "evaluate.batch_size": None}).evaluate
     assert (cfg.attack_steps, cfg.attacks, cfg.restarts, cfg.batch_size) == (7, ("pgd",), 3, EvaluateConfig().batch_size)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"calibrate.sigmas": [float("inf")]}, "--sigma: Input should be a finite number"),
+        ({"certify.alpha": float("nan")}, "--alpha: Input should be a finite number"),
+        ({"ray.start_timeout_s": float("inf")}, "--start-timeout: Input should be a finite number"),
+        ({"evaluate.eps": "inf"}, "--eps: Input should be a finite number"),
+        ({"train.optim.lr": float("inf")}, "train.optim.lr: Input should be a finite number"),
+    ],
+)
+def test_no_field_takes_nan_or_infinity_and_errors_name_the_flag(override, message):
+    flags = {"calibrate.sigmas": "--sigma", "certify.alpha": "--alpha", "ray.start_timeout_s": "--start-timeout", "evaluate.eps": "--eps"}
+    with pytest.raises(TbnError) as e:
+        load_config(None, flags=flags, **override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_sigma_is_one_error_not_two():
+    with pytest.raises(TbnError) as e:
+        load_config(None, flags={"certify.sigmas": "--sigma"}, **{"certify.sigmas": [-0.5]})
+    assert str(e.value) == "--sigma: Input should be greater than 0 (got -0.5)"
+
+
+def test_ray_placement_and_threads_are_validated_before_anything_starts():
+    for field, value in (("actors", 0), ("cpus_per_actor", 0), ("gpus_per_actor", -1), ("workers", 0), ("keep", 0)):
+        with pytest.raises(TbnError, match=f"ray.{field}"):
+            load_config(None, **{f"ray.{field}": value})
+    from tbn_ray.config import RuntimeConfig
+
+    assert parse_config(RuntimeConfig, {"threads": "3"}, "--threads").threads == 3
+    assert RuntimeConfig().threads == "auto"
+    for bad in ("0", "two", 1.5):
+        with pytest.raises(TbnError, match="whole number of threads"):
+            parse_config(RuntimeConfig, {"threads": bad}, "--threads")
+
+
+def test_certify_only_settings_are_refused_in_a_sweep(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("certify: {n: 100, fold_bn: true}\n")
+    with pytest.raises(TbnError, match="certify.fold_bn: settings of tbn-ray certify"):
+        load_sweep_config(path)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tbn_ray.errors import TbnError
@@ -183,3 +184,13 @@ def disconnect(cluster: RayCluster) -> None:
 
     if cluster.connected_here and ray.is_initialized():
         ray.shutdown()
+
+
+@contextmanager
+def connected(address: str | None = None, **options) -> Iterator[RayCluster]:  # type: ignore[no-untyped-def]
+    """``connect(address, **options)`` for the block, ``disconnect`` after it, however it ends."""
+    cluster = connect(address, **options)
+    try:
+        yield cluster
+    finally:
+        disconnect(cluster)

@@ -197,11 +197,12 @@ def noise_accuracy(
 def quickstart_run(config_path, root: Storage, *, data: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Train briefly, calibrate TBN, certify a few dozen test images, write the report."""
     from tbn_ray.config import load_config
-    from tbn_ray.reports.certify import load_summaries, write_report
+    from tbn_ray.reports.certify import accuracy_table, load_summaries, write_report
 
     cfg = load_config(config_path, **{"train.data.source": data, "train.device": device})
     root.check()
     run = Run(root.child(cfg.train.name))
+    before = run.load_checkpoint().epoch if run.has_checkpoint() else 0
     t0 = time.perf_counter()
     ckpt = train_run(cfg.train, run)
     t_train = time.perf_counter() - t0
@@ -212,16 +213,18 @@ def quickstart_run(config_path, root: Storage, *, data: str | None = None, devic
     run.storage.write_json("noise_accuracy.json", {"rows": effect, **data_meta(d), "test_images": len(test)})
     out = run.storage.child("certify")
     outputs = certify_run(run, cfg.certify, out, device=cfg.train.device)
-    files = write_report(load_summaries(out), out, title=f"tbn-ray quickstart ({cfg.train.model.arch}, {d.description})")
+    summaries = load_summaries(out)
+    files = write_report(summaries, out, title=f"tbn-ray quickstart ({cfg.train.model.arch}, {d.description})")
     metrics = ckpt.meta.get("metrics", {})
-    log(f"trained {ckpt.epoch} epochs in {t_train:.0f} s: held-out clean {metrics.get('heldout_clean_acc')}, PGD {metrics.get('heldout_pgd_acc')}")
+    trained = f"already trained ({ckpt.epoch} epochs)" if before >= ckpt.epoch else f"trained epochs {before + 1}-{ckpt.epoch} in {t_train:.0f} s"
+    clean, pgd = (metrics.get(k) for k in ("heldout_clean_acc", "heldout_pgd_acc"))
+    log(f"{trained}: held-out clean accuracy {clean if clean is None else round(clean, 3)}, PGD {pgd if pgd is None else round(pgd, 3)}")
     for row in effect:
         log(
             f"accuracy under N(0, {row['sigma']:g}^2) noise on {row['images']} test images: "
             f"clean BN {row['accuracy_clean_bn']:.3f} -> TBN {row['accuracy_tbn']:.3f}"
         )
-    for o in outputs:
-        log(f"sigma={o.sigma:g}: certified accuracy {o.summary['certified_accuracy']}, ACR {o.summary['acr']:.3f}")
+    print(accuracy_table(summaries))
     log(f"run directory: {run.uri}")
     log(f"report: {files['report.md']} and {files['certified_accuracy.png']}")
     return {"train_seconds": t_train, "noise_accuracy": effect, "certify": [o.summary for o in outputs]}

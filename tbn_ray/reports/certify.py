@@ -5,6 +5,10 @@ The best-sigma-per-radius envelope is drawn and labelled as what it is: sigma ch
 after the fact for each radius, not the accuracy of any single smoothed classifier
 (science.md, soundness rule 4). Cohen et al.'s published rows are a different model
 on all 10,000 test images, shown as a reference point only.
+
+Each row also states its radius cap: with n samples at level alpha no radius above
+sigma * Phi^-1(alpha^(1/n)) can be certified (about 2.7 sigma at n=2,000, alpha=0.001), so
+a zero beyond it says "not certifiable at this n", not "the model fails there".
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -45,6 +50,22 @@ COHEN_PUBLISHED: tuple[dict[str, Any], ...] = tuple(
         (0.5, {"0.0": 0.688, "0.25": 0.582, "0.5": 0.462, "0.75": 0.345, "1.0": 0.245}, 0.571),
     )
 )
+
+#: Marks a cell whose radius lies above the row's radius cap.
+ABOVE_CAP = "†"
+
+
+def radius_cap(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with ``n`` samples at ``alpha``: even n votes out of n
+    give only pA_lower = alpha^(1/n) (Clopper-Pearson), hence radius sigma * Phi^-1(alpha^(1/n))."""
+    return float(sigma) * NormalDist().inv_cdf(float(alpha) ** (1 / int(n)))
+
+
+def cap_note(sigma: float, n: int, alpha: float) -> str:
+    """The cap in words, for logs and reports."""
+    cap = radius_cap(sigma, n, alpha)
+    return f"sigma={sigma:g}: no radius above {cap:.2f} ({cap / sigma:.2f} sigma) is certifiable with n={n} samples at alpha={alpha:g}"
+
 
 #: What every row shows besides sigma.
 SETUP_KEYS = ("model", "data_source", "bn", "n0", "n", "alpha")
@@ -83,6 +104,7 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "sigma": params["sigma"],
         **row,
+        "radius_cap": _cap_of(params),
         "images": summary["images"],
         "certified_accuracy": summary["certified_accuracy"],
         "acr": summary["acr"],
@@ -90,6 +112,13 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
         "bn_mode": mode,
         "setup": json.dumps([mode, summary["images"], *(params.get(k) for k in SAME_SETUP)], default=str),
     }
+
+
+def _cap_of(params: dict[str, Any]) -> float | None:
+    try:
+        return radius_cap(params["sigma"], params["n"], params["alpha"])
+    except (KeyError, TypeError, ValueError):  # a summary without n or alpha: no cap to state
+        return None
 
 
 def _envelopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -116,18 +145,41 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _cells(row: dict[str, Any], radii: list[str]) -> list[str]:
+    """Certified accuracy per radius, marked where the radius is above the row's cap."""
+    cap = row.get("radius_cap")
+    return [
+        _percent(row["certified_accuracy"].get(r)) + (ABOVE_CAP if cap is not None and r in row["certified_accuracy"] and float(r) > cap else "")
+        for r in radii
+    ]
+
+
+def _cap_cell(row: dict[str, Any]) -> str:
+    return "-" if row.get("radius_cap") is None else f"{row['radius_cap']:.2f}"
+
+
+def accuracy_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Certified accuracy (%) per sigma as a plain-text table, for the terminal."""
+    rows = sorted((_row(s) for s in summaries), key=lambda r: (r["bn"], r["sigma"]))
+    radii = sorted({r for row in rows for r in row["certified_accuracy"]}, key=float)
+    head = ["sigma", "BN", "images", *(f"r={r}" for r in radii), "ACR", "max r"]
+    body = [[f"{row['sigma']:g}", row["bn"], str(row["images"]), *_cells(row, radii), f"{row['acr']:.3f}", _cap_cell(row)] for row in rows]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in (head, *body)]
+    return "\n".join(["certified accuracy (%) at l2 radius r:", *lines, f"{ABOVE_CAP}: above max r, not certifiable with this n and alpha"])
+
+
 def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
-    head = ["", "sigma", "model", "data source", "BN mode", "n0", "n", "alpha", "images"]
+    head = ["", "sigma", "model", "data source", "BN mode", "n0", "n", "alpha", "images", "max r"]
     head += [f"r={r}" for r in radii] + ["ACR", "abstain %"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def line(label: str, row: dict[str, Any], cells: list[str], acr: str, abstain: str) -> str:
         setup = [str(row.get(k, "-")) for k in ("sigma", "model", "data_source", "bn", "n0", "n", "alpha", "images")]
-        return "| " + " | ".join([label, *setup, *cells, acr, abstain]) + " |"
+        return "| " + " | ".join([label, *setup, _cap_cell(row), *cells, acr, abstain]) + " |"
 
     for row in rows:
-        cells = [_percent(row["certified_accuracy"].get(r)) for r in radii]
-        lines.append(line("measured", row, cells, f"{row['acr']:.3f}", _percent(row["abstain_rate"])))
+        lines.append(line("measured", row, _cells(row, radii), f"{row['acr']:.3f}", _percent(row["abstain_rate"])))
     for env in envelopes:
         cells = [
             f"{_percent(env['certified_accuracy'][r])} (sigma={env['best_sigma'][r]})"
@@ -137,12 +189,15 @@ def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
         ]
         lines.append(line(f"**{ENVELOPE_LABEL}**", {**env, "sigma": "best per radius"}, cells, "-", "-"))
     for ref in reference:
-        cells = [_percent(ref["certified_accuracy"].get(r)) for r in radii]
-        lines.append(line(f"*{ref['label']}*", ref, cells, f"{ref['acr']:.3f}", "-"))
+        lines.append(line(f"*{ref['label']}*", ref, _cells(ref, radii), f"{ref['acr']:.3f}", "-"))
     lines += [
         "",
         "Certified accuracy (%) at l2 radius r: the fraction of images whose smoothed prediction is "
         "correct AND certified with radius >= r (Cohen et al. 2019, CERTIFY). ACR: mean of radius x correct.",
+        "",
+        f"max r: the largest radius certifiable with the row's n and alpha, sigma x Phi^-1(alpha^(1/n)) "
+        f"(all n votes for one class give pA_lower = alpha^(1/n)). {ABOVE_CAP} marks radii above it: there certified "
+        "accuracy is 0 whatever the model; more samples (n) raise the cap. On the plot, the dotted vertical lines.",
         "",
         "The envelope row picks, at each radius, the sigma with the highest certified accuracy after the fact; "
         "it is not the accuracy of any single smoothed classifier.",
@@ -164,23 +219,36 @@ def _plot(title: str, radii: list[str], rows, envelopes, reference) -> Figure:
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.add_subplot()
 
-    def curve(acc: dict[str, float], **style: Any) -> None:
+    def curve(acc: dict[str, float], **style: Any) -> Any:
         points = [(float(r), 100 * acc[r]) for r in radii if r in acc]
         # steps-pre: between two tabulated radii the value of the larger one, a lower bound of the true curve
-        ax.plot(*zip(*points), drawstyle="steps-pre", marker="o", markersize=3, **style)
+        return ax.plot(*zip(*points), drawstyle="steps-pre", marker="o", markersize=3, **style)[0]
 
     for row in rows:
-        curve(row["certified_accuracy"], label=f"sigma={row['sigma']} ({row['bn']}, {row['model']})")
+        drawn = curve(row["certified_accuracy"], label=f"sigma={row['sigma']} ({row['bn']}, {row['model']})")
+        cap = row.get("radius_cap")
+        if cap is not None and cap <= float(radii[-1]):
+            ax.axvline(cap, color=drawn.get_color(), linestyle=":", linewidth=1, label=f"max certifiable r at sigma={row['sigma']}, n={row['n']}")
     for env in envelopes:
         label = f"{ENVELOPE_LABEL} [{env['bn']}, {env['model']}]"
         curve(env["certified_accuracy"], color="black", linestyle=":", linewidth=2.5, label=label)
     for ref, linestyle in zip(reference, ("--", "-.")):
         curve(ref["certified_accuracy"], color="grey", linestyle=linestyle, label=ref["label"])
-    ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), title=title)
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100))
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def _plot_title(title: str, summaries: Sequence[dict[str, Any]]) -> str:
+    """The title with each run's location shortened to the run's name: a plot is no place for a path."""
+    for run in sorted({str(s["params"].get("run", "")) for s in summaries}, key=len, reverse=True):
+        name = run.rstrip("/").rpartition("/")[2]
+        if run and name:
+            title = title.replace(run, name)
+    return title
 
 
 def write_report(
@@ -196,12 +264,12 @@ def write_report(
         raise TbnError("no certification summaries to report; run certification first")
     rows = sorted((_row(s) for s in summaries), key=lambda r: (*(str(r[k]) for k in SETUP_KEYS), r["sigma"]))
     envelopes = _envelopes(rows)
-    reference = list(COHEN_PUBLISHED)
+    reference = [{**ref, "radius_cap": _cap_of(ref)} for ref in COHEN_PUBLISHED]
     radii = sorted({r for row in (*rows, *reference) for r in row["certified_accuracy"]}, key=float)
     store = as_storage(out)
     report = {"title": title, "rows": rows, "envelopes": envelopes, "reference": reference}
     with store.writer("certified_accuracy.png") as f:
-        _plot(title, radii, rows, envelopes, reference).savefig(f, format="png")
+        _plot(_plot_title(title, summaries), radii, rows, envelopes, reference).savefig(f, format="png")
     return {
         "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference) + (f"\n{extra}" if extra else "")),
         "certified_accuracy.png": store.object_uri("certified_accuracy.png"),

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from tbn_ray.config import DataConfig
-from tbn_ray.errors import TbnError
+from tbn_ray.errors import TbnError, log
 
 CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 #: Per-channel mean and std of the 50,000 official training images in [0,1] pixel units.
@@ -237,7 +237,10 @@ def _decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[s
     slots = {split: [np.flatnonzero(y == c) for c in range(len(CLASSES))] for split, y in labels.items()}
     images = {split: np.zeros((len(y), 32, 32, 3), dtype=np.uint8) for split, y in labels.items()}
     filled = {split: np.zeros(len(y), dtype=bool) for split, y in labels.items()}
-    with tarfile.open(archive, "r:gz") as tar:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(y) for y in labels.values()), desc="decode CIFAR-10 JPEG (once)", unit="img", dynamic_ncols=True)
+    with bar, tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             m = _JPEG_MEMBER.match(member.name)
             if not member.isfile() or m is None:
@@ -251,6 +254,7 @@ def _decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[s
             with Image.open(io.BytesIO(fileobj.read()), formats=["JPEG"]) as im:
                 images[split][i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
             filled[split][i] = True
+            bar.update()
     for split, ok in filled.items():
         if not ok.all():
             raise TbnError(f"{archive} lacks {int((~ok).sum())} {split} images; restore the original cifar10-jpeg folder")
@@ -289,6 +293,7 @@ def _load_jpeg(shared: Path, cache_dir: Path) -> tuple[Split, Split]:
             warnings.warn(f"unreadable JPEG cache {cache} ({e}); decoding again", stacklevel=3)
     with np.load(shared / _JPEG_DIR / _JPEG_LABELS, allow_pickle=False) as z:
         labels = {"train": z["train_labels"].astype(np.int64), "test": z["test_labels"].astype(np.int64)}
+    log(f"decoding the CIFAR-10 JPEG mirror: once only, later runs read the decoded arrays from {cache}")
     images = _decode_jpeg_archive(shared / _JPEG_DIR / _JPEG_ARCHIVE, labels)
     arrays = (images["train"], labels["train"], images["test"], labels["test"])
     try:

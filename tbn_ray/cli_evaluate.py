@@ -1,0 +1,200 @@
+"""``tbn-ray data`` and ``tbn-ray evaluate``: CIFAR-10-C, and robustness per BN mode.
+
+Their defaults are the ``evaluate`` section of the experiment config (``config.EvaluateConfig``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tbn_ray.cli_options import (
+    POOL_FLAGS, ActorsOpt, Command, AddressOpt, ConfigOpt, CpusPerActorOpt, DataOpt, GpusPerActorOpt, IndicesOpt, LocalDeviceOpt,
+    ProgressOpt, RunArg, StorageOpt, about, about_run, check_local, data_override, load_flags, parse_indices, pool_options,
+    require_ray, storage_root,
+)  # fmt: skip
+from tbn_ray.config import EvaluateConfig, ExperimentConfig
+from tbn_ray.errors import log
+
+
+def _help_when_bare(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+data_app = typer.Typer(rich_markup_mode=None, invoke_without_command=True, callback=_help_when_bare, help="Data sets derived from CIFAR-10, cached in the storage layer.")
+evaluate_app = typer.Typer(
+    rich_markup_mode=None, invoke_without_command=True, callback=_help_when_bare,
+    help="Corruption (CIFAR-10-C) and adversarial robustness per BN mode, sharded across Ray actors.",
+)  # fmt: skip
+
+CorruptionsOpt = Annotated[Optional[str], typer.Option(help=about("'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions"))]
+SeveritiesOpt = Annotated[Optional[str], typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities"))]
+Cifar10cSeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help=about("CIFAR-10-C regeneration seed (per-image randomness derives from it)", EvaluateConfig, "cifar10c_seed"))
+]
+ReleasedOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="folder of the released CIFAR-10-C (<corruption>.npy, labels.npy), imported instead of regenerated (default: regenerate)"),
+]
+BnOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)"),
+]
+BatchOpt = Annotated[
+    Optional[int], typer.Option(help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size"))
+]
+LocalOpt = Annotated[bool, typer.Option("--local", help="evaluate in this process, without Ray")]
+
+
+def _evaluate_config(
+    config: Path | None, flags: dict[str, tuple[str, Any]], *, local: bool, device: str | None, address: str | None,
+    actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float | None,
+) -> ExperimentConfig:
+    """Local-versus-Ray checks, then the experiment config with the flags applied."""
+    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
+    check_local(local, device, "--gpus-per-actor", {"--address": address, **pool})
+    return load_flags(config, {**flags, "--device": ("train.device", device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}})
+
+
+def _run_evaluation(plan, cfg: ExperimentConfig, *, local: bool, address: str | None, progress: bool) -> None:  # type: ignore[no-untyped-def]
+    """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
+    from tbn_ray.jobs.evaluate import run_in_process
+    from tbn_ray.reports.evaluation import evaluation_section
+    from tbn_ray.science.training import resolve_device
+    from tbn_ray.store.storage import Storage
+
+    if local:
+        result = run_in_process(plan, resolve_device(cfg.train.device), progress=progress)
+    else:
+        require_ray(", or evaluate in this process with --local")
+        from tbn_ray.distributed.evaluate import run_plan_on_ray
+        from tbn_ray.distributed.runtime import connected
+
+        with connected(address, log=log) as cluster:
+            result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=progress)
+    print(evaluation_section(Storage.open(plan.run_uri), image=None))
+    log(f"results in {result.location}: {result.items_computed} item(s) computed now, {result.items_skipped} reused; report {result.report}")
+
+
+@data_app.command("cifar10c", cls=Command)
+def data_cifar10c(
+    severities: SeveritiesOpt = None,
+    corruptions: CorruptionsOpt = None,
+    seed: Cifar10cSeedOpt = None,
+    data: DataOpt = None,
+    indices: IndicesOpt = None,
+    released: ReleasedOpt = None,
+    storage: StorageOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Regenerate CIFAR-10-C from the test set once (Hendrycks & Dietterich's CIFAR parameters, seeded),
+    one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
+    import numpy as np
+
+    from tbn_ray.jobs.evaluate import select_test
+    from tbn_ray.science.corruptions import parse_corruptions, parse_severities
+    from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
+    from tbn_ray.science.data import load_from_config
+
+    ev = load_flags(None, {"--severities": ("evaluate.severities", severities), "--corruptions": ("evaluate.corruptions", corruptions), "--seed": ("evaluate.cifar10c_seed", seed)}).evaluate
+    names, levels = parse_corruptions(ev.corruptions), parse_severities(ev.severities)
+    start, stop = parse_indices(indices)
+    root = storage_root(storage)
+    root.check()
+    if released is not None:
+        c10c = released_cifar10c(root, released, np.arange(start or 0, 10_000 if stop is None else stop), names, levels, progress=progress)
+        c10c.write_metadata()
+        log(f"{c10c.description}: {len(names)} x {len(levels)} arrays of {len(c10c.index)} images in {c10c.storage.uri}")
+        return
+    d = load_from_config(data_override(data or "auto"))
+    c10c = regenerated_cifar10c(root, select_test(d, start, stop), seed=ev.cifar10c_seed, data_description=d.description)
+    written, present = generate_cifar10c(c10c, names, levels, progress=progress)
+    log(f"{c10c.description}: {written} array(s) written, {present} already there, {len(c10c.index)} images each -> {c10c.storage.uri}")
+    log(f"sample grid: {c10c.storage.object_uri('sample_grid.png')}")
+
+
+@evaluate_app.command("corruptions", cls=Command)
+def evaluate_corruptions(
+    run: RunArg,
+    bn: BnOpt = None,
+    config: ConfigOpt = None,
+    batch_size: BatchOpt = None,
+    corruptions: CorruptionsOpt = None,
+    severities: SeveritiesOpt = None,
+    seed: Cifar10cSeedOpt = None,
+    indices: IndicesOpt = None,
+    released: ReleasedOpt = None,
+    storage: Annotated[Optional[str], typer.Option(help="root of the CIFAR-10-C cache, as tbn-ray data cifar10c --storage (default: the run's parent)")] = None,
+    data: DataOpt = None,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = None,
+    cpus_per_actor: CpusPerActorOpt = None,
+    device: LocalDeviceOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into RUN/evaluate/;
+    resumable: the same command again skips finished items. Missing arrays are generated and cached."""
+    from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
+    from tbn_ray.store.runs import Run
+
+    cfg = _evaluate_config(config, {
+        "--batch-size": ("evaluate.batch_size", batch_size), "--corruptions": ("evaluate.corruptions", corruptions),
+        "--severities": ("evaluate.severities", severities), "--seed": ("evaluate.cifar10c_seed", seed),
+    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+    ev = cfg.evaluate
+    start, stop = parse_indices(indices)
+    with about_run(run):
+        plan = plan_corruptions(
+            Run.open(run), bn or [], cache_root=storage_root(storage) if storage else None, corruptions=ev.corruptions, severities=ev.severities,
+            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=released, data_cfg=data_override(data), start=start, stop=stop, progress=progress,
+        )  # fmt: skip
+    _run_evaluation(plan, cfg, local=local, address=address, progress=progress)
+
+
+@evaluate_app.command("attack", cls=Command)
+def evaluate_attack(
+    run: RunArg,
+    bn: BnOpt = None,
+    norm: Annotated[Optional[str], typer.Option(help=about("l2 | linf", EvaluateConfig, "norm"))] = None,
+    eps: Annotated[Optional[str], typer.Option(help=about("budget in [0,1] pixel units, e.g. 0.5 or 8/255", EvaluateConfig, "eps"))] = None,
+    config: ConfigOpt = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help=about("pgd | apgd-ce, repeatable", EvaluateConfig, "attacks"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=about("iterations per attack run", EvaluateConfig, "attack_steps"))] = None,
+    restarts: Annotated[Optional[int], typer.Option(help=about("random restarts", EvaluateConfig, "restarts"))] = None,
+    step_size: Annotated[Optional[float], typer.Option(help="PGD step size; APGD sets its own (default: 2.5 eps / steps)")] = None,
+    batch_size: BatchOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help=about("random starts derive from (seed, attack, batch)", EvaluateConfig, "seed"))] = None,
+    indices: IndicesOpt = None,
+    data: DataOpt = None,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
+    gpus_per_actor: GpusPerActorOpt = None,
+    cpus_per_actor: CpusPerActorOpt = None,
+    device: LocalDeviceOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
+    their batch statistics. Into RUN/evaluate/; resumable like certify."""
+    from tbn_ray.jobs.evaluate_attack import plan_attack
+    from tbn_ray.store.runs import Run
+
+    cfg = _evaluate_config(config, {
+        "--attack": ("evaluate.attacks", attack or None), "--steps": ("evaluate.attack_steps", steps), "--restarts": ("evaluate.restarts", restarts),
+        "--batch-size": ("evaluate.batch_size", batch_size), "--norm": ("evaluate.norm", norm), "--eps": ("evaluate.eps", eps), "--seed": ("evaluate.seed", seed),
+        "--step-size": ("evaluate.step_size", step_size),
+    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+    ev = cfg.evaluate
+    start, stop = parse_indices(indices)
+    with about_run(run):
+        plan = plan_attack(
+            Run.open(run), bn or [], attacks=ev.attacks, norm=ev.norm, eps=ev.eps, steps=ev.attack_steps, restarts=ev.restarts,
+            step_size=ev.step_size, batch_size=ev.batch_size, seed=ev.seed, data_cfg=data_override(data), start=start, stop=stop,
+        )  # fmt: skip
+    _run_evaluation(plan, cfg, local=local, address=address, progress=progress)

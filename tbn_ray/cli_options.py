@@ -1,0 +1,137 @@
+"""What the ``tbn-ray`` commands share: their options, and how flags map onto the typed configs.
+
+A flag that has a config field defaults to ``None`` (the YAML given with ``--config`` decides,
+else the field's default in ``config.py``), and its help shows that default, read from the
+model: no default is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import BaseModel
+from typer.core import TyperCommand
+
+from tbn_ray.config import DataConfig, ExperimentConfig, RayConfig, TrainConfig, load_config, shown_default
+from tbn_ray.errors import TbnError
+from tbn_ray.store.storage import DEFAULT_STORAGE
+
+
+class Command(TyperCommand):
+    """Usage lines write arguments as the README does (``RUN``), not as ``{RUN}``."""
+
+    def collect_usage_pieces(self, ctx):  # type: ignore[no-untyped-def]
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
+def about(text: str, model: type[BaseModel], field: str) -> str:
+    """A help text that ends with the field's default, as ``config.py`` sets it."""
+    return f"{text} (default: {shown_default(model, field)})"
+
+
+def ray_about(text: str, field: str) -> str:
+    """Help for a Ray placement flag; a field without a fixed default explains what decides it."""
+    value = RayConfig.model_fields[field]
+    return f"{text} (default: {value.description.removeprefix('default: ')})" if value.default is None else about(text, RayConfig, field)
+
+
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="run directory (or a checkpoint file in it), local or s3://", show_default=False)]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="experiment YAML, configs/*.yaml (default: none, every default from tbn_ray/config.py)")
+]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help=about("CIFAR-10 source: auto | official | jpeg | partial; env TBN_DATA", DataConfig, "source")),
+]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=about("auto | cpu | cuda | cuda:N", TrainConfig, "device"))]
+LocalDeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help=about("with --local: auto | cpu | cuda | cuda:N", TrainConfig, "device"))
+]
+StorageOpt = Annotated[
+    Optional[str],
+    typer.Option("--storage", help=f"results root: a directory or s3://bucket/prefix (default: $TBN_STORAGE, else {DEFAULT_STORAGE})"),
+]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Ray cluster to join: auto | host:port (default: $RAY_ADDRESS, else a local instance with the dashboard)"),
+]
+ActorsOpt = Annotated[Optional[int], typer.Option(help=ray_about("actors to start", "actors"))]
+GpusPerActorOpt = Annotated[Optional[float], typer.Option(help=ray_about("GPUs per actor", "gpus_per_actor"))]
+CpusPerActorOpt = Annotated[Optional[float], typer.Option(help=ray_about("CPUs per actor, also its torch threads", "cpus_per_actor"))]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar (default: on)", show_default=False)]
+IndicesOpt = Annotated[
+    Optional[str], typer.Option(help="test indices START:STOP, STOP excluded (default: every test image of the source)")
+]
+
+#: Ray placement flags of certify and evaluate: flag -> config field.
+POOL_FLAGS = {"--actors": "ray.actors", "--gpus-per-actor": "ray.gpus_per_actor", "--cpus-per-actor": "ray.cpus_per_actor"}
+
+
+def load_flags(config: Path | None, flags: dict[str, tuple[str, Any]]) -> ExperimentConfig:
+    """The experiment config with the flags given applied: ``{flag: (dotted field, value or None)}``.
+    A bad value is a one-line error that names its flag."""
+    return load_config(config, flags={field: flag for flag, (field, _) in flags.items()}, **dict(flags.values()))
+
+
+def check_local(local: bool, device: str | None, gpu_flag: str, ray_flags: dict[str, Any]) -> None:
+    """Flags that only make sense with Ray (or only with ``--local``) are refused before anything starts."""
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if local and given:
+        raise TbnError(f"{', '.join(given)} need Ray: drop --local")
+    if not local and device is not None:
+        raise TbnError(f"--device applies to --local runs; on Ray, {gpu_flag} decides (0: CPU)")
+
+
+def pool_options(ray: RayConfig) -> dict[str, Any]:
+    """The actor pool's shape as ``run_plan_on_ray`` takes it."""
+    return {"actors": ray.actors, "gpus_per_actor": ray.gpus_per_actor, "cpus_per_actor": ray.cpus_per_actor}
+
+
+def index_range(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        first, last = int(start), int(stop)
+    except ValueError:
+        first = last = -1
+    if not sep or not 0 <= first < last:
+        raise TbnError(f"--indices {text!r}: use START:STOP with 0 <= START < STOP, e.g. 0:10000")
+    return first, last
+
+
+def parse_indices(text: str | None) -> tuple[int | None, int | None]:
+    return index_range(text) if text is not None else (None, None)
+
+
+def data_override(source: str | None) -> DataConfig | None:
+    from tbn_ray.config import parse_config
+
+    return None if source is None else parse_config(DataConfig, {"source": source}, "--data")
+
+
+def storage_root(storage: str | None):  # type: ignore[no-untyped-def]
+    from tbn_ray.store.storage import Storage, default_storage_uri
+
+    return Storage.open(storage or default_storage_uri())
+
+
+@contextmanager
+def about_run(run: str) -> Iterator[None]:
+    """A missing checkpoint, statistics set or result in ``run`` points the user at ``tbn-ray show``."""
+    try:
+        yield
+    except TbnError as e:
+        if str(e).startswith("no ") and "tbn-ray show" not in str(e):
+            raise type(e)(f"{e} (tbn-ray show {run} lists what the run holds)") from None
+        raise
+
+
+def require_ray(alternative: str) -> None:
+    """A one-line error where Ray is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        raise TbnError(f"Ray is not installed ({e.name}): pip install 'tbn-ray[ray]'{alternative}") from None
