@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tbn_ray.config import REPORT_RADII, AttackConfig, EvaluateConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config, parse_config
+from tbn_ray.config import load_reproduce_config, REPORT_RADII, AttackConfig, EvaluateConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config, parse_config
 from tbn_ray.errors import TbnError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -16,6 +16,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_configs_validate(path):
     if path.name.startswith("sweep"):
         assert isinstance(load_sweep_config(path), SweepConfig)
+    elif path.name == "paper.yaml":
+        cfg = load_reproduce_config(path)
+        assert [cfg.train_config(m).attack.norm for m in cfg.models] == ["l2", "l2", "l2", "linf"]
     else:
         assert isinstance(load_config(path), ExperimentConfig)
 
