@@ -1,8 +1,10 @@
 """Distributed PGD adversarial training on Ray Train (V2 ``TorchTrainer``, DDP).
 
-The worker loop is ``training.train_epoch``/``training.evaluate`` plus Ray's three calls
-(``prepare_model``, ``prepare_data_loader``, ``ray.train.report``): the science stays in
-the science modules. Backend: nccl when workers have GPUs, else gloo.
+The worker loop is a shell around ``training.fit``, the loop the in-process pipeline runs,
+with Ray's three calls passed in (``prepare_model``, ``prepare_data_loader``,
+``ray.train.report``) and the collectives over the process group (all-reduce of the epoch
+metrics, rank 0's BN statistics broadcast): the science stays in the science modules.
+Backend: nccl when workers have GPUs, else gloo.
 
 Global batch rule: ``optim.batch_size`` is the GLOBAL batch. Each of W workers trains on
 ``batch_size / W`` images per step (W must divide it), so one SGD step always averages
@@ -33,7 +35,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,17 +46,16 @@ from tbn_ray.science import data as data_mod
 from tbn_ray.config import TrainConfig
 from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
-from tbn_ray.jobs.pipeline import write_metrics, write_metrics_plot
+from tbn_ray.jobs.pipeline import epoch_line, existing_checkpoint, resume_from, save_epoch
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.training import epoch_seed, evaluate, initial_model, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
+from tbn_ray.science.training import DataParallel, EpochCallback, fit, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
     from tbn_ray.distributed.runtime import RayCluster
 
-BEST = "best.pt"
 RAY_CHECKPOINT_PREFIX = "checkpoint_epoch"
 #: A failed or timed-out start of the worker group is retried this often, then the run fails.
 CONTROLLER_FAILURE_LIMIT = 1
@@ -168,8 +168,39 @@ def _broadcast_buffers(model: torch.nn.Module) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buf in model.buffers():
+        for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
+
+
+def _reduce_metrics(metrics: dict[str, Any], device: torch.device, world: int) -> dict[str, Any]:
+    """One worker's epoch metrics -> the group's: image-weighted means, total images, the slowest worker's seconds."""
+    n_eval = metrics["heldout_images"]
+    loss_sum, correct, images, clean, robust, n_all = _all_reduce(
+        [
+            metrics["train_loss"] * metrics["images"],
+            metrics["train_acc"] * metrics["images"],
+            metrics["images"],
+            (metrics["heldout_clean_acc"] or 0.0) * n_eval,
+            (metrics["heldout_pgd_acc"] or 0.0) * n_eval,
+            n_eval,
+        ],
+        device,
+        "sum",
+    )
+    seconds, eval_seconds = _all_reduce([metrics["seconds"], metrics["eval_seconds"]], device, "max")
+    return {
+        **metrics,
+        "train_loss": loss_sum / images,
+        "train_acc": correct / images,
+        "images": int(images),
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "heldout_clean_acc": clean / n_all,
+        "heldout_pgd_acc": robust / n_all,
+        "heldout_images": int(n_all),
+        "eval_seconds": eval_seconds,
+        "workers": world,
+    }
 
 
 def _worker_log(msg: str) -> None:
@@ -177,12 +208,44 @@ def _worker_log(msg: str) -> None:
     logging.getLogger(__name__).info(f"[tbn-ray] {msg}")
 
 
+def _reporter(cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, Any], rank: int, world: int) -> EpochCallback:
+    """``fit``'s per-epoch hook on a Ray worker: every rank reports to Ray Train; rank 0 with a
+    checkpoint, then writes the run's own files (after Ray holds the checkpoint, so they never
+    get ahead of what a restart resumes from)."""
+    import ray.train
+
+    history: list[dict[str, Any]] = list(meta.get("history", []))
+    best = meta.get("best_heldout_pgd_acc")
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> None:
+        nonlocal best
+        is_best = best is None or metrics["heldout_pgd_acc"] > best
+        if is_best:
+            best = metrics["heldout_pgd_acc"]
+            meta["best_epoch"] = epoch + 1
+        history.append(metrics)
+        meta.update(
+            data_meta(d), history=history, metrics=metrics, best_heldout_pgd_acc=best,
+            trainer="ray", workers=world, global_batch_size=cfg.optim.batch_size,
+        )  # fmt: skip
+        name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / CHECKPOINT).write_bytes(ckpt.to_bytes())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        save_epoch(run, ckpt, history, best=is_best)
+        _worker_log(epoch_line(metrics, cfg.optim.epochs))
+
+    return on_epoch
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """One DDP worker: ``train_loop_per_worker`` of the ``TorchTrainer``."""
+    """One DDP worker: ``train_loop_per_worker`` of the ``TorchTrainer``, a shell around ``training.fit``."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, TensorDataset
-    from torch.utils.data.distributed import DistributedSampler
 
     cfg: TrainConfig = config["cfg"]
     run: Run = config["run"]
@@ -192,110 +255,25 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
 
     d = data_mod.load_from_config(cfg.data)
-    model = initial_model(cfg, len(d.classes), device)
-    dataset = TensorDataset(*data_mod.as_tensors(d.train))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_worker = cfg.optim.batch_size // world
-    if len(sampler) < per_worker:
-        raise TbnError(
-            f"{len(d.train)} training images give each of {world} workers fewer than its {per_worker} images "
-            "per batch: lower optim.batch_size or use fewer workers"
-        )
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False
-    )
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, len(loader))
-    scaler = make_grad_scaler(cfg.optim, device)
-
-    start, meta = 0, {}
     resumed = _latest_checkpoint(run)
-    if resumed is not None:
-        resumed.resume_into(model, optimizer, scheduler, cfg.model, run.uri)
-        start, meta = resumed.epoch, dict(resumed.meta)
-    history: list[dict[str, Any]] = list(meta.get("history", []))
-    started = [*meta.get("started_at_epochs", []), start]
-    best = meta.get("best_heldout_pgd_acc")
+    meta = dict(resumed.meta) if resumed is not None else {}
+    start = resumed.epoch if resumed is not None else 0
+    meta["started_at_epochs"] = [*meta.get("started_at_epochs", []), start]
     if rank == 0 and start:
         _worker_log(f"resuming {run.uri} at epoch {start} with {world} worker(s)")
-    model = ray.train.torch.prepare_model(model)  # DDP for world > 1; rank 0's weights are broadcast
-
-    heldout = d.heldout.subset(slice(0, cfg.eval.images))
-    shard = heldout.subset(slice(rank, None, world))  # each worker evaluates every world-th image
-    for epoch in range(start, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + rank))
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_epoch(model, loader, optimizer, scheduler, cfg, device, scaler=scaler, generator=generator)
-        t0 = time.perf_counter()
-        _broadcast_buffers(unwrap(model))
-        ev = evaluate(
-            unwrap(model), shard.images, shard.labels, cfg.eval_attack, device,
-            batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
-        )  # fmt: skip
-        n_eval = ev["images"]
-        loss_sum, correct, images, clean, robust, n_all = _all_reduce(
-            [
-                train["train_loss"] * train["images"],
-                train["train_acc"] * train["images"],
-                train["images"],
-                (ev["clean_acc"] or 0.0) * n_eval,
-                (ev["pgd_acc"] or 0.0) * n_eval,
-                n_eval,
-            ],
-            device,
-            "sum",
-        )
-        seconds, eval_seconds = _all_reduce([train["seconds"], time.perf_counter() - t0], device, "max")
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": loss_sum / images,
-            "train_acc": correct / images,
-            "images": int(images),
-            "seconds": seconds,
-            "images_per_s": images / seconds,
-            "heldout_clean_acc": clean / n_all,
-            "heldout_pgd_acc": robust / n_all,
-            "heldout_images": int(n_all),
-            "eval_seconds": eval_seconds,
-            "workers": world,
-        }
-        is_best = best is None or metrics["heldout_pgd_acc"] > best
-        if is_best:
-            best = metrics["heldout_pgd_acc"]
-            meta["best_epoch"] = epoch + 1
-        history.append(metrics)
-        meta.update(
-            data_meta(d),
-            history=history,
-            metrics=metrics,
-            started_at_epochs=started,
-            best_heldout_pgd_acc=best,
-            trainer="ray",
-            workers=world,
-            global_batch_size=cfg.optim.batch_size,
-        )
-        name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-            continue
-        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
-        payload = ckpt.to_bytes()
-        with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / CHECKPOINT).write_bytes(payload)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-        # After Ray holds the checkpoint, so the run's files never get ahead of what a restart resumes from.
-        run.save_checkpoint(ckpt)
-        if is_best:
-            run.storage.write_bytes(BEST, payload)
-        write_metrics(run, history)
-        write_metrics_plot(run, history)
-        _worker_log(
-            f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.3f} held-out clean "
-            f"{metrics['heldout_clean_acc']:.3f} pgd {metrics['heldout_pgd_acc']:.3f} "
-            f"({metrics['images_per_s']:.0f} img/s on {world} worker(s))"
-        )
+    parallel = DataParallel(
+        rank=rank,
+        world=world,
+        prepare_model=ray.train.torch.prepare_model,  # DDP for world > 1; rank 0's weights are broadcast
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        sync_buffers=_broadcast_buffers,
+        reduce_metrics=lambda metrics: _reduce_metrics(metrics, device, world),
+    )
+    fit(
+        cfg, d, device,
+        resume=resume_from(resumed, cfg, run.uri) if resumed is not None else None,
+        parallel=parallel, on_epoch=_reporter(cfg, run, d, meta, rank, world), progress=False,
+    )  # fmt: skip
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -419,13 +397,8 @@ def train_on_ray(
     if fresh:
         if deleted := run.clear():
             say(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
-    elif run.has_checkpoint():
-        done = run.load_checkpoint()
-        if done.config.model != cfg.model:
-            raise TbnError(f"{run.uri} holds a {done.config.model.arch} run; use another --name or --fresh")
-        if done.epoch >= cfg.optim.epochs:
-            say(f"{run.uri} already trained for {done.epoch} epochs; nothing to do (--fresh to start over)")
-            return done
+    elif (done := existing_checkpoint(run, cfg, say)) is not None and done.epoch >= cfg.optim.epochs:
+        return done
     if not cluster.autoscaling:
         check_fits(scaling, cluster.resources())
     say(
@@ -439,10 +412,5 @@ def train_on_ray(
         final = checkpoint_from_bytes((Path(folder) / CHECKPOINT).read_bytes(), f"{result.checkpoint.path}/{CHECKPOINT}")
     # Rank 0 writes these every epoch; writing the final state again makes the run directory
     # consistent even if the last worker died between Ray's checkpoint and its own writes.
-    run.save_checkpoint(final)
-    if final.meta.get("best_epoch") == final.epoch:
-        run.storage.write_bytes(BEST, final.to_bytes())
-    history = final.meta.get("history", [])
-    write_metrics(run, history)
-    write_metrics_plot(run, history)
+    save_epoch(run, final, final.meta.get("history", []), best=final.meta.get("best_epoch") == final.epoch)
     return final
