@@ -27,6 +27,10 @@ Re-running with the same run name resumes from the latest checkpoint (Ray's, or 
 own ``checkpoint.pt`` left by an in-process run); ``fresh`` empties the run directory first.
 ``meta["started_at_epochs"]`` in each checkpoint records every (re)start of the loop, so a
 resume or a recovery after a lost worker is visible in the checkpoint itself.
+
+The console of a successful run shows tbn-ray's own lines (one per epoch, from rank 0); Ray
+Train's own messages below ERROR go only to its log files (``logs/train`` in the Ray session
+directory, e.g. ``/tmp/ray/session_latest/logs/train`` on the node of the driver and of each worker).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ CONTROLLER_FAILURE_LIMIT = 1
 START_TIMEOUT_STATIC_S = 30.0
 START_TIMEOUT_AUTOSCALING_S = 900.0
 _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: Ray Train's watcher of node drains only logs them; on a one-node cluster (a local instance)
+#: there is no other node to drain, and starting it prints a Ray core error line on every run.
+_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 #: Settings that say WHERE data and storage are (never credentials): workers must see the driver's.
 _PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "TBN_DATA", "TBN_SHARED_DATA", "TBN_DATA_ROOT", "TBN_CACHE")
 
@@ -203,6 +210,20 @@ def _reduce_metrics(metrics: dict[str, Any], device: torch.device, world: int) -
     }
 
 
+class _TbnOnlyBelowWarning(logging.Filter):
+    """On a worker's console, INFO and DEBUG only from tbn-ray: Ray logs its own chatter (some of
+    it under loggers outside ``ray.train``) to its session's log files, where it stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("tbn_ray")
+
+
+def _quiet_console() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_TbnOnlyBelowWarning())
+
+
 def _worker_log(msg: str) -> None:
     # Through logging, not print: Ray Train both tees and logs a worker's print, so it would show twice.
     logging.getLogger(__name__).info(f"[tbn-ray] {msg}")
@@ -253,6 +274,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(config["threads"])
+    _quiet_console()
 
     d = data_mod.load_from_config(cfg.data)
     resumed = _latest_checkpoint(run)
@@ -292,17 +314,18 @@ def check_fits(scaling: Scaling, available: dict[str, float]) -> None:
 
 
 @contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
+def _environ(values: dict[str, str]) -> Iterator[None]:
     """Ray Train reads some settings only from the driver's environment (and passes them on)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def make_trainer(
@@ -312,7 +335,7 @@ def make_trainer(
 
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when a Tune trial drives the run.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, filesystem = root.ray_storage()
@@ -334,6 +357,9 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=recovery.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=list(callbacks) or None,
+            # Ray Train's INFO/WARNING lines (worker-group start, reports, retried requests with their
+            # tracebacks) read as failures on a console; they stay in the session's logs/train files.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
 
@@ -344,13 +370,16 @@ def start_timeout(recovery: Recovery, cluster: RayCluster) -> float:
     return START_TIMEOUT_AUTOSCALING_S if cluster.autoscaling else START_TIMEOUT_STATIC_S
 
 
-def fit_trainer(trainer: TorchTrainer, scaling: Scaling, timeout_s: float) -> Any:
-    """``trainer.fit()`` with a bounded worker start; Ray's failures become one-line TbnErrors."""
+def fit_trainer(trainer: TorchTrainer, scaling: Scaling, timeout_s: float, *, one_node: bool = False) -> Any:
+    """``trainer.fit()`` with a bounded worker start; Ray's failures become one-line TbnErrors.
+
+    ``one_node``: a cluster of one node that cannot grow, whose workers no other node's drain can preempt.
+    """
     from ray.train import ControllerError, WorkerGroupError
 
     attempts = CONTROLLER_FAILURE_LIMIT + 1
     try:
-        with _environ(_START_TIMEOUT_ENV, str(timeout_s)):
+        with _environ({_START_TIMEOUT_ENV: str(timeout_s), **({_PREEMPTION_WATCHER_ENV: "0"} if one_node else {})}):
             return trainer.fit()
     except ControllerError as e:
         cause = e.controller_failure
@@ -405,7 +434,8 @@ def train_on_ray(
         f"training {cfg.model.arch} on Ray: {scaling.workers} worker(s) x {scaling.resources_per_worker()}, "
         f"global batch {cfg.optim.batch_size} ({per_worker} per worker), run {run.uri}"
     )
-    result = fit_trainer(make_trainer(cfg, root, scaling, recovery, callbacks), scaling, start_timeout(recovery, cluster))
+    trainer = make_trainer(cfg, root, scaling, recovery, callbacks)
+    result = fit_trainer(trainer, scaling, start_timeout(recovery, cluster), one_node=not cluster.multi_node())
     if result.checkpoint is None:
         return run.load_checkpoint()
     with result.checkpoint.as_directory() as folder:
