@@ -233,6 +233,35 @@ def test_cli_missing_bucket_or_cluster_exits_2_before_training(s3_server: str, t
     assert time.perf_counter() - t0 < 60
 
 
+def test_cli_train_on_a_local_instance_prints_no_ray_internals(tmp_path: Path) -> None:
+    """A successful `tbn-ray train` on a local Ray instance shows tbn-ray's own lines only: Ray Train's
+    messages (worker-group start, reports, retried internal requests with their tracebacks) stay in
+    its log files."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"train": tiny("quiet", 1)}))
+    # A Ray temp dir of its own (short: Ray's socket paths must stay under 107 bytes): ray.init
+    # joins a cluster that `ray start` left on this machine instead of starting an instance.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tbnray-", dir="/tmp"))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        out = subprocess.run(
+            [*TBN_RAY, "train", "--config", str(config), "--storage", str(tmp_path), "--workers", "1"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "local Ray instance" in out.stdout  # started its own
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert not [line for line in lines if "Traceback" in line], out.stderr[-3000:]
+    # Nothing from Ray Train's controller and workers but tbn-ray's lines (Ray core may still print
+    # a line of its own from other processes, e.g. under heavy CPU contention).
+    train_lines = [line for line in lines if "(TrainController" in line or "(RayTrainWorker" in line]
+    assert not [line for line in train_lines if "[tbn-ray]" not in line], out.stderr[-3000:]
+    assert any("[tbn-ray] epoch 1/1: loss" in line for line in lines), out.stderr[-3000:]  # progress kept
+    assert Run.open(str(tmp_path / "quiet")).load_checkpoint().epoch == 1
+
+
 def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
     import urllib.request
 

@@ -19,6 +19,7 @@ from tbn_ray.config import OptimConfig, TrainConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.models import build_model
 from tbn_ray.science.training import (
+    DataParallel,
     evaluate,
     fit,
     frozen_bn_stats,
@@ -186,6 +187,53 @@ def test_train_epoch_accepts_a_ddp_model_and_distributed_sampler(cifar: data_mod
     bare, ddp_state = results
     for k in bare:
         assert torch.allclose(bare[k], ddp_state[k], atol=1e-6), k
+
+
+def test_fit_as_one_worker_of_a_group_uses_the_hooks_and_resumes_exactly(cifar: data_mod.Cifar10, tmp_path: Path) -> None:
+    """fit as a DDP worker, as Ray Train runs it (one gloo worker here): the model is wrapped, batches
+    come from a DistributedSampler reshuffled each epoch, BN buffers are synced before each evaluation,
+    on_epoch gets the reduced metrics, and the resume hook continues bit for bit."""
+    cfg = CFG.model_copy(update={"eval": CFG.eval.model_copy(update={"images": 32})})
+    d = data_mod.Cifar10(cifar.source, cifar.description, cifar.train.subset(slice(0, 128)), cifar.heldout, cifar.test, cifar.classes)
+    wrapped: list[nn.Module] = []
+    loaders: list[DataLoader] = []
+    synced: list[nn.Module] = []
+
+    def prepare_model(model: nn.Module) -> nn.Module:
+        wrapped.append(nn.parallel.DistributedDataParallel(model))
+        return wrapped[-1]
+
+    def prepare_loader(loader: DataLoader) -> DataLoader:
+        loaders.append(loader)
+        return loader
+
+    parallel = DataParallel(0, 1, prepare_model, prepare_loader, synced.append, lambda m: {**m, "workers": 1})
+    seen: list[dict[str, Any]] = []
+    snapshots: list[dict[str, Any]] = []
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        seen.append(metrics)
+        snapshots.append(copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+
+    def resume(model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+        model.load_state_dict(snapshots[0]["model"])
+        optimizer.load_state_dict(snapshots[0]["optimizer"])
+        scheduler.load_state_dict(snapshots[0]["scheduler"])
+        return 1
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = fit(cfg, d, CPU, parallel=parallel, on_epoch=on_epoch, progress=False)
+        resumed = fit(cfg, d, CPU, parallel=parallel, resume=resume, progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert wrapped[0].module is model and resumed is wrapped[1].module  # trained wrapped, returned bare
+    assert isinstance(loaders[0].sampler, DistributedSampler) and loaders[0].sampler.epoch == 1
+    assert synced == [model, model, resumed]  # before each epoch's evaluation
+    assert [m["epoch"] for m in seen] == [0, 1]
+    assert all(m["workers"] == 1 and m["images"] == 128 and m["heldout_images"] == 32 for m in seen)
+    for k, v in _state(model).items():
+        assert torch.equal(v, _state(resumed)[k]), k
 
 
 def test_scheduler_shapes() -> None:

@@ -1,8 +1,10 @@
 """Distributed PGD adversarial training on Ray Train (V2 ``TorchTrainer``, DDP).
 
-The worker loop is ``training.train_epoch``/``training.evaluate`` plus Ray's three calls
-(``prepare_model``, ``prepare_data_loader``, ``ray.train.report``): the science stays in
-the science modules. Backend: nccl when workers have GPUs, else gloo.
+The worker loop is a shell around ``training.fit``, the loop the in-process pipeline runs,
+with Ray's three calls passed in (``prepare_model``, ``prepare_data_loader``,
+``ray.train.report``) and the collectives over the process group (all-reduce of the epoch
+metrics, rank 0's BN statistics broadcast): the science stays in the science modules.
+Backend: nccl when workers have GPUs, else gloo.
 
 Global batch rule: ``optim.batch_size`` is the GLOBAL batch. Each of W workers trains on
 ``batch_size / W`` images per step (W must divide it), so one SGD step always averages
@@ -25,6 +27,10 @@ Re-running with the same run name resumes from the latest checkpoint (Ray's, or 
 own ``checkpoint.pt`` left by an in-process run); ``fresh`` empties the run directory first.
 ``meta["started_at_epochs"]`` in each checkpoint records every (re)start of the loop, so a
 resume or a recovery after a lost worker is visible in the checkpoint itself.
+
+The console of a successful run shows tbn-ray's own lines (one per epoch, from rank 0); Ray
+Train's own messages below ERROR go only to its log files (``logs/train`` in the Ray session
+directory, e.g. ``/tmp/ray/session_latest/logs/train`` on the node of the driver and of each worker).
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,17 +50,16 @@ from tbn_ray.science import data as data_mod
 from tbn_ray.config import TrainConfig
 from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
-from tbn_ray.jobs.pipeline import write_metrics, write_metrics_plot
+from tbn_ray.jobs.pipeline import epoch_line, existing_checkpoint, resume_from, save_epoch
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.training import epoch_seed, evaluate, initial_model, make_grad_scaler, make_optimizer, make_scheduler, train_epoch, unwrap
+from tbn_ray.science.training import DataParallel, EpochCallback, fit, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
     from tbn_ray.distributed.runtime import RayCluster
 
-BEST = "best.pt"
 RAY_CHECKPOINT_PREFIX = "checkpoint_epoch"
 #: A failed or timed-out start of the worker group is retried this often, then the run fails.
 CONTROLLER_FAILURE_LIMIT = 1
@@ -64,6 +68,9 @@ CONTROLLER_FAILURE_LIMIT = 1
 START_TIMEOUT_STATIC_S = 30.0
 START_TIMEOUT_AUTOSCALING_S = 900.0
 _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: Ray Train's watcher of node drains only logs them; on a one-node cluster (a local instance)
+#: there is no other node to drain, and starting it prints a Ray core error line on every run.
+_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 #: Settings that say WHERE data and storage are (never credentials): workers must see the driver's.
 _PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "TBN_DATA", "TBN_SHARED_DATA", "TBN_DATA_ROOT", "TBN_CACHE")
 
@@ -168,8 +175,53 @@ def _broadcast_buffers(model: torch.nn.Module) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buf in model.buffers():
+        for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
+
+
+def _reduce_metrics(metrics: dict[str, Any], device: torch.device, world: int) -> dict[str, Any]:
+    """One worker's epoch metrics -> the group's: image-weighted means, total images, the slowest worker's seconds."""
+    n_eval = metrics["heldout_images"]
+    loss_sum, correct, images, clean, robust, n_all = _all_reduce(
+        [
+            metrics["train_loss"] * metrics["images"],
+            metrics["train_acc"] * metrics["images"],
+            metrics["images"],
+            (metrics["heldout_clean_acc"] or 0.0) * n_eval,
+            (metrics["heldout_pgd_acc"] or 0.0) * n_eval,
+            n_eval,
+        ],
+        device,
+        "sum",
+    )
+    seconds, eval_seconds = _all_reduce([metrics["seconds"], metrics["eval_seconds"]], device, "max")
+    return {
+        **metrics,
+        "train_loss": loss_sum / images,
+        "train_acc": correct / images,
+        "images": int(images),
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "heldout_clean_acc": clean / n_all,
+        "heldout_pgd_acc": robust / n_all,
+        "heldout_images": int(n_all),
+        "eval_seconds": eval_seconds,
+        "workers": world,
+    }
+
+
+class _TbnOnlyBelowWarning(logging.Filter):
+    """On a worker's console, INFO and DEBUG only from tbn-ray: Ray logs its own chatter (some of
+    it under loggers outside ``ray.train``) to its session's log files, where it stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("tbn_ray")
+
+
+def _quiet_console() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_TbnOnlyBelowWarning())
 
 
 def _worker_log(msg: str) -> None:
@@ -177,12 +229,44 @@ def _worker_log(msg: str) -> None:
     logging.getLogger(__name__).info(f"[tbn-ray] {msg}")
 
 
+def _reporter(cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, Any], rank: int, world: int) -> EpochCallback:
+    """``fit``'s per-epoch hook on a Ray worker: every rank reports to Ray Train; rank 0 with a
+    checkpoint, then writes the run's own files (after Ray holds the checkpoint, so they never
+    get ahead of what a restart resumes from)."""
+    import ray.train
+
+    history: list[dict[str, Any]] = list(meta.get("history", []))
+    best = meta.get("best_heldout_pgd_acc")
+
+    def on_epoch(epoch: int, metrics: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> None:
+        nonlocal best
+        is_best = best is None or metrics["heldout_pgd_acc"] > best
+        if is_best:
+            best = metrics["heldout_pgd_acc"]
+            meta["best_epoch"] = epoch + 1
+        history.append(metrics)
+        meta.update(
+            data_meta(d), history=history, metrics=metrics, best_heldout_pgd_acc=best,
+            trainer="ray", workers=world, global_batch_size=cfg.optim.batch_size,
+        )  # fmt: skip
+        name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / CHECKPOINT).write_bytes(ckpt.to_bytes())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        save_epoch(run, ckpt, history, best=is_best)
+        _worker_log(epoch_line(metrics, cfg.optim.epochs))
+
+    return on_epoch
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """One DDP worker: ``train_loop_per_worker`` of the ``TorchTrainer``."""
+    """One DDP worker: ``train_loop_per_worker`` of the ``TorchTrainer``, a shell around ``training.fit``."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, TensorDataset
-    from torch.utils.data.distributed import DistributedSampler
 
     cfg: TrainConfig = config["cfg"]
     run: Run = config["run"]
@@ -190,112 +274,28 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(config["threads"])
+    _quiet_console()
 
     d = data_mod.load_from_config(cfg.data)
-    model = initial_model(cfg, len(d.classes), device)
-    dataset = TensorDataset(*data_mod.as_tensors(d.train))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    per_worker = cfg.optim.batch_size // world
-    if len(sampler) < per_worker:
-        raise TbnError(
-            f"{len(d.train)} training images give each of {world} workers fewer than its {per_worker} images "
-            "per batch: lower optim.batch_size or use fewer workers"
-        )
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False
-    )
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, len(loader))
-    scaler = make_grad_scaler(cfg.optim, device)
-
-    start, meta = 0, {}
     resumed = _latest_checkpoint(run)
-    if resumed is not None:
-        resumed.resume_into(model, optimizer, scheduler, cfg.model, run.uri)
-        start, meta = resumed.epoch, dict(resumed.meta)
-    history: list[dict[str, Any]] = list(meta.get("history", []))
-    started = [*meta.get("started_at_epochs", []), start]
-    best = meta.get("best_heldout_pgd_acc")
+    meta = dict(resumed.meta) if resumed is not None else {}
+    start = resumed.epoch if resumed is not None else 0
+    meta["started_at_epochs"] = [*meta.get("started_at_epochs", []), start]
     if rank == 0 and start:
         _worker_log(f"resuming {run.uri} at epoch {start} with {world} worker(s)")
-    model = ray.train.torch.prepare_model(model)  # DDP for world > 1; rank 0's weights are broadcast
-
-    heldout = d.heldout.subset(slice(0, cfg.eval.images))
-    shard = heldout.subset(slice(rank, None, world))  # each worker evaluates every world-th image
-    for epoch in range(start, cfg.optim.epochs):
-        sampler.set_epoch(epoch)
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + rank))
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_epoch(model, loader, optimizer, scheduler, cfg, device, scaler=scaler, generator=generator)
-        t0 = time.perf_counter()
-        _broadcast_buffers(unwrap(model))
-        ev = evaluate(
-            unwrap(model), shard.images, shard.labels, cfg.eval_attack, device,
-            batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
-        )  # fmt: skip
-        n_eval = ev["images"]
-        loss_sum, correct, images, clean, robust, n_all = _all_reduce(
-            [
-                train["train_loss"] * train["images"],
-                train["train_acc"] * train["images"],
-                train["images"],
-                (ev["clean_acc"] or 0.0) * n_eval,
-                (ev["pgd_acc"] or 0.0) * n_eval,
-                n_eval,
-            ],
-            device,
-            "sum",
-        )
-        seconds, eval_seconds = _all_reduce([train["seconds"], time.perf_counter() - t0], device, "max")
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": loss_sum / images,
-            "train_acc": correct / images,
-            "images": int(images),
-            "seconds": seconds,
-            "images_per_s": images / seconds,
-            "heldout_clean_acc": clean / n_all,
-            "heldout_pgd_acc": robust / n_all,
-            "heldout_images": int(n_all),
-            "eval_seconds": eval_seconds,
-            "workers": world,
-        }
-        is_best = best is None or metrics["heldout_pgd_acc"] > best
-        if is_best:
-            best = metrics["heldout_pgd_acc"]
-            meta["best_epoch"] = epoch + 1
-        history.append(metrics)
-        meta.update(
-            data_meta(d),
-            history=history,
-            metrics=metrics,
-            started_at_epochs=started,
-            best_heldout_pgd_acc=best,
-            trainer="ray",
-            workers=world,
-            global_batch_size=cfg.optim.batch_size,
-        )
-        name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-            continue
-        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
-        payload = ckpt.to_bytes()
-        with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / CHECKPOINT).write_bytes(payload)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-        # After Ray holds the checkpoint, so the run's files never get ahead of what a restart resumes from.
-        run.save_checkpoint(ckpt)
-        if is_best:
-            run.storage.write_bytes(BEST, payload)
-        write_metrics(run, history)
-        write_metrics_plot(run, history)
-        _worker_log(
-            f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.3f} held-out clean "
-            f"{metrics['heldout_clean_acc']:.3f} pgd {metrics['heldout_pgd_acc']:.3f} "
-            f"({metrics['images_per_s']:.0f} img/s on {world} worker(s))"
-        )
+    parallel = DataParallel(
+        rank=rank,
+        world=world,
+        prepare_model=ray.train.torch.prepare_model,  # DDP for world > 1; rank 0's weights are broadcast
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+        sync_buffers=_broadcast_buffers,
+        reduce_metrics=lambda metrics: _reduce_metrics(metrics, device, world),
+    )
+    fit(
+        cfg, d, device,
+        resume=resume_from(resumed, cfg, run.uri) if resumed is not None else None,
+        parallel=parallel, on_epoch=_reporter(cfg, run, d, meta, rank, world), progress=False,
+    )  # fmt: skip
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -314,17 +314,18 @@ def check_fits(scaling: Scaling, available: dict[str, float]) -> None:
 
 
 @contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
+def _environ(values: dict[str, str]) -> Iterator[None]:
     """Ray Train reads some settings only from the driver's environment (and passes them on)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def make_trainer(
@@ -334,7 +335,7 @@ def make_trainer(
 
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` when a Tune trial drives the run.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, filesystem = root.ray_storage()
@@ -356,6 +357,9 @@ def make_trainer(
             failure_config=FailureConfig(max_failures=recovery.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=list(callbacks) or None,
+            # Ray Train's INFO/WARNING lines (worker-group start, reports, retried requests with their
+            # tracebacks) read as failures on a console; they stay in the session's logs/train files.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
 
@@ -366,13 +370,16 @@ def start_timeout(recovery: Recovery, cluster: RayCluster) -> float:
     return START_TIMEOUT_AUTOSCALING_S if cluster.autoscaling else START_TIMEOUT_STATIC_S
 
 
-def fit_trainer(trainer: TorchTrainer, scaling: Scaling, timeout_s: float) -> Any:
-    """``trainer.fit()`` with a bounded worker start; Ray's failures become one-line TbnErrors."""
+def fit_trainer(trainer: TorchTrainer, scaling: Scaling, timeout_s: float, *, one_node: bool = False) -> Any:
+    """``trainer.fit()`` with a bounded worker start; Ray's failures become one-line TbnErrors.
+
+    ``one_node``: a cluster of one node that cannot grow, whose workers no other node's drain can preempt.
+    """
     from ray.train import ControllerError, WorkerGroupError
 
     attempts = CONTROLLER_FAILURE_LIMIT + 1
     try:
-        with _environ(_START_TIMEOUT_ENV, str(timeout_s)):
+        with _environ({_START_TIMEOUT_ENV: str(timeout_s), **({_PREEMPTION_WATCHER_ENV: "0"} if one_node else {})}):
             return trainer.fit()
     except ControllerError as e:
         cause = e.controller_failure
@@ -419,30 +426,21 @@ def train_on_ray(
     if fresh:
         if deleted := run.clear():
             say(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
-    elif run.has_checkpoint():
-        done = run.load_checkpoint()
-        if done.config.model != cfg.model:
-            raise TbnError(f"{run.uri} holds a {done.config.model.arch} run; use another --name or --fresh")
-        if done.epoch >= cfg.optim.epochs:
-            say(f"{run.uri} already trained for {done.epoch} epochs; nothing to do (--fresh to start over)")
-            return done
+    elif (done := existing_checkpoint(run, cfg, say)) is not None and done.epoch >= cfg.optim.epochs:
+        return done
     if not cluster.autoscaling:
         check_fits(scaling, cluster.resources())
     say(
         f"training {cfg.model.arch} on Ray: {scaling.workers} worker(s) x {scaling.resources_per_worker()}, "
         f"global batch {cfg.optim.batch_size} ({per_worker} per worker), run {run.uri}"
     )
-    result = fit_trainer(make_trainer(cfg, root, scaling, recovery, callbacks), scaling, start_timeout(recovery, cluster))
+    trainer = make_trainer(cfg, root, scaling, recovery, callbacks)
+    result = fit_trainer(trainer, scaling, start_timeout(recovery, cluster), one_node=not cluster.multi_node())
     if result.checkpoint is None:
         return run.load_checkpoint()
     with result.checkpoint.as_directory() as folder:
         final = checkpoint_from_bytes((Path(folder) / CHECKPOINT).read_bytes(), f"{result.checkpoint.path}/{CHECKPOINT}")
     # Rank 0 writes these every epoch; writing the final state again makes the run directory
     # consistent even if the last worker died between Ray's checkpoint and its own writes.
-    run.save_checkpoint(final)
-    if final.meta.get("best_epoch") == final.epoch:
-        run.storage.write_bytes(BEST, final.to_bytes())
-    history = final.meta.get("history", [])
-    write_metrics(run, history)
-    write_metrics_plot(run, history)
+    save_epoch(run, final, final.meta.get("history", []), best=final.meta.get("best_epoch") == final.epoch)
     return final

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,15 +20,17 @@ from tbn_ray.science import data as data_mod
 from tbn_ray.jobs.certify import certify_run
 from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
 from tbn_ray.science.data import data_meta
-from tbn_ray.errors import log
-from tbn_ray.science.models import build_model
+from tbn_ray.errors import TbnError, log
 from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats, stats_distance
-from tbn_ray.science.training import fit, make_optimizer, make_scheduler, resolve_device
+from tbn_ray.science.training import Resume, fit, resolve_device
 
 
 # --- train ------------------------------------------------------------------------------
+
+#: The checkpoint of the epoch with the best held-out PGD accuracy (runs trained on Ray).
+BEST = "best.pt"
 
 
 def write_metrics(run: Run, rows: list[dict[str, Any]]) -> None:
@@ -78,6 +81,50 @@ def write_metrics_plot(run: Run, rows: list[dict[str, Any]]) -> str:
     return run.storage.write_bytes("metrics.png", buf.getvalue())
 
 
+def save_epoch(run: Run, ckpt: Checkpoint, history: list[dict[str, Any]], *, best: bool = False) -> None:
+    """The run's own files after an epoch: checkpoint.pt and config.yaml, best.pt when this epoch
+    is the best so far, metrics.csv and metrics.png."""
+    run.save_checkpoint(ckpt)
+    if best:
+        run.storage.write_bytes(BEST, ckpt.to_bytes())
+    write_metrics(run, history)
+    write_metrics_plot(run, history)
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The progress line of one finished epoch."""
+    pgd = metrics.get("heldout_pgd_acc")
+    workers = f" on {metrics['workers']} worker(s)" if "workers" in metrics else ""
+    return (
+        f"epoch {metrics['epoch'] + 1}/{epochs}: loss {metrics['train_loss']:.3f} "
+        f"held-out clean {metrics['heldout_clean_acc']:.3f} pgd {'-' if pgd is None else f'{pgd:.3f}'} "
+        f"({metrics['images_per_s']:.0f} img/s{workers})"
+    )
+
+
+def existing_checkpoint(run: Run, cfg: TrainConfig, say: Callable[[str], None] = log) -> Checkpoint | None:
+    """The run's checkpoint, if any, that training continues from (says so when it already has
+    every epoch); another architecture under the same name is refused."""
+    if not run.has_checkpoint():
+        return None
+    ckpt = run.load_checkpoint()
+    if ckpt.config.model != cfg.model:
+        raise TbnError(f"{run.uri} holds a {ckpt.config.model.arch} run; use another --name or --fresh")
+    if ckpt.epoch >= cfg.optim.epochs:
+        say(f"{run.uri} already trained for {ckpt.epoch} epochs; nothing to do (--fresh to start over)")
+    return ckpt
+
+
+def resume_from(ckpt: Checkpoint, cfg: TrainConfig, where: str) -> Resume:
+    """``fit``'s resume hook: this checkpoint's model, optimizer and scheduler states, and its epoch."""
+
+    def resume(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> int:
+        ckpt.resume_into(model, optimizer, scheduler, cfg.model, where)
+        return ckpt.epoch
+
+    return resume
+
+
 def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool = True) -> Checkpoint:
     """Adversarial training in this process, checkpointing every epoch; resumes unless ``fresh``."""
     device = resolve_device(cfg.device)
@@ -85,41 +132,22 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
     if fresh and (deleted := run.clear()):
         log(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
     log(f"training {cfg.model.arch} on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}")
-    torch.manual_seed(cfg.seed)
-
-    model = build_model(cfg.model).to(device)
-    x, y = data_mod.as_tensors(d.train)
-    steps_per_epoch = max(1, len(x) // cfg.optim.batch_size)
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    start, rows = 0, []
-    if run.has_checkpoint():
-        ckpt = run.load_checkpoint()
-        ckpt.resume_into(model, optimizer, scheduler, cfg.model, run.uri)
-        start, rows = ckpt.epoch, list(ckpt.meta.get("history", []))
-        if start >= cfg.optim.epochs:
-            log(f"{run.uri} already trained for {start} epochs; nothing to do (--fresh to start over)")
-            return ckpt
-        log(f"resuming {run.uri} at epoch {start}")
-
+    previous = existing_checkpoint(run, cfg)
+    if previous is not None and previous.epoch >= cfg.optim.epochs:
+        return previous
+    if previous is not None:
+        log(f"resuming {run.uri} at epoch {previous.epoch}")
+    rows: list[dict[str, Any]] = list(previous.meta.get("history", [])) if previous is not None else []
     last: list[Checkpoint] = []
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model, optimizer, scheduler) -> None:
         rows.append(metrics)
-        meta = {**data_meta(d), "history": rows, "metrics": metrics}
-        ckpt = make_checkpoint(model, cfg, epoch + 1, meta, optimizer, scheduler)
-        run.save_checkpoint(ckpt)
-        write_metrics(run, rows)
-        write_metrics_plot(run, rows)
-        last[:] = [ckpt]
-        pgd = metrics.get("heldout_pgd_acc")
-        log(
-            f"epoch {epoch + 1}/{cfg.optim.epochs}: loss {metrics['train_loss']:.3f} "
-            f"held-out clean {metrics['heldout_clean_acc']:.3f} pgd {pgd if pgd is None else round(pgd, 3)} "
-            f"({metrics['images_per_s']:.0f} img/s)"
-        )
+        last[:] = [make_checkpoint(model, cfg, epoch + 1, {**data_meta(d), "history": rows, "metrics": metrics}, optimizer, scheduler)]
+        save_epoch(run, last[0], rows)
+        log(epoch_line(metrics, cfg.optim.epochs))
 
-    fit(cfg, d, device, start_epoch=start, model=model, optimizer=optimizer, scheduler=scheduler, on_epoch=on_epoch, progress=progress)
+    resume = resume_from(previous, cfg, run.uri) if previous is not None else None
+    fit(cfg, d, device, resume=resume, on_epoch=on_epoch, progress=progress)
     return last[0] if last else run.load_checkpoint()
 
 

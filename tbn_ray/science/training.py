@@ -1,10 +1,10 @@
 """Madry-style PGD adversarial training and held-out evaluation.
 
-Written to be driven from outside: ``fit`` is the in-process loop, while ``train_epoch``
-and ``evaluate`` take everything as arguments so that a distributed driver (Ray Train
-with DDP) can call them with a ``DistributedDataParallel`` model and a loader with a
-``DistributedSampler``. Nothing here calls ``sampler.set_epoch``: the driver owns the
-sampler (``fit`` builds a fresh, epoch-seeded loader each epoch instead).
+One training loop, ``fit``, for both ways of running it: alone in a process (the in-process
+pipeline), or as one worker of a data-parallel group (Ray Train with DDP). A distributed
+driver passes its framework's calls in through ``DataParallel`` (wrapping the model, preparing
+the loader, collectives over the process group) and checkpoints and reports through
+``on_epoch``, so nothing here knows Ray; ``train_epoch`` and ``evaluate`` are the steps.
 
 BatchNorm during training (documented choice)
     PGD examples are generated with the model in TRAINING mode, as in Madry et al. and
@@ -29,14 +29,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from tbn_ray.science import data as data_mod
@@ -76,12 +77,17 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def _check_batch(images: int, batch_size: int) -> None:
+    if images < batch_size:
+        raise TbnError(f"batch size {batch_size} exceeds the {images} training images; lower optim.batch_size")
+
+
 def make_loader(
     x_uint8_nchw: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
 ) -> DataLoader:
     """Batches of uint8 images (a quarter of float32's bytes), converted on the training device."""
-    if drop_last and len(x_uint8_nchw) < batch_size:
-        raise TbnError(f"batch size {batch_size} exceeds the {len(x_uint8_nchw)} training images; lower optim.batch_size")
+    if drop_last:
+        _check_batch(len(x_uint8_nchw), batch_size)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         TensorDataset(x_uint8_nchw, y), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, num_workers=0
@@ -297,6 +303,91 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> n
     return model.to(memory_format=torch.channels_last) if cfg.optim.channels_last else model
 
 
+@dataclass(frozen=True)
+class Batches:
+    """The training batches of every epoch: ``steps`` SGD steps each, ``for_epoch(e)`` those of epoch ``e``."""
+
+    steps: int
+    for_epoch: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Alone:
+    """Training alone in this process: all the data, a fresh loader each epoch shuffled by a
+    generator seeded from (seed, epoch), every held-out image, nothing to exchange."""
+
+    rank, world = 0, 1
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Batches:
+        _check_batch(len(x), batch_size)
+        return Batches(len(x) // batch_size, lambda epoch: make_loader(x, y, batch_size, seed=epoch_seed(seed, epoch, 0)))
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        pass
+
+    def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return metrics
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process as worker ``rank`` of ``world`` in data-parallel (DDP) training, and the calls
+    that join it to the others.
+
+    The framework driving the workers passes its own calls in (Ray Train's ``prepare_model`` and
+    ``prepare_data_loader``, collectives over the process group), so this module needs none of it.
+    The global batch ``optim.batch_size`` is split evenly: each worker trains on ``batch_size / world``
+    images of a disjoint ``1/world`` of the data (a ``DistributedSampler`` seeded with the run's seed,
+    reshuffled per epoch) and evaluates every ``world``-th held-out image.
+    """
+
+    rank: int
+    world: int
+    prepare_model: Callable[[nn.Module], nn.Module]  # wraps the model for gradient averaging (DDP)
+    prepare_loader: Callable[[DataLoader], DataLoader]  # e.g. moves batches to the worker's device
+    sync_buffers: Callable[[nn.Module], None]  # rank 0's BN statistics to every worker, before evaluation
+    reduce_metrics: Callable[[dict[str, Any]], dict[str, Any]]  # this worker's epoch metrics -> the group's
+
+    def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Batches:
+        dataset = TensorDataset(x, y)
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed, drop_last=True)
+        per_worker = batch_size // self.world
+        if len(sampler) < per_worker:
+            raise TbnError(
+                f"{len(x)} training images give each of {self.world} workers fewer than its {per_worker} images "
+                "per batch: lower optim.batch_size or use fewer workers"
+            )
+        loader = self.prepare_loader(DataLoader(dataset, batch_size=per_worker, sampler=sampler, drop_last=True))
+
+        def for_epoch(epoch: int) -> DataLoader:
+            sampler.set_epoch(epoch)
+            return loader
+
+        return Batches(len(loader), for_epoch)
+
+
+def _heldout_metrics(model: nn.Module, heldout: data_mod.Split, cfg: TrainConfig, device: torch.device, replica: Alone | DataParallel) -> dict[str, Any]:
+    """Clean and PGD accuracy on this worker's held-out images with rank 0's BN statistics, and the seconds it took."""
+    t0 = time.perf_counter()
+    replica.sync_buffers(model)
+    ev = evaluate(
+        model, heldout.images, heldout.labels, cfg.eval_attack, device,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
+    )  # fmt: skip
+    return {
+        "heldout_clean_acc": ev["clean_acc"],
+        "heldout_pgd_acc": ev["pgd_acc"],
+        "heldout_images": ev["images"],
+        "eval_seconds": time.perf_counter() - t0,
+    }
+
+
+#: Loads a saved state into the model, optimizer and scheduler ``fit`` built; returns the epoch to continue at.
+Resume = Callable[[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], int]
+
+
 def fit(
     cfg: TrainConfig,
     data: data_mod.Cifar10,
@@ -306,43 +397,39 @@ def fit(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    resume: Resume | None = None,
+    parallel: DataParallel | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """Adversarial training in this process for epochs ``start_epoch .. cfg.optim.epochs - 1``.
+    """Adversarial training for epochs ``start_epoch .. cfg.optim.epochs - 1``, alone in this process
+    or, with ``parallel``, as one worker of a data-parallel group; returns the (unwrapped) model.
 
-    Builds what is not passed (the model from ``cfg.seed`` without touching the global RNG).
-    After each epoch evaluates on the first ``cfg.eval.images`` held-out images (clean and
-    ``cfg.eval_attack``) and calls ``on_epoch(epoch, metrics, model, optimizer, scheduler)``
-    so the caller can checkpoint; ``metrics["lr"]`` is the learning rate the epoch started with.
+    Builds what is not passed (the model from ``cfg.seed`` without touching the global RNG), then
+    ``resume`` loads a saved state into it and says where to continue. After each epoch evaluates
+    on the first ``cfg.eval.images`` held-out images (clean and ``cfg.eval_attack``) and calls
+    ``on_epoch(epoch, metrics, model, optimizer, scheduler)`` so the caller can checkpoint and
+    report; ``metrics["lr"]`` is the learning rate the epoch started with.
     """
     device = torch.device(device)
+    replica = parallel or Alone()
     model = initial_model(cfg, len(data.classes), device) if model is None else prepare_model(model, cfg, device)
     x, y = data_mod.as_tensors(data.train)
-    steps_per_epoch = len(x) // cfg.optim.batch_size
+    batches = replica.batches(x, y, cfg.optim.batch_size, cfg.seed)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg.optim)
-    scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg.optim, batches.steps)
+    if resume is not None:
+        start_epoch = resume(model, optimizer, scheduler)
+    trained = replica.prepare_model(model)
     scaler = make_grad_scaler(cfg.optim, device)
-    heldout = data.heldout.subset(slice(0, cfg.eval.images))
+    heldout = data.heldout.subset(slice(0, cfg.eval.images)).subset(slice(replica.rank, None, replica.world))
     for epoch in range(start_epoch, cfg.optim.epochs):
-        loader = make_loader(x, y, cfg.optim.batch_size, seed=epoch_seed(cfg.seed, epoch, 0))
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + replica.rank))
         lr = optimizer.param_groups[0]["lr"]
-        train = train_epoch(model, loader, optimizer, scheduler, cfg, device, scaler=scaler, generator=generator, progress=progress)
-        t0 = time.perf_counter()
-        ev = evaluate(
-            model, heldout.images, heldout.labels, cfg.eval_attack, device,
-            batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
-        )  # fmt: skip
-        metrics = {
-            "epoch": epoch,
-            "lr": lr,
-            **train,
-            "heldout_clean_acc": ev["clean_acc"],
-            "heldout_pgd_acc": ev["pgd_acc"],
-            "heldout_images": ev["images"],
-            "eval_seconds": time.perf_counter() - t0,
-        }
+        train = train_epoch(
+            trained, batches.for_epoch(epoch), optimizer, scheduler, cfg, device, scaler=scaler, generator=generator, progress=progress
+        )
+        metrics = replica.reduce_metrics({"epoch": epoch, "lr": lr, **train, **_heldout_metrics(model, heldout, cfg, device, replica)})
         if on_epoch is not None:
             on_epoch(epoch, metrics, model, optimizer, scheduler)
     return model
