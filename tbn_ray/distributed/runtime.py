@@ -155,6 +155,7 @@ def connect(
         port = dashboard_port or _dashboard_port()
         url = f"http://{DASHBOARD_HOST}:{port}"
         ray.init(
+            address="local",  # a new instance, never a `ray start` cluster that happens to run on this machine
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=True,
