@@ -11,6 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tbn_ray.science import corruptions as C
+from tbn_ray.science.corruptions.base import clipped_zoom
 from tbn_ray.errors import TbnError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-partial" / "cifar10_test_prefix.npz"
@@ -88,7 +89,7 @@ def test_clipped_zoom_matches_scipy_zoom() -> None:
         big = ndimage.zoom(img[top : top + crop, top : top + crop], (z, z, 1), order=1)
         trim = (big.shape[0] - 32) // 2
         want = big[trim : trim + 32, trim : trim + 32]
-        np.testing.assert_allclose(C._clipped_zoom(img[None], z)[0], want, atol=1e-12)
+        np.testing.assert_allclose(clipped_zoom(img[None], z)[0], want, atol=1e-12)
 
 
 @pytest.mark.skipif(HAS_FROST, reason="imagecorruptions is installed")

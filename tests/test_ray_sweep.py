@@ -28,7 +28,9 @@ from tbn_ray.store.storage import Storage
 pytest.importorskip("ray.tune", reason='Ray missing: pip install "ray[default,tune,train]==2.60.0"')
 
 from tbn_ray.cli import main  # noqa: E402
-from tbn_ray.distributed.sweep import EVALUATED, SPLIT_KEYS, STOPPED, _best, prepare, trained_epochs  # noqa: E402
+from tbn_ray.distributed.sweep import prepare  # noqa: E402
+from tbn_ray.jobs.sweep_pairs import SPLIT_KEYS, trained_epochs  # noqa: E402
+from tbn_ray.reports.sweep import EVALUATED, STOPPED, best_pair  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -231,5 +233,5 @@ def test_best_pair_breaks_objective_ties_by_acr() -> None:
         {"epsilon": 2.0, "sigma": 0.5, "status": STOPPED, "objective": None, "acr": None},
     ]
     pair = {"run": "r", "checkpoint": "r/checkpoint.pt", "epoch": 3, "data": "d", **{k: 0 for k in SPLIT_KEYS}}
-    best = _best(cfg, rows, {(r["epsilon"], r["sigma"]): pair for r in rows})
+    best = best_pair(cfg, rows, {(r["epsilon"], r["sigma"]): pair for r in rows})
     assert (best["epsilon"], best["sigma"], best["value"]) == (1.0, 0.5, 0.22)

@@ -1,0 +1,211 @@
+"""The sweep's work that needs no Ray: its stored runs and pairs, the held-out split, one pair's evaluation.
+
+``distributed.sweep`` runs these from Tune trials; each also runs alone in plain torch.
+
+Selection hygiene: hyperparameters are chosen on a VALIDATION set, never the test set. The
+held-out split (``data.py``: official train index % 10 == 9) is cut deterministically: the
+last ``validation.images`` held-out images (official order) are certified, the earlier ones
+calibrate TBN, so calibration and validation images are disjoint. (Training's per-epoch
+held-out evaluation uses the first ``train.eval.images``; with the full data set and the
+default sizes those are calibration images only.) The best pair's validation number is a
+maximum over the grid, hence optimistic: certify the chosen model on the test set
+(``best.json`` gives the command) for the number to report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from tbn_ray.config import SweepConfig, TrainConfig, parse_config
+from tbn_ray.errors import TbnError
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.data import data_meta
+from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.science.tbn import BNStats, bn_key, estimate_bn_stats, use_bn_stats
+from tbn_ray.science.training import evaluate
+from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run
+from tbn_ray.store.storage import Storage
+
+#: A pair's row, written last: its presence marks a finished pair.
+ROW = "row.json"
+METRICS = "metrics.csv"
+#: How the held-out split was cut, stored with every pair and in best.json.
+SPLIT_KEYS = ("validation_images", "validation_index", "calibration_images", "calibration_index", "split_rule")
+SPLIT_RULE = (
+    "held-out train images (index % 10 == 9) in official order: the last validation_images are "
+    "certified, the earlier ones calibrate TBN (disjoint)"
+)
+
+
+def eps_key(eps: float) -> str:
+    return f"eps={eps:g}"
+
+
+def pair_key(eps: float, sigma: float) -> str:
+    return f"{eps_key(eps)}_sigma={sigma:g}"
+
+
+# --- the training runs, one per epsilon ------------------------------------------------------
+
+
+def train_config(cfg: SweepConfig, eps: float, name: str) -> TrainConfig:
+    """The training config of one epsilon: the sweep's ``train`` with this eps and the shared ``pgd`` evaluation."""
+    raw = cfg.train.model_dump(mode="json")
+    raw["name"] = name
+    raw["attack"]["eps"] = eps
+    raw["eval"]["attack"] = cfg.pgd.model_dump(mode="json")
+    return parse_config(TrainConfig, raw, f"sweep {cfg.name}, epsilon {eps:g}")
+
+
+def trained_epochs(run: Run) -> int:
+    """Epochs whose checkpoint.pt the run has written, read without loading it: the rows of
+    metrics.csv, which rank 0 writes after checkpoint.pt (Ray's own checkpoint can be one ahead)."""
+    if not run.storage.exists(METRICS):
+        return 0
+    return len(run.storage.read_text(METRICS).strip().splitlines()) - 1
+
+
+def find_run(train_root: Storage, eps: float) -> str | None:
+    """The training run of ``eps`` (any trial's), the furthest on if several; None if none has a checkpoint."""
+    prefix = f"{eps_key(eps)}-"
+    names = sorted({k.split("/", 1)[0] for k in train_root.list(prefix) if k.endswith(f"/{CHECKPOINT}")})
+    if not names:
+        return None
+    return max(names, key=lambda name: trained_epochs(Run(train_root.child(name))))
+
+
+def training_record(train_root: Storage, eps: float) -> dict[str, Any]:
+    """An epsilon's run, epochs and training seconds (epoch compute plus held-out evaluation), from metrics.csv."""
+    name = find_run(train_root, eps)
+    if name is None:
+        return {"run": None, "epochs": 0, "train_seconds": None}
+    run = Run(train_root.child(name))
+    rows = list(csv.DictReader(io.StringIO(run.storage.read_text(METRICS)))) if run.storage.exists(METRICS) else []
+    seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
+    return {"run": run.uri, "epochs": len(rows), "train_seconds": round(seconds, 3) if rows else None}
+
+
+def install_bn_stats(run: Run, pairs: list[Storage]) -> None:
+    """Each evaluated sigma's TBN statistics into the training run, so ``tbn-ray certify <run> --sigma s`` works."""
+    sets = run.load_bn_sets()
+    for out in pairs:
+        sets.update(Run(out).load_bn_sets())
+    run.save_bn_sets(sets)
+
+
+# --- the held-out split ----------------------------------------------------------------------
+
+
+def split_heldout(heldout: data_mod.Split, validation_images: int) -> tuple[data_mod.Split, data_mod.Split]:
+    """(calibration, validation): the last ``validation_images`` held-out images validate, the rest calibrate."""
+    if validation_images >= len(heldout):
+        raise TbnError(
+            f"validation.images {validation_images} leaves no held-out image for TBN calibration "
+            f"(the held-out split has {len(heldout)}): lower validation.images"
+        )
+    cut = len(heldout) - validation_images
+    return heldout.subset(slice(0, cut)), heldout.subset(slice(cut, None))
+
+
+def split_record(calibration: data_mod.Split, validation: data_mod.Split) -> dict[str, Any]:
+    """The ``SPLIT_KEYS`` of a split: sizes and first/last official indices of both parts."""
+    return {
+        "validation_images": len(validation),
+        "validation_index": [int(validation.index[0]), int(validation.index[-1])],
+        "calibration_images": len(calibration),
+        "calibration_index": [int(calibration.index[0]), int(calibration.index[-1])],
+        "split_rule": SPLIT_RULE,
+    }
+
+
+# --- one (epsilon, sigma) pair ---------------------------------------------------------------
+
+
+def objective_value(cfg: SweepConfig, row: dict[str, Any]) -> float:
+    """What the sweep maximises: ACR, or certified accuracy at the objective's radius."""
+    r = cfg.objective_radius
+    return float(row["acr"] if r is None else row["certified_accuracy"][str(float(r))])
+
+
+def _trained_model(cfg: SweepConfig, run: Run, device: torch.device) -> tuple[nn.Module, Checkpoint]:
+    model, ckpt = run.load_model(device)
+    if ckpt.epoch < cfg.train.optim.epochs:
+        raise TbnError(
+            f"{run.uri}/{CHECKPOINT} is at epoch {ckpt.epoch} of {cfg.train.optim.epochs}: run the sweep again to finish training"
+        )
+    return model, ckpt
+
+
+def _calibrate(
+    cfg: SweepConfig, model: nn.Module, calibration: data_mod.Split, sigma: float, d: data_mod.Cifar10, device: torch.device
+) -> tuple[BNStats, dict[str, Any], float]:
+    """TBN statistics at sigma from the calibration images, their stored metadata and the seconds taken."""
+    c = cfg.calibrate
+    t0 = time.perf_counter()
+    stats = estimate_bn_stats(
+        model, data_mod.to_float(calibration.images), sigma=sigma, samples=c.samples, batch_size=c.batch_size,
+        seed=c.seed, device=device,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    meta = {
+        "sigma": float(sigma), "samples": c.samples, "batch_size": c.batch_size, "seed": c.seed,
+        "heldout_images": len(calibration), "heldout_rule": SPLIT_RULE + " (calibration part)", **data_meta(d),
+        "seconds": round(seconds, 3),
+    }  # fmt: skip
+    return stats, meta, seconds
+
+
+def _certify_params(
+    cfg: SweepConfig, run: Run, ckpt: Checkpoint, eps: float, sigma: float, d: data_mod.Cifar10, split: dict[str, Any]
+) -> dict[str, Any]:
+    """What produced a pair's certification (``write_results``' params)."""
+    c = cfg.certify
+    return {
+        "sigma": float(sigma), "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size,
+        "bn": bn_key(sigma), "model": ckpt.config.model.arch, "run": run.uri, "epoch": ckpt.epoch, "epsilon": eps,
+        "images": "held-out validation (not the test set)", **data_meta(d), **split,
+    }  # fmt: skip
+
+
+def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Storage, device: torch.device) -> dict[str, Any]:
+    """Calibrate TBN at sigma, measure clean/PGD accuracy and certify, all on held-out images; writes ``out``.
+
+    Files: certify.tsv, radii.parquet, summary.json (``write_results``), bn_stats.pt (this sigma's
+    set) and, last, row.json, whose presence marks the pair finished.
+    """
+    model, ckpt = _trained_model(cfg, run, device)
+    d = data_mod.load_from_config(ckpt.config.data)
+    calibration, validation = split_heldout(d.heldout, cfg.validation.images)
+    split = split_record(calibration, validation)
+    # Clean and PGD accuracy with the trained (clean) BN statistics, under the sweep's one attack.
+    ev = evaluate(
+        model, validation.images, validation.labels, cfg.pgd, device,
+        batch_size=cfg.train.eval.batch_size, seed=cfg.train.seed, amp=cfg.train.optim.amp,
+    )  # fmt: skip
+    stats, meta, calibrate_seconds = _calibrate(cfg, model, calibration, sigma, d, device)
+    c = cfg.certify
+    t0 = time.perf_counter()
+    with use_bn_stats(model, stats):
+        records = certify_examples(
+            model, validation.images, validation.labels, validation.index, sigma=sigma, n0=c.n0, n=c.n,
+            alpha=c.alpha, batch_size=c.batch_size, seed=c.seed, device=device,
+        )  # fmt: skip
+    certify_seconds = time.perf_counter() - t0
+    summary = summarize(records)
+    write_results(records, summary, out, _certify_params(cfg, run, ckpt, eps, sigma, d, split))
+    Run(out).save_bn_sets({bn_key(sigma): {"stats": stats, "meta": meta}})
+    row = {
+        "epsilon": eps, "sigma": float(sigma), "run": run.uri, "checkpoint": run.storage.object_uri(CHECKPOINT),
+        "epoch": ckpt.epoch, "clean_acc": ev["clean_acc"], "pgd_acc": ev["pgd_acc"],
+        "smoothed_clean_acc": summary["clean_accuracy_smoothed"], "certified_accuracy": summary["certified_accuracy"],
+        "acr": summary["acr"], "abstain_rate": summary["abstain_rate"], "calibrate_seconds": calibrate_seconds,
+        "certify_seconds": certify_seconds, "results": out.uri, **data_meta(d), **split,
+    }  # fmt: skip
+    out.write_json(ROW, row)  # last: its presence marks a finished pair
+    return row
