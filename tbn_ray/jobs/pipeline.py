@@ -154,6 +154,23 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
 # --- calibrate --------------------------------------------------------------------------
 
 
+def calibrate_sigma(
+    model: torch.nn.Module, images: torch.Tensor, sigma: float, cfg: CalibrateConfig, d: data_mod.Cifar10, *,
+    rule: str, device: torch.device, progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One sigma's frozen TBN statistics from noisy ``images`` (float, disjoint from the test set)
+    and the metadata stored with them: what they were estimated from, and how long it took."""
+    t0 = time.perf_counter()
+    stats = estimate_bn_stats(
+        model, images, sigma=sigma, samples=cfg.samples, batch_size=cfg.batch_size, seed=cfg.seed, device=device, progress=progress
+    )
+    meta = {
+        "sigma": float(sigma), "samples": cfg.samples, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "heldout_images": len(images), "heldout_rule": rule, **data_meta(d), "seconds": round(time.perf_counter() - t0, 3),
+    }  # fmt: skip
+    return stats, meta
+
+
 def calibrate_run(
     run: Run, cfg: CalibrateConfig, *, data_cfg: DataConfig | None = None, device: str = "auto", progress: bool = True
 ) -> dict[str, dict[str, Any]]:
@@ -166,20 +183,7 @@ def calibrate_run(
     clean = get_bn_stats(model)
     sets[CLEAN] = {"stats": clean, "meta": {"sigma": 0.0, "source": "trained running statistics"}}
     for sigma in cfg.sigmas:
-        t0 = time.perf_counter()
-        stats = estimate_bn_stats(
-            model, heldout, sigma=sigma, samples=cfg.samples, batch_size=cfg.batch_size, seed=cfg.seed, device=dev, progress=progress
-        )
-        meta = {
-            "sigma": float(sigma),
-            "samples": cfg.samples,
-            "batch_size": cfg.batch_size,
-            "seed": cfg.seed,
-            "heldout_images": len(d.heldout),
-            "heldout_rule": "official train index % 10 == 9",
-            **data_meta(d),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        stats, meta = calibrate_sigma(model, heldout, sigma, cfg, d, rule="official train index % 10 == 9", device=dev, progress=progress)
         sets[bn_key(sigma)] = {"stats": stats, "meta": meta}
         log(
             f"TBN {bn_key(sigma)}: {cfg.samples} noisy held-out samples from {len(d.heldout)} images, "

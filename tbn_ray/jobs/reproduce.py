@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tbn_ray.config import CalibrateConfig, ModelSpec, ReproduceConfig
+from tbn_ray.config import ModelSpec, ReproduceConfig
 from tbn_ray.errors import TbnError, log
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key

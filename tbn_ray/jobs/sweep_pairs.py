@@ -24,10 +24,11 @@ from torch import nn
 
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
+from tbn_ray.jobs.pipeline import calibrate_sigma
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.data import data_meta
 from tbn_ray.science.smoothing import certify_examples, summarize, write_results
-from tbn_ray.science.tbn import BNStats, bn_key, estimate_bn_stats, use_bn_stats
+from tbn_ray.science.tbn import bn_key, use_bn_stats
 from tbn_ray.science.training import evaluate
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run
 from tbn_ray.store.storage import Storage
@@ -142,25 +143,6 @@ def _trained_model(cfg: SweepConfig, run: Run, device: torch.device) -> tuple[nn
     return model, ckpt
 
 
-def _calibrate(
-    cfg: SweepConfig, model: nn.Module, calibration: data_mod.Split, sigma: float, d: data_mod.Cifar10, device: torch.device
-) -> tuple[BNStats, dict[str, Any], float]:
-    """TBN statistics at sigma from the calibration images, their stored metadata and the seconds taken."""
-    c = cfg.calibrate
-    t0 = time.perf_counter()
-    stats = estimate_bn_stats(
-        model, data_mod.to_float(calibration.images), sigma=sigma, samples=c.samples, batch_size=c.batch_size,
-        seed=c.seed, device=device,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    meta = {
-        "sigma": float(sigma), "samples": c.samples, "batch_size": c.batch_size, "seed": c.seed,
-        "heldout_images": len(calibration), "heldout_rule": SPLIT_RULE + " (calibration part)", **data_meta(d),
-        "seconds": round(seconds, 3),
-    }  # fmt: skip
-    return stats, meta, seconds
-
-
 def _certify_params(
     cfg: SweepConfig, run: Run, ckpt: Checkpoint, eps: float, sigma: float, d: data_mod.Cifar10, split: dict[str, Any]
 ) -> dict[str, Any]:
@@ -188,7 +170,10 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
         model, validation.images, validation.labels, cfg.pgd, device,
         batch_size=cfg.train.eval.batch_size, seed=cfg.train.seed, amp=cfg.train.optim.amp,
     )  # fmt: skip
-    stats, meta, calibrate_seconds = _calibrate(cfg, model, calibration, sigma, d, device)
+    stats, meta = calibrate_sigma(
+        model, data_mod.to_float(calibration.images), sigma, cfg.calibrate, d, rule=SPLIT_RULE + " (calibration part)", device=device
+    )
+    calibrate_seconds = meta["seconds"]
     c = cfg.certify
     t0 = time.perf_counter()
     with use_bn_stats(model, stats):
