@@ -64,7 +64,8 @@ from tbn_ray.errors import TbnError, log
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
 from tbn_ray.store.runs import CHECKPOINT, Run
-from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.science.smoothing import certify_examples, summarize
+from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats
 from tbn_ray.science.training import evaluate, resolve_device

@@ -33,7 +33,8 @@ from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
 from tbn_ray.errors import TbnError, log
 from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
-from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.science.smoothing import certify_examples, summarize
+from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage, map_concurrently
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
 from tbn_ray.science.training import autocast, resolve_device

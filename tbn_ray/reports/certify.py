@@ -17,7 +17,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from tbn_ray.errors import TbnError
-from tbn_ray.science.smoothing import as_storage
+from tbn_ray.store.results import as_storage
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import bn_key
 
