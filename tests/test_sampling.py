@@ -19,18 +19,10 @@ from tbn_ray.science.smoothing import (
 )
 
 from .helpers import partial_test_images
-from .test_smoothing import LinearTwoClass, tiny_bn_net
+from .test_smoothing import LinearTwoClass, one_thread, tiny_bn_net  # noqa: F401 (one_thread: autouse fixture)
 
 CPU = torch.device("cpu")
 KW = dict(sigma=0.25, n0=30, n=500, alpha=0.001, batch_size=128, seed=3, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -306,20 +306,15 @@ def certify_examples(
     p_a_lower, count (votes for c_a_hat among the n draws), c_a_hat, n0, n, counts and
     counts_selection (per-class votes of the n and n0 draws), time (seconds).
 
-    Options (each changes the run's numbers, so each belongs in its run id):
-    ``images_per_pass`` > 1 packs that many images into each forward pass
-    (``sampling.PackedSampler``: same noise per image, other batch composition; the time
-    of a pass is shared out by rows); ``adaptive`` certifies with an input-adaptive sample
-    size of at most ``n`` (``adaptive.AdaptiveSampling``; its records add n_bound, samples,
-    counts_pilot, planned_radius). On CUDA only, ``cudnn_autotune`` turns on cuDNN's
-    per-shape algorithm search for the call; ``compile_backend`` (e.g. "inductor") runs the
-    base classifier through ``torch.compile``.
+    Options, each changing the run's numbers (so each belongs in its run id):
+    ``images_per_pass`` > 1 packs that many images into each forward pass (``PackedSampler``:
+    same noise per image, other batch composition; a pass's time is shared out by rows);
+    ``adaptive`` plans each image's sample size, at most n (``adaptive.AdaptiveSampling``;
+    records add n_bound, samples, counts_pilot, planned_radius). On CUDA only,
+    ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
+    ``compile_backend`` (e.g. "inductor") runs the base classifier through torch.compile.
     """
-    nhwc = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
-    if not nhwc:
-        raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
-    if not len(images) == len(labels) == len(indices):
-        raise TbnError(f"images, labels and indices differ in length: {len(images)}, {len(labels)}, {len(indices)}")
+    _check_images(images, labels, indices)
     _check_sampling(alpha, n0=n0, n=n, images_per_pass=images_per_pass)
     device = _resolve_device(device)
     smooth = Smooth(model, num_classes, sigma, batch_size=batch_size, device=device, channels_last=channels_last)
@@ -347,6 +342,14 @@ def certify_examples(
             outcomes, used, seconds = packer.run([image(r) for r in range(len(images))], generators, [procedure() for _ in generators])
             certs = [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
+
+
+def _check_images(images: np.ndarray, labels: Sequence[int] | np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
+    nhwc = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
+    if not nhwc:
+        raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
+    if not len(images) == len(labels) == len(indices):
+        raise TbnError(f"images, labels and indices differ in length: {len(images)}, {len(labels)}, {len(indices)}")
 
 
 def _record(cert: Certificate, idx: int, label: int, n0: int, n: int) -> dict[str, Any]:
