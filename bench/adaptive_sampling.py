@@ -138,7 +138,9 @@ def run_sigma(path: str, plan: AdaptiveSampling, args: argparse.Namespace) -> di
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Adaptive sample size vs fixed n (simulation)", "", f"{report['date']}; `{report['command']}`", "",
              f"Settings: {report['adaptive']}; n0={report['n0']}, n={report['n']}, alpha={report['alpha']}, "
-             f"{report['repeats']} repeats. Certified accuracy in %, differences with their Monte-Carlo standard error.", ""]  # fmt: skip
+             f"{report['repeats']} repeats. Certified accuracy in %, differences with their Monte-Carlo standard error.",
+             "Per repeat, each image's class probabilities are drawn from Dirichlet(stored votes + 0.5).",
+             *([f"Source: {report['note']}"] if report.get("note") else []), ""]  # fmt: skip
     for s in report["sigmas"]:
         keys = list(s["fixed"])
         lines += [f"## sigma = {s['sigma']} ({s['images']} images, from `{s['source']}`)", "",
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="adaptive_sampling")
+    parser.add_argument("--note", default="", help="where the vote counts come from, for the report")
     args = parser.parse_args()
     plan = AdaptiveSampling(pilot=args.pilot, tolerance=args.tolerance, margin=args.margin, max_loss=args.max_loss, extra_pilots=args.extra_pilots)
     report = {
@@ -177,7 +180,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "adaptive": {"pilot": plan.pilot, "extra_pilots": list(plan.extra_pilots), "max_loss": plan.max_loss, "tolerance": plan.tolerance,
                      "margin": plan.margin, "fractions": [round(f, 6) for f in plan.fractions], "abstain_alpha": plan.abstain_alpha},  # fmt: skip
-        "n0": args.n0, "n": args.n, "alpha": args.alpha, "repeats": args.repeats,
+        "n0": args.n0, "n": args.n, "alpha": args.alpha, "repeats": args.repeats, "note": args.note,
         "sigmas": [run_sigma(path, plan, args) for path in args.radii],
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

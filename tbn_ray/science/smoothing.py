@@ -5,11 +5,14 @@ step by step. Differences from the reference ``core.py`` are deliberate: the dev
 explicit, every example draws its noise from its own seeded generator (any shard re-run
 gives the same counts), the model is never switched to eval mode behind the caller's back
 (that would silently discard TBN statistics; a base classifier that is not fixed is
-refused instead), and votes are counted with ``torch.bincount``.
+refused instead), and votes are counted with ``torch.bincount``. CERTIFY is written once,
+as a procedure (``cohen_certify``) that asks for draws and is sent their counts, so the
+same code runs one image at a time (``Smooth``) or packed with others (``sampling``).
 
 Reproducibility contract: the counts for an example are bit-identical for the same
-(run seed, example index, n0, n, batch_size, device type, channels_last, model, software),
-whichever other examples are certified with it, in which order or in which shard.
+(run seed, example index, n0, n, batch_size, device type, channels_last, model, software,
+and the engine options of ``certify_examples``), whichever other examples are certified
+with it, in which order or in which shard.
 """
 
 from __future__ import annotations
