@@ -13,7 +13,16 @@
    running in an actor, without run-to-run drift; and, apart, the fixed costs of an actor
    (its start, its first shard).
 3. GPU (skipped without CUDA): ResNet-110 at n=100,000, seconds per image, baseline vs
-   tbn-ray fp32 vs tbn-ray bf16 + channels-last + BN folded.
+   tbn-ray fp32 vs tbn-ray bf16 + channels-last + BN folded; then the sampling engine
+   (``engine_rows``): one image at a time vs packed vs packed + torch.compile (+ cuDNN
+   autotuning) vs adaptive sample size, with forward passes per image and projected
+   GPU-hours for 10,000 test images per sigma.
+4. Engine rows on CPU too (part 1, at the small n): fixed n one image at a time vs packed vs
+   adaptive, with seconds and forward passes per image and certified accuracy at each report
+   radius beside fixed n's. Adaptive's savings depend on the model: with the untrained default
+   network nearly every image abstains after its pilot; pass ``--run`` (a trained run with TBN
+   statistics at sigma 0.25, e.g. the quickstart's ``tbn-results/quickstart``) for figures
+   that mean something. ``bench/adaptive_sampling.py`` simulates n = 100,000 on real vote counts.
 
 The model is untrained (He-initialised, seed 0) with TBN statistics calibrated on noisy
 held-out images: throughput does not depend on the weights. Every configuration certifies
@@ -28,7 +37,8 @@ Ray starts its workers with OMP_NUM_THREADS=1. Measured shard by shard (one acto
 in-process path interleaved on the same shards), the actor computed each shard 10% slower
 than this process when only this process had 2 OpenMP threads (torch.set_num_threads(1)
 on top), and 2% slower when both had OMP_NUM_THREADS=1: give the Ray part the same setting.
-    python bench/certify_throughput.py --parts gpu          # GPU part only
+    python bench/certify_throughput.py --parts gpu          # GPU part only (prints "skipped" without CUDA)
+    python bench/certify_throughput.py --parts engine --run tbn-results/quickstart   # engine rows, CPU
 Figures go to bench/results/certify_throughput.{json,md}.
 """
 
@@ -38,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -61,8 +70,10 @@ from tbn_ray.science.smoothing import ABSTAIN, example_generator
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import set_bn_stats
 
+from certify_engine import SIGMA, engine_rows, engine_table  # noqa: E402 (siblings: bench/ is the script's path)
+from timing import interleaved, timed  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SIGMA = 0.25
 
 
 # --- the reference-style baseline ------------------------------------------------------------
@@ -133,42 +144,6 @@ def make_run(root: Path, arch: str) -> Run:
 def make_plan(run: Run, out: Path, args: argparse.Namespace, images: int, *, batch_size: int, shards: int = 1, **options: Any) -> CertifyPlan:
     cfg = CertifyConfig(sigmas=(SIGMA,), n0=args.n0, n=args.n, alpha=0.001, batch_size=batch_size, max_images=images)
     return plan_certify(run, cfg, Storage.open(out), shards=shards, **options)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, CPU seconds of this process, result)."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    result = fn()
-    return time.perf_counter() - w0, time.process_time() - c0, result
-
-
-def interleaved(configs: dict[str, Callable[[int], Any]], units: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Time every config on every unit (an image, or a whole run), ``rounds`` times, interleaved.
-
-    Per config: the sum over units of each unit's best (and median) time. Short units and a
-    best-of estimate keep the figures close to an unloaded machine's on a shared one.
-    """
-    times: dict[str, list[list[tuple[float, float, float]]]] = {name: [[] for _ in range(units)] for name in configs}
-    results: dict[str, list[Any]] = {name: [] for name in configs}
-    for r in range(rounds):
-        for u in range(units):
-            for name, fn in configs.items():
-                wall, cpu, result = timed(lambda: fn(u))
-                times[name][u].append((wall, cpu, os.getloadavg()[0]))
-                results[name].append(result)
-        loads = [t[-1][2] for per in times.values() for t in per]
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}: {sum(t[-1][0] for t in per):.1f} s" for n, per in times.items())
-              + f" (load average {min(loads):.1f}-{max(loads):.1f})", flush=True)
-    return {
-        name: {
-            "wall_best_s": sum(min(w for w, _, _ in t) for t in per),
-            "wall_median_s": sum(statistics.median(w for w, _, _ in t) for t in per),
-            "cpu_best_s": sum(min(c for _, c, _ in t) for t in per),
-            "load_average_1min": [round(a, 1) for t in per for _, _, a in t],
-            "results": results[name],
-        }
-        for name, per in times.items()
-    }
 
 
 def machine() -> dict[str, Any]:
@@ -247,6 +222,13 @@ def _shard_records(plan: CertifyPlan, shard: int) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(plan.out.read_bytes(plan.shard_key(SIGMA, shard)))).to_pylist()
+
+
+def engine_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    plan = make_plan(run, tmp / "engine", args, args.images, batch_size=args.batch_size)
+    rows = engine_rows(plan, torch.device("cpu"), args, n=args.n, batch_size=args.batch_size)
+    return {"images": args.images, "n": args.n, "model": args.run or f"{args.arch} (untrained)", "rows": rows}
 
 
 # --- part 2: Ray actors ---------------------------------------------------------------------------
@@ -358,7 +340,7 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         print("GPU part skipped: no CUDA device", flush=True)
         return {"skipped": "no CUDA device"}
     gpu = torch.device("cuda")
-    run = make_run(tmp / "gpu-run", "resnet110")
+    run = Run(Storage.open(args.run)) if args.run else make_run(tmp / "gpu-run", "resnet110")
     n_args = argparse.Namespace(n0=100, n=args.gpu_n)
     base_plan = make_plan(run, tmp / "gpu-fp32", n_args, args.gpu_images, batch_size=1000, shards=args.gpu_images, device_type="cuda")
     bf16_plan = make_plan(
@@ -390,11 +372,15 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         args.gpu_images,
         args.rounds,
     )
-    return {
-        "device": torch.cuda.get_device_name(0),
-        "n": args.gpu_n,
-        "rows": [{"config": name, "seconds_per_image": r["wall_best_s"] / args.gpu_images} for name, r in res.items()],
-    }
+    rows = [
+        {"config": name, "seconds_per_image": r["wall_best_s"] / args.gpu_images, "forward_passes_per_image": 100 + args.gpu_n}
+        for name, r in res.items()
+    ]
+    engine_plan = make_plan(run, tmp / "gpu-engine", n_args, args.gpu_engine_images, batch_size=args.gpu_batch_size, device_type="cuda")
+    rows += engine_rows(engine_plan, gpu, args, n=args.gpu_n, batch_size=args.gpu_batch_size, gpu=True)
+    for row in rows:
+        row["gpu_hours_10k_images_per_sigma"] = row["seconds_per_image"] * 10_000 / 3600
+    return {"device": torch.cuda.get_device_name(0), "model": args.run or "resnet110 (untrained)", "n": args.gpu_n, "rows": rows}
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -427,6 +413,10 @@ def markdown(report: dict[str, Any]) -> str:
         s = c["semantics_check"]
         lines += ["", f"Semantics: fed the same noise, the baseline's CERTIFY and tbn-ray's agree on counts, prediction and radius for "
                   f"{s['identical_counts_predictions_radii']}/{s['images']} images.", ""]
+    if "engine" in report:
+        e = report["engine"]
+        lines += [f"## Sampling engine, CPU ({e['model']}, {e['images']} images, n={e['n']}, sigma={SIGMA}; best of "
+                  f"{report['args']['rounds']} interleaved whole calls)", "", *engine_table(e["rows"]), ""]  # fmt: skip
     if "ray" in report:
         r = report["ray"]
         lines += [
@@ -458,15 +448,20 @@ def markdown(report: dict[str, Any]) -> str:
         if "skipped" in g:
             lines += ["## GPU", "", f"Skipped: {g['skipped']}.", ""]
         else:
-            lines += [f"## GPU ({g['device']}, ResNet-110, n={g['n']})", "", "| config | seconds per image |", "|---|---|"]
-            lines += [f"| {row['config']} | {row['seconds_per_image']:.2f} |" for row in g["rows"]]
+            lines += [f"## GPU ({g['device']}, {g['model']}, n={g['n']})", "", "| config | seconds per image | forward passes per image "
+                      "| GPU-hours, 10k images per sigma |", "|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {row['config']} | {row['seconds_per_image']:.2f} | {row['forward_passes_per_image']:,.0f} "
+                      f"| {row['gpu_hours_10k_images_per_sigma']:.1f} |" for row in g["rows"]]  # fmt: skip
             lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="cpu,ray,ray-steady,gpu", help="comma-separated: cpu, ray, ray-steady, gpu")
+    parser.add_argument("--parts", default="cpu,engine,ray,ray-steady,gpu", help="comma-separated: cpu, engine, ray, ray-steady, gpu")
+    parser.add_argument("--run", default=None, help="a trained run (TBN statistics at sigma 0.25) for the engine and GPU rows; default: untrained")
+    parser.add_argument("--images-per-pass", type=int, default=8, help="images packed into each forward pass (engine rows)")
+    parser.add_argument("--gpu-engine-images", type=int, default=8, help="images for the GPU engine rows")
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--images", type=int, default=8, help="images for the CPU part")
     parser.add_argument("--n0", type=int, default=100)
@@ -496,6 +491,8 @@ def main() -> None:
             run = make_run(tmp / "run", args.arch)
         if "cpu" in parts:
             report["cpu"] = cpu_part(run, tmp, args)
+        if "engine" in parts:
+            report["engine"] = engine_part(Run(Storage.open(args.run)) if args.run else make_run(tmp / "engine-run", args.arch), tmp, args)
         if "ray" in parts:
             report["ray"] = ray_part(run, tmp, args)
         if "ray-steady" in parts:

@@ -13,7 +13,8 @@ from torch import nn
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.errors import TbnError
 from tbn_ray.reports.certify import ENVELOPE_LABEL, load_summaries, write_report
-from tbn_ray.science.smoothing import certify_examples, read_results, summarize, write_results
+from tbn_ray.science.smoothing import certify_examples, summarize
+from tbn_ray.store.results import read_results, write_results
 from tbn_ray.store.storage import Storage
 
 from .helpers import SHARED_DATA, partial_test_images

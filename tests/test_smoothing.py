@@ -19,15 +19,13 @@ from tbn_ray.config import REPORT_RADII
 from tbn_ray.errors import SoundnessError, TbnError
 from tbn_ray.science.smoothing import (
     ABSTAIN,
-    TSV_HEADER,
     Smooth,
     certify_examples,
     example_generator,
     lower_confidence_bound,
-    read_results,
     summarize,
-    write_results,
 )
+from tbn_ray.store.results import TSV_HEADER, read_results, write_results
 
 from .helpers import SHARED_DATA, partial_test_images
 

@@ -13,7 +13,7 @@ from tbn_ray.errors import TbnError
 from tbn_ray.jobs.pipeline import train_run
 from tbn_ray.jobs.sweep_pairs import ROW, SPLIT_KEYS, evaluate_pair, split_heldout, train_config
 from tbn_ray.science import data as data_mod
-from tbn_ray.science.smoothing import read_results
+from tbn_ray.store.results import read_results
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tbn_ray.errors import TbnError, log
-from tbn_ray.science.smoothing import summarize, write_results
+from tbn_ray.science.smoothing import summarize
+from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage, map_concurrently
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from tbn_ray.errors import TbnError
 from tbn_ray.jobs.pipeline import calibrate_sigma
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.data import data_meta
-from tbn_ray.science.smoothing import certify_examples, summarize, write_results
+from tbn_ray.science.smoothing import certify_examples, summarize
+from tbn_ray.store.results import write_results
 from tbn_ray.science.tbn import bn_key, use_bn_stats
 from tbn_ray.science.training import evaluate
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from tbn_ray.errors import TbnError, log
 from tbn_ray.reports.evaluation import EVALUATE_DIR, evaluation_section
-from tbn_ray.science.smoothing import as_storage
+from tbn_ray.store.results import as_storage
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import bn_key
 
@@ -84,7 +84,7 @@ def load_summaries(results: Storage | str | Path) -> list[dict[str, Any]]:
     for key in keys:
         summary = store.read_json(key)
         if "certified_accuracy" not in summary or "sigma" not in summary.get("params", {}):
-            raise TbnError(f"{store.object_uri(key)} is not a certification summary (from tbn_ray.smoothing.write_results)")
+            raise TbnError(f"{store.object_uri(key)} is not a certification summary (from tbn_ray.store.results.write_results)")
         summaries.append({**summary, "location": store.object_uri(key)})
     return summaries
 

@@ -5,26 +5,24 @@ step by step. Differences from the reference ``core.py`` are deliberate: the dev
 explicit, every example draws its noise from its own seeded generator (any shard re-run
 gives the same counts), the model is never switched to eval mode behind the caller's back
 (that would silently discard TBN statistics; a base classifier that is not fixed is
-refused instead), and votes are counted with ``torch.bincount``.
+refused instead), and votes are counted with ``torch.bincount``. CERTIFY is written once,
+as a procedure (``cohen_certify``) that asks for draws and is sent their counts, so the
+same code runs one image at a time (``Smooth``) or packed with others (``sampling``).
 
 Reproducibility contract: the counts for an example are bit-identical for the same
-(run seed, example index, n0, n, batch_size, device type, channels_last, model, software),
-whichever other examples are certified with it, in which order or in which shard.
+(run seed, example index, n0, n, batch_size, device type, channels_last, model, software,
+and the engine options of ``certify_examples``), whichever other examples are certified
+with it, in which order or in which shard.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 # scipy.special, not scipy.stats: the same beta.ppf and norm.ppf bit for bit, without the ~1 s
 # scipy.stats adds to the start of every process that certifies (each Ray actor, each CLI call)
@@ -33,16 +31,13 @@ from torch import Tensor, nn
 
 from tbn_ray.config import REPORT_RADII, check_sigma
 from tbn_ray.errors import SoundnessError, TbnError
-from tbn_ray.store.storage import Storage
+from tbn_ray.science.sampling import PackedSampler, Procedure, check_logits, compiled, cudnn_benchmark
+
+if TYPE_CHECKING:
+    from tbn_ray.science.adaptive import AdaptiveSampling
 
 #: The prediction recorded when the smoothed classifier abstains.
 ABSTAIN = -1
-
-#: Header of the community per-example format (Cohen et al.'s certify.py output).
-TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-
-#: Keys ``write_results`` requires in ``params``: every result names what produced it.
-RESULT_PARAMS = ("sigma", "n0", "n", "alpha", "seed", "batch_size", "bn", "model", "data_source")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -117,12 +112,56 @@ class Certificate:
     c_a_hat: int  # class guessed from the n0 selection draws (kept when abstaining)
     counts_selection: np.ndarray  # (num_classes,) votes of the n0 selection draws
     counts_estimation: np.ndarray  # (num_classes,) votes of the n fresh estimation draws
-    seconds: float  # wall time of both sampling rounds and the bound
+    seconds: float = 0.0  # wall time of the sampling rounds and the bound (set by the driver)
 
     @property
     def n_a(self) -> int:
         """Votes for c_a_hat among the estimation draws."""
         return int(self.counts_estimation[self.c_a_hat])
+
+    @property
+    def samples(self) -> int:
+        """Noisy copies the base classifier classified for this certificate (forward rows)."""
+        return int(self.counts_selection.sum() + self.counts_estimation.sum())
+
+    def extra_fields(self) -> dict[str, Any]:
+        """Record fields beyond Cohen's (none here; ``adaptive`` adds its own)."""
+        return {}
+
+
+def bound_certificate(
+    sigma: float, alpha: float, c_a_hat: int, counts_selection: np.ndarray, counts_estimation: np.ndarray
+) -> Certificate:
+    """Cohen's bound and radius from the estimation draws alone: pA_lower = Clopper-Pearson
+    (1 - alpha) of the votes for c_a_hat; abstain below 1/2, else radius sigma * Phi^-1(pA_lower)."""
+    p_a_lower = lower_confidence_bound(int(counts_estimation[c_a_hat]), int(counts_estimation.sum()), alpha)
+    if p_a_lower < 0.5:
+        prediction, radius = ABSTAIN, 0.0
+    else:
+        prediction, radius = c_a_hat, sigma * float(ndtri(p_a_lower))  # sigma * Phi^-1(pA)
+    return Certificate(prediction, radius, p_a_lower, c_a_hat, counts_selection, counts_estimation)
+
+
+def cohen_certify(sigma: float, n0: int, n: int, alpha: float) -> Procedure:
+    """Cohen's CERTIFY as a procedure: it yields how many noisy draws it needs next and is
+    sent their class counts (``run_alone`` or ``sampling.PackedSampler`` drives it)."""
+    # draw n0 samples of f(x + epsilon) and use them to take a guess at the top class
+    counts_selection = yield n0
+    c_a_hat = int(counts_selection.argmax())
+    # draw n FRESH samples of f(x + epsilon) and use them to lower-bound pA
+    counts_estimation = yield n
+    return bound_certificate(sigma, alpha, c_a_hat, counts_selection, counts_estimation)
+
+
+def run_alone(procedure: Procedure, sample: Callable[[int], np.ndarray]) -> Certificate:
+    """Drive one procedure with ``sample(k)`` (counts of k draws); its certificate, timed."""
+    start = time.perf_counter()
+    request = next(procedure)
+    while True:
+        try:
+            request = procedure.send(sample(request))
+        except StopIteration as finished:
+            return replace(finished.value, seconds=time.perf_counter() - start)
 
 
 class Smooth:
@@ -175,27 +214,11 @@ class Smooth:
         ``prediction``. ``x`` is one input, e.g. an image (3, 32, 32) in [0, 1].
         """
         _check_sampling(alpha, n0=n0, n=n)
-        start = time.perf_counter()
-        # draw n0 samples of f(x + epsilon) and use them to take a guess at the top class
-        counts_selection = self.sample_counts(x, n0, generator=generator)
-        c_a_hat = int(counts_selection.argmax())
-        # draw n FRESH samples of f(x + epsilon) and use them to lower-bound pA
-        counts_estimation = self.sample_counts(x, n, generator=generator)
-        n_a = int(counts_estimation[c_a_hat])
-        p_a_lower = lower_confidence_bound(n_a, n, alpha)
-        if p_a_lower < 0.5:
-            prediction, radius = ABSTAIN, 0.0
-        else:
-            prediction, radius = c_a_hat, self.sigma * float(ndtri(p_a_lower))  # sigma * Phi^-1(pA)
-        return Certificate(
-            prediction=prediction,
-            radius=radius,
-            p_a_lower=p_a_lower,
-            c_a_hat=c_a_hat,
-            counts_selection=counts_selection,
-            counts_estimation=counts_estimation,
-            seconds=time.perf_counter() - start,
-        )
+        return self.run(cohen_certify(self.sigma, n0, n, alpha), x, generator=generator)
+
+    def run(self, procedure: Procedure, x: Tensor, *, generator: torch.Generator) -> Certificate:
+        """A certification procedure (``cohen_certify``, ``AdaptiveSampling.procedure``) on x alone."""
+        return run_alone(procedure, lambda num: self.sample_counts(x, num, generator=generator))
 
     def predict(self, x: Tensor, n: int, alpha: float, *, generator: torch.Generator) -> int:
         """Cohen's PREDICT.
@@ -240,11 +263,7 @@ class Smooth:
                 if self.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 logits = self.base(batch)
-                if logits.shape != (len(batch), self.num_classes):
-                    raise TbnError(
-                        f"the model returned logits of shape {tuple(logits.shape)}, "
-                        f"expected ({len(batch)}, {self.num_classes})"
-                    )
+                check_logits(logits, len(batch), self.num_classes)
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
                 remaining -= len(batch)
         return counts.cpu().numpy()
@@ -274,6 +293,10 @@ def certify_examples(
     num_classes: int = 10,
     channels_last: bool = False,
     progress: bool = False,
+    images_per_pass: int = 1,
+    adaptive: AdaptiveSampling | None = None,
+    cudnn_autotune: bool = False,
+    compile_backend: str | None = None,
 ) -> list[dict[str, Any]]:
     """CERTIFY each image with its own generator ``example_generator(seed, indices[i], device)``.
 
@@ -285,43 +308,70 @@ def certify_examples(
     One record per image: idx, label, predict (ABSTAIN = -1), radius, correct (0/1),
     p_a_lower, count (votes for c_a_hat among the n draws), c_a_hat, n0, n, counts and
     counts_selection (per-class votes of the n and n0 draws), time (seconds).
+
+    Options, each changing the run's numbers (so each belongs in its run id):
+    ``images_per_pass`` > 1 packs that many images into each forward pass (``PackedSampler``:
+    same noise per image, other batch composition; a pass's time is shared out by rows);
+    ``adaptive`` plans each image's sample size, at most n (``adaptive.AdaptiveSampling``;
+    records add n_bound, samples, counts_pilot, planned_radius). On CUDA only,
+    ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
+    ``compile_backend`` (e.g. "inductor") runs the base classifier through torch.compile.
     """
+    _check_images(images, labels, indices)
+    _check_sampling(alpha, n0=n0, n=n, images_per_pass=images_per_pass)
+    device = _resolve_device(device)
+    smooth = Smooth(model, num_classes, sigma, batch_size=batch_size, device=device, channels_last=channels_last)
+    smooth.base = compiled(model, compile_backend)  # validated above, as the model itself
+
+    def procedure() -> Procedure:
+        return adaptive.procedure(smooth.sigma, n0, n, alpha) if adaptive else cohen_certify(smooth.sigma, n0, n, alpha)
+
+    def image(row: int) -> Tensor:
+        # torch.tensor copies: arrays shipped between processes are often read-only
+        return torch.tensor(images[row], device=device).permute(2, 0, 1).float().div(255)
+
+    generators = [example_generator(seed, int(i), device) for i in indices]
+    with cudnn_benchmark(device, cudnn_autotune):
+        if images_per_pass == 1:
+            rows: Iterable[int] = range(len(images))
+            if progress:
+                from tqdm import tqdm
+
+                rows = tqdm(rows, desc=f"certify sigma={sigma}", unit="img")
+            certs = [smooth.run(procedure(), image(row), generator=generators[row]) for row in rows]
+        else:
+            packer = PackedSampler(smooth.base, num_classes, smooth.sigma, batch_size=batch_size,
+                                   images_per_pass=images_per_pass, device=device, channels_last=channels_last)  # fmt: skip
+            outcomes, used, seconds = packer.run([image(r) for r in range(len(images))], generators, [procedure() for _ in generators])
+            certs = [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
+    return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
+
+
+def _check_images(images: np.ndarray, labels: Sequence[int] | np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
     nhwc = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
     if not nhwc:
         raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
     if not len(images) == len(labels) == len(indices):
         raise TbnError(f"images, labels and indices differ in length: {len(images)}, {len(labels)}, {len(indices)}")
-    device = _resolve_device(device)
-    smooth = Smooth(model, num_classes, sigma, batch_size=batch_size, device=device, channels_last=channels_last)
-    rows: Iterable[int] = range(len(images))
-    if progress:
-        from tqdm import tqdm
 
-        rows = tqdm(rows, desc=f"certify sigma={sigma}", unit="img")
-    records = []
-    for row in rows:
-        idx, label = int(indices[row]), int(labels[row])
-        # torch.tensor copies: arrays shipped between processes are often read-only
-        x = torch.tensor(images[row], device=device).permute(2, 0, 1).float().div(255)
-        cert = smooth.certify(x, n0, n, alpha, generator=example_generator(seed, idx, device))
-        records.append(
-            {
-                "idx": idx,
-                "label": label,
-                "predict": cert.prediction,
-                "radius": cert.radius,
-                "correct": int(cert.prediction == label),
-                "p_a_lower": cert.p_a_lower,
-                "count": cert.n_a,
-                "c_a_hat": cert.c_a_hat,
-                "n0": n0,
-                "n": n,
-                "counts": cert.counts_estimation.tolist(),
-                "counts_selection": cert.counts_selection.tolist(),
-                "time": cert.seconds,
-            }
-        )
-    return records
+
+def _record(cert: Certificate, idx: int, label: int, n0: int, n: int) -> dict[str, Any]:
+    return {
+        "idx": idx,
+        "label": label,
+        "predict": cert.prediction,
+        "radius": cert.radius,
+        "correct": int(cert.prediction == label),
+        "p_a_lower": cert.p_a_lower,
+        "count": cert.n_a,
+        "c_a_hat": cert.c_a_hat,
+        "n0": n0,
+        "n": n,
+        "counts": cert.counts_estimation.tolist(),
+        "counts_selection": cert.counts_selection.tolist(),
+        "time": cert.seconds,
+        **cert.extra_fields(),
+    }
 
 
 def _radius_key(r: float) -> str:
@@ -348,65 +398,3 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
         "clean_accuracy_smoothed": float(np.mean(correct)),
         "seconds_per_image": float(np.mean([r["time"] for r in records])),
     }
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {value!r}")
-
-
-def _tsv_line(r: dict[str, Any]) -> str:
-    # the exact shortest round-trip radius (never rounded up across a reported radius), >= 3 decimals
-    radius = np.format_float_positional(r["radius"], unique=True, min_digits=3)
-    return f"{r['idx']}\t{r['label']}\t{r['predict']}\t{radius}\t{r['correct']}\t{r['time']:.4f}\n"
-
-
-def as_storage(out: Storage | str | Path) -> Storage:
-    """Results go wherever the run's storage is: a local directory or s3://bucket/prefix."""
-    return out if isinstance(out, Storage) else Storage.open(out)
-
-
-def write_results(
-    records: Sequence[dict[str, Any]], summary: dict[str, Any], out: Storage | str | Path, params: dict[str, Any]
-) -> dict[str, str]:
-    """Write certify.tsv (community format), radii.parquet (every record field) and, last,
-    summary.json (``summary`` plus ``params`` under "params"); returns their URIs by name.
-
-    ``summary`` must be ``summarize(records, radii)``: it is recomputed and compared, so a
-    stale or partial summary is never written next to the records. ``params`` must name at
-    least ``RESULT_PARAMS`` (extra keys, e.g. a "data" description, are kept). Each file is
-    written whole (``Storage``); summary.json is removed first and written last, so a
-    summary.json always marks a complete, consistent result.
-    """
-    missing = [k for k in RESULT_PARAMS if k not in params]
-    if missing:
-        raise ValueError(f"params lack {missing}; results must name what produced them")
-    if summarize(records, summary["radii"]) != summary:
-        raise ValueError("summary does not match the records; pass summarize(records)")
-    for key in ("n0", "n"):
-        if any(r[key] != params[key] for r in records):
-            raise ValueError(f"records were certified with a different {key} than params[{key!r}]={params[key]}")
-    store = as_storage(out)
-    store.delete("summary.json")  # while rewriting, no summary.json may describe other files
-    records = sorted(records, key=lambda r: r["idx"])
-    params_json = json.dumps(params, default=_json_default, sort_keys=True)
-    table = pa.Table.from_pylist(list(records)).replace_schema_metadata({"tbn_ray.params": params_json})
-    uris = {"certify.tsv": store.write_text("certify.tsv", TSV_HEADER + "\n" + "".join(_tsv_line(r) for r in records))}
-    with store.writer("radii.parquet") as f:
-        pq.write_table(table, f)
-    uris["radii.parquet"] = store.object_uri("radii.parquet")
-    summary_json = json.dumps({**summary, "params": params}, indent=2, default=_json_default)
-    uris["summary.json"] = store.write_text("summary.json", summary_json + "\n")
-    return uris
-
-
-def read_results(out: Storage | str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The records (from radii.parquet) and summary (with "params") of ``write_results``."""
-    store = as_storage(out)
-    for key in ("summary.json", "radii.parquet"):
-        if not store.exists(key):
-            raise TbnError(f"no certification results at {store.object_uri(key)}; run certification into {store.uri} first")
-    return pq.read_table(io.BytesIO(store.read_bytes("radii.parquet"))).to_pylist(), store.read_json("summary.json")
