@@ -167,6 +167,10 @@ def certify(
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help=about("channels-last memory format: faster convolutions (its own run id)", CertifyConfig, "channels_last"), show_default=False)] = None,
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help=about("fold the frozen BN statistics into the convolutions: faster (its own run id)", CertifyConfig, "fold_bn"), show_default=False)] = None,
     amp: Annotated[Optional[str], typer.Option(help=about("forward passes in off | bf16 | fp16, on CUDA (its own run id)", CertifyConfig, "amp"))] = None,
+    images_per_pass: Annotated[Optional[int], typer.Option(help=about("images sharing each forward pass (its own run id)", CertifyConfig, "images_per_pass"))] = None,
+    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--no-adaptive", help=about("input-adaptive sample size, at most --n, planned from pilot draws the bound never reuses (its own run id)", CertifyConfig, "adaptive"), show_default=False)] = None,
+    cudnn_autotune: Annotated[Optional[bool], typer.Option("--cudnn-autotune/--no-cudnn-autotune", help=about("cuDNN algorithm search, CUDA only (its own run id)", CertifyConfig, "cudnn_autotune"), show_default=False)] = None,
+    compile_backend: Annotated[Optional[str], typer.Option("--compile", help="torch.compile backend for the base classifier, e.g. inductor (its own run id) (default: none)")] = None,
     progress: ProgressOpt = True,
     data: DataOpt = None,
     device: LocalDeviceOpt = None,
@@ -189,7 +193,8 @@ def certify(
     given = {"--sigma": ("sigmas", sigma or None), "--n0": ("n0", n0), "--n": ("n", n), "--alpha": ("alpha", alpha), "--skip": ("skip", skip),
              "--start": ("start", start), "--max-images": ("max_images", max_images), "--batch-size": ("batch_size", batch_size),
              "--seed": ("seed", seed), "--bn": ("bn", bn), "--shards": ("shards", shards), "--channels-last": ("channels_last", channels_last),
-             "--fold-bn": ("fold_bn", fold_bn), "--amp": ("amp", amp)}  # fmt: skip
+             "--fold-bn": ("fold_bn", fold_bn), "--amp": ("amp", amp), "--images-per-pass": ("images_per_pass", images_per_pass),
+             "--adaptive": ("adaptive", adaptive), "--cudnn-autotune": ("cudnn_autotune", cudnn_autotune), "--compile": ("compile", compile_backend)}  # fmt: skip
     flags = {flag: (f"certify.{field}", value) for flag, (field, value) in given.items()}
     cfg = load_flags(config, {**flags, "--device": ("train.device", device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}})
     c = cfg.certify

@@ -141,6 +141,18 @@ class CalibrateConfig(_Strict):
     seed: int = 0
 
 
+class AdaptiveConfig(_Strict):
+    """Input-adaptive sample size (``science.adaptive``): n(x) <= n planned from pilot draws that
+    the bound never reuses, so the 1 - alpha guarantee is Cohen's. Defaults chosen by simulation
+    (``bench/adaptive_sampling.py``) against fixed n on the report radii."""
+
+    pilot: int = Field(1000, ge=1, description="planning draws after the n0 selection draws, never reused in the bound")
+    extra_pilots: tuple[Annotated[int, Field(ge=1)], ...] = Field((4000, 10000), description="further planning stages, drawn while the plan asks for more than twice the next one")
+    max_loss: float = Field(0.02, ge=0, description="expected report radii certified less often than at the full n, per image")
+    tolerance: float = Field(0.02, ge=0, description="l2: accept an n whose predicted radius is within this of the full n's")
+    margin: float = Field(0.02, ge=0, description="l2: ... or that clears the highest report radius reached at the full n by this")
+
+
 class CertifyConfig(_Strict):
     """Cohen et al.'s CERTIFY on the test set (science.md)."""
 
@@ -158,6 +170,23 @@ class CertifyConfig(_Strict):
     channels_last: bool = Field(False, description="channels-last memory format: faster convolutions (its own run id)")
     fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
+    images_per_pass: int = Field(1, ge=1, description="images sharing each forward pass: fills the batch with several images' noise (its own run id)")
+    adaptive: bool = Field(False, description="input-adaptive sample size, at most n, from pilot draws not reused in the bound (its own run id)")
+    adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
+    cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
+    compile: str | None = Field(None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)")
+
+    def engine_options(self, device_type: str) -> dict[str, Any]:
+        """The sampling-engine options that differ from plain Cohen: part of the run id and of every
+        result's parameters only when set, so results stored without them keep their ids."""
+        cuda = device_type == "cuda"
+        options = {
+            "images_per_pass": self.images_per_pass if self.images_per_pass != 1 else None,
+            "adaptive": self.adaptive_sampling.model_dump(mode="json") if self.adaptive else None,
+            "cudnn_autotune": True if self.cudnn_autotune and cuda else None,
+            "compile": self.compile,
+        }
+        return {k: v for k, v in options.items() if v is not None}
 
     @field_validator("bn")
     @classmethod

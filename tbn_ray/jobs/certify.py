@@ -33,6 +33,7 @@ from tbn_ray.jobs.engine import Metric, pending, run_in_process
 from tbn_ray.reports.certify import write_certification_report
 from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
+from tbn_ray.science.adaptive import AdaptiveSampling
 from tbn_ray.science.smoothing import certify_examples
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
@@ -126,6 +127,7 @@ class CertifyPlan:
                     "channels_last": self.channels_last,
                     "fold_bn": self.fold_bn,
                     "amp": self.effective_amp,
+                    **cfg.engine_options(self.device_type),
                 },
                 sort_keys=True,
             ).encode()
@@ -173,6 +175,7 @@ class CertifyPlan:
             "channels_last": self.channels_last,
             "fold_bn": self.fold_bn,
             "amp": self.effective_amp,
+            **cfg.engine_options(self.device_type),
             "run_id": self.run_id,
             "shards": self.shards,
         }
@@ -368,6 +371,10 @@ class ShardCertifier:
             seed=cfg.seed,
             device=self.device,
             channels_last=plan.channels_last,
+            images_per_pass=cfg.images_per_pass,
+            adaptive=AdaptiveSampling.from_config(cfg.adaptive_sampling) if cfg.adaptive else None,
+            cudnn_autotune=cfg.cudnn_autotune,
+            compile_backend=cfg.compile,
         )
         seconds = time.perf_counter() - t0
         meta = {

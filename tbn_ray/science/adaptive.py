@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.special import betainc, betaincinv, ndtr, ndtri
 
-from tbn_ray.config import REPORT_RADII
+from tbn_ray.config import REPORT_RADII, AdaptiveConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
 from tbn_ray.science.smoothing import ABSTAIN, Certificate, bound_certificate
@@ -82,6 +82,10 @@ def optimistic_share(votes: int, draws: int, alpha: float) -> float:
     return 1.0 if votes >= draws else float(betaincinv(votes + 1, draws - votes, 1 - alpha))
 
 
+#: The defaults live in the typed config (one source for the CLI, YAML files and this API).
+_DEFAULTS = AdaptiveConfig()
+
+
 @dataclass(frozen=True)
 class AdaptiveSampling:
     """Settings of the input-adaptive sample size; see the module docstring for the procedure.
@@ -94,11 +98,11 @@ class AdaptiveSampling:
     the sample size that clears the same report radius, not at the cap of n.
     """
 
-    pilot: int = 1000  # planning draws, never reused in the bound
-    extra_pilots: tuple[int, ...] = (4000, 10000)  # further planning stages, each drawn while the plan asks for > 2x it
-    max_loss: float = 0.02  # expected report radii certified less often than at the full n, per image
-    tolerance: float = 0.02  # l2: accept n whose predicted radius is within this of n's
-    margin: float = 0.02  # l2: ... or that clears the highest report radius reached at n by this
+    pilot: int = _DEFAULTS.pilot  # planning draws, never reused in the bound
+    extra_pilots: tuple[int, ...] = _DEFAULTS.extra_pilots  # further planning stages, each drawn while the plan asks for > 2x it
+    max_loss: float = _DEFAULTS.max_loss  # expected report radii certified less often than at the full n, per image
+    tolerance: float = _DEFAULTS.tolerance  # l2: accept n whose predicted radius is within this of n's
+    margin: float = _DEFAULTS.margin  # l2: ... or that clears the highest report radius reached at n by this
     posterior_points: int = 32  # quadrature points of the pilot's posterior for p_cA
     fractions: tuple[float, ...] = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # of n
     abstain_alpha: float = 0.001  # early abstention: confidence of the optimistic pilot bound
@@ -117,6 +121,10 @@ class AdaptiveSampling:
             raise TbnError(f"adaptive abstain_alpha must be in (0, 1), got {self.abstain_alpha}")
         if any(not (np.isfinite(r) and r >= 0) for r in self.radii):
             raise TbnError(f"adaptive radii must be finite and >= 0, got {self.radii}")
+
+    @staticmethod
+    def from_config(cfg: AdaptiveConfig) -> AdaptiveSampling:
+        return AdaptiveSampling(**cfg.model_dump())
 
     def candidates(self, n: int) -> np.ndarray:
         """The candidate estimation sizes for a maximum of n, ascending, ending at n."""

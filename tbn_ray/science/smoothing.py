@@ -397,4 +397,6 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
         "abstain_rate": float(np.mean(predict == ABSTAIN)),
         "clean_accuracy_smoothed": float(np.mean(correct)),
         "seconds_per_image": float(np.mean([r["time"] for r in records])),
+        # adaptive records say how many forward passes each image took (fixed n: n0 + n for all)
+        **({"forward_passes_per_image": float(np.mean([r["samples"] for r in records]))} if all("samples" in r for r in records) else {}),
     }

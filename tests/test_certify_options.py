@@ -1,0 +1,68 @@
+"""The sampling-engine options through the sharded job: packed forward passes and the adaptive
+sample size each get their own run id, store what they did, and resume like any certification.
+(Their soundness against a classifier with a known radius: tests/test_sampling.py, test_adaptive.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tbn_ray.config import AdaptiveConfig, CertifyConfig, DataConfig
+from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
+from tbn_ray.store.runs import Run
+from tbn_ray.store.storage import Storage
+
+from .helpers import SHARED_DATA
+
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "legacy-store" / "runs" / "tiny"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    if not (SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz").is_file():
+        pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
+    target = tmp_path / "tiny"
+    target.mkdir()
+    for name in ("checkpoint.pt", "bn_stats.pt", "config.yaml"):
+        shutil.copy(FIXTURE_RUN / name, target / name)
+    return Run.open(str(target))
+
+
+def _certify(run: Run, cfg: CertifyConfig, out: Storage):  # type: ignore[no-untyped-def]
+    data = DataConfig(source="partial", shared_dir=str(SHARED_DATA))
+    return run_plan_in_process(plan_certify(run, cfg, out, data_cfg=data, shards=2), CPU, progress=False)
+
+
+def _records(location: str) -> list[dict]:
+    return pq.read_table(Path(location) / "radii.parquet").to_pylist()
+
+
+def test_packed_and_adaptive_runs_have_their_own_ids_records_and_resume(run: Run, tmp_path: Path) -> None:
+    out = Storage.open(tmp_path / "certify")
+    base = CertifyConfig(sigmas=(0.25,), n0=20, n=2000, batch_size=250, skip=3, max_images=6)
+    fixed = _certify(run, base, out)
+    packed = _certify(run, base.model_copy(update={"images_per_pass": 3}), out)
+    adaptive_cfg = AdaptiveConfig(pilot=200, extra_pilots=(), max_loss=0.1)
+    adaptive = _certify(run, base.model_copy(update={"adaptive": True, "adaptive_sampling": adaptive_cfg}), out)
+    assert len({fixed.run_id, packed.run_id, adaptive.run_id}) == 3
+
+    f, p, a = (_records(r.outputs[0].location) for r in (fixed, packed, adaptive))
+    # packing changes which images share a forward pass, not any image's noise: the same selection
+    assert [r["c_a_hat"] for r in p] == [r["c_a_hat"] for r in f]
+    assert sum(r["counts"] == q["counts"] for r, q in zip(p, f)) >= 5
+    # adaptive: the same selection draws, at most n estimation draws, what it did is stored
+    assert [r["c_a_hat"] for r in a] == [r["c_a_hat"] for r in f]
+    assert all(r["n_bound"] <= base.n and r["n"] == base.n for r in a)
+    summary = json.loads((Path(adaptive.outputs[0].location) / "summary.json").read_text())
+    assert summary["params"]["adaptive"] == adaptive_cfg.model_dump(mode="json")
+    assert summary["forward_passes_per_image"] == pytest.approx(sum(r["samples"] for r in a) / len(a))
+    assert "adaptive" not in json.loads((Path(fixed.outputs[0].location) / "summary.json").read_text())["params"]
+
+    again = _certify(run, base.model_copy(update={"adaptive": True, "adaptive_sampling": adaptive_cfg}), out)
+    assert (again.run_id, again.shards_computed, again.shards_skipped) == (adaptive.run_id, 0, 2)
