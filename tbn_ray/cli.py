@@ -17,9 +17,8 @@ import typer
 import tbn_ray
 from tbn_ray.cli_evaluate import data_app, evaluate_app
 from tbn_ray.cli_options import (
-    POOL_FLAGS, ActorsOpt, Command, AddressOpt, ConfigOpt, CpusPerActorOpt, DataOpt, DeviceOpt, GpusPerActorOpt, LocalDeviceOpt,
-    ProgressOpt, RunArg, StorageOpt, about, about_run, check_local, data_override, index_range, load_flags, pool_options,
-    ray_about, require_ray, storage_root,
+    Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, check_local,
+    data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root, where_options,
 )  # fmt: skip
 from tbn_ray.config import CalibrateConfig, CertifyConfig, RuntimeConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError, log
@@ -143,6 +142,7 @@ def calibrate(
 
 
 @app.command(cls=Command)
+@where_options("certify in this process, without Ray")
 def certify(
     run: RunArg,
     sigma: Annotated[Optional[list[float]], typer.Option("--sigma", help=about("noise level, repeatable", CertifyConfig, "sigmas"))] = None,
@@ -159,11 +159,6 @@ def certify(
     bn: Annotated[Optional[str], typer.Option(help=about("tbn (statistics calibrated at the same sigma) | clean", CertifyConfig, "bn"))] = None,
     output: Annotated[Optional[str], typer.Option(help="results root; results go to <output>/<run-id> (default: RUN/certify)")] = None,
     shards: Annotated[Optional[int], typer.Option(help=about("fixed shards the images are split into; unset: at most one per image", CertifyConfig, "shards"))] = None,
-    local: Annotated[bool, typer.Option("--local", help="certify in this process, without Ray")] = False,
-    address: AddressOpt = None,
-    actors: ActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = None,
-    cpus_per_actor: CpusPerActorOpt = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help=about("channels-last memory format: faster convolutions (its own run id)", CertifyConfig, "channels_last"), show_default=False)] = None,
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help=about("fold the frozen BN statistics into the convolutions: faster (its own run id)", CertifyConfig, "fold_bn"), show_default=False)] = None,
     amp: Annotated[Optional[str], typer.Option(help=about("forward passes in off | bf16 | fp16, on CUDA (its own run id)", CertifyConfig, "amp"))] = None,
@@ -171,9 +166,8 @@ def certify(
     adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--no-adaptive", help=about("input-adaptive sample size, at most --n, planned from pilot draws the bound never reuses (its own run id)", CertifyConfig, "adaptive"), show_default=False)] = None,
     cudnn_autotune: Annotated[Optional[bool], typer.Option("--cudnn-autotune/--no-cudnn-autotune", help=about("cuDNN algorithm search, CUDA only (its own run id)", CertifyConfig, "cudnn_autotune"), show_default=False)] = None,
     compile_backend: Annotated[Optional[str], typer.Option("--compile", help="torch.compile backend for the base classifier, e.g. inductor (its own run id) (default: none)")] = None,
-    progress: ProgressOpt = True,
     data: DataOpt = None,
-    device: LocalDeviceOpt = None,
+    where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
@@ -188,34 +182,32 @@ def certify(
         if start is not None:
             raise TbnError("--indices and --start both set the first test index: give one of them")
         start, stop = index_range(indices)
-    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
-    check_local(local, device, "--gpus-per-actor", {"--address": address, **pool})
     given = {"--sigma": ("sigmas", sigma or None), "--n0": ("n0", n0), "--n": ("n", n), "--alpha": ("alpha", alpha), "--skip": ("skip", skip),
              "--start": ("start", start), "--max-images": ("max_images", max_images), "--batch-size": ("batch_size", batch_size),
              "--seed": ("seed", seed), "--bn": ("bn", bn), "--shards": ("shards", shards), "--channels-last": ("channels_last", channels_last),
              "--fold-bn": ("fold_bn", fold_bn), "--amp": ("amp", amp), "--images-per-pass": ("images_per_pass", images_per_pass),
              "--adaptive": ("adaptive", adaptive), "--cudnn-autotune": ("cudnn_autotune", cudnn_autotune), "--compile": ("compile", compile_backend)}  # fmt: skip
     flags = {flag: (f"certify.{field}", value) for flag, (field, value) in given.items()}
-    cfg = load_flags(config, {**flags, "--device": ("train.device", device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}})
+    cfg = load_flags(config, {**flags, **where.flags()})
     c = cfg.certify
     with about_run(run):
         r = Run.open(run)
         out = Storage.open(output) if output else r.storage.child("certify")
-        dev = resolve_device(cfg.train.device) if local else None
+        dev = resolve_device(cfg.train.device) if where.local else None
         # Everything is checked here, before Ray starts; on Ray the device follows the actors' GPUs.
         plan = plan_certify(
             r, c, out, data_cfg=data_override(data), shards=c.shards if "shards" in c.model_fields_set else None, stop=stop,
             device_type=dev.type if dev is not None else "cpu", channels_last=c.channels_last, fold_bn=c.fold_bn, amp=c.amp,
         )  # fmt: skip
     if dev is not None:
-        result = run_plan_in_process(plan, dev, progress=progress)
+        result = run_plan_in_process(plan, dev, progress=where.progress)
     else:
         require_ray(", or certify in this process with --local")
         from tbn_ray.distributed.certify import run_plan_on_ray
         from tbn_ray.distributed.runtime import connected
 
-        with connected(address, log=log) as cluster:
-            result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=progress)
+        with connected(where.address, log=log) as cluster:
+            result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     for o in result.outputs:
         log(cap_note(o.sigma, c.n, c.alpha))
     log(f"results in {result.location}: {result.shards_computed} shard(s) certified now, {result.shards_skipped} reused; report {result.report}")

@@ -11,9 +11,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from tbn_ray.cli_options import (
-    POOL_FLAGS, ActorsOpt, Command, AddressOpt, ConfigOpt, CpusPerActorOpt, DataOpt, GpusPerActorOpt, IndicesOpt, LocalDeviceOpt,
-    ProgressOpt, RunArg, StorageOpt, about, about_run, check_local, data_override, load_flags, parse_indices, pool_options,
-    require_ray, storage_root,
+    Command, ConfigOpt, DataOpt, IndicesOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, data_override, load_flags,
+    parse_indices, pool_options, require_ray, storage_root, where_options,
 )  # fmt: skip
 from tbn_ray.config import EvaluateConfig, ExperimentConfig
 from tbn_ray.errors import log
@@ -47,35 +46,29 @@ BnOpt = Annotated[
 BatchOpt = Annotated[
     Optional[int], typer.Option(help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size"))
 ]
-LocalOpt = Annotated[bool, typer.Option("--local", help="evaluate in this process, without Ray")]
 
 
-def _evaluate_config(
-    config: Path | None, flags: dict[str, tuple[str, Any]], *, local: bool, device: str | None, address: str | None,
-    actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float | None,
-) -> ExperimentConfig:
+def _evaluate_config(config: Path | None, flags: dict[str, tuple[str, Any]], where: Where) -> ExperimentConfig:
     """Local-versus-Ray checks, then the experiment config with the flags applied."""
-    pool = {"--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
-    check_local(local, device, "--gpus-per-actor", {"--address": address, **pool})
-    return load_flags(config, {**flags, "--device": ("train.device", device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}})
+    return load_flags(config, {**flags, **where.flags()})
 
 
-def _run_evaluation(plan, cfg: ExperimentConfig, *, local: bool, address: str | None, progress: bool) -> None:  # type: ignore[no-untyped-def]
+def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type: ignore[no-untyped-def]
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
     from tbn_ray.jobs.evaluate import run_in_process
     from tbn_ray.reports.evaluation import evaluation_section
     from tbn_ray.science.training import resolve_device
     from tbn_ray.store.storage import Storage
 
-    if local:
-        result = run_in_process(plan, resolve_device(cfg.train.device), progress=progress)
+    if where.local:
+        result = run_in_process(plan, resolve_device(cfg.train.device), progress=where.progress)
     else:
         require_ray(", or evaluate in this process with --local")
         from tbn_ray.distributed.evaluate import run_plan_on_ray
         from tbn_ray.distributed.runtime import connected
 
-        with connected(address, log=log) as cluster:
-            result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=progress)
+        with connected(where.address, log=log) as cluster:
+            result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     print(evaluation_section(Storage.open(plan.run_uri), image=None))
     log(f"results in {result.location}: {result.items_computed} item(s) computed now, {result.items_skipped} reused; report {result.report}")
 
@@ -118,6 +111,7 @@ def data_cifar10c(
 
 
 @evaluate_app.command("corruptions", cls=Command)
+@where_options("evaluate in this process, without Ray")
 def evaluate_corruptions(
     run: RunArg,
     bn: BnOpt = None,
@@ -130,13 +124,7 @@ def evaluate_corruptions(
     released: ReleasedOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="root of the CIFAR-10-C cache, as tbn-ray data cifar10c --storage (default: the run's parent)")] = None,
     data: DataOpt = None,
-    local: LocalOpt = False,
-    address: AddressOpt = None,
-    actors: ActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = None,
-    cpus_per_actor: CpusPerActorOpt = None,
-    device: LocalDeviceOpt = None,
-    progress: ProgressOpt = True,
+    where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into RUN/evaluate/;
     resumable: the same command again skips finished items. Missing arrays are generated and cached."""
@@ -146,18 +134,19 @@ def evaluate_corruptions(
     cfg = _evaluate_config(config, {
         "--batch-size": ("evaluate.batch_size", batch_size), "--corruptions": ("evaluate.corruptions", corruptions),
         "--severities": ("evaluate.severities", severities), "--seed": ("evaluate.cifar10c_seed", seed),
-    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+    }, where)  # fmt: skip
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):
         plan = plan_corruptions(
             Run.open(run), bn or [], cache_root=storage_root(storage) if storage else None, corruptions=ev.corruptions, severities=ev.severities,
-            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=released, data_cfg=data_override(data), start=start, stop=stop, progress=progress,
+            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=released, data_cfg=data_override(data), start=start, stop=stop, progress=where.progress,
         )  # fmt: skip
-    _run_evaluation(plan, cfg, local=local, address=address, progress=progress)
+    _run_evaluation(plan, cfg, where)
 
 
 @evaluate_app.command("attack", cls=Command)
+@where_options("evaluate in this process, without Ray")
 def evaluate_attack(
     run: RunArg,
     bn: BnOpt = None,
@@ -172,13 +161,7 @@ def evaluate_attack(
     seed: Annotated[Optional[int], typer.Option(help=about("random starts derive from (seed, attack, batch)", EvaluateConfig, "seed"))] = None,
     indices: IndicesOpt = None,
     data: DataOpt = None,
-    local: LocalOpt = False,
-    address: AddressOpt = None,
-    actors: ActorsOpt = None,
-    gpus_per_actor: GpusPerActorOpt = None,
-    cpus_per_actor: CpusPerActorOpt = None,
-    device: LocalDeviceOpt = None,
-    progress: ProgressOpt = True,
+    where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
     their batch statistics. Into RUN/evaluate/; resumable like certify."""
@@ -189,7 +172,7 @@ def evaluate_attack(
         "--attack": ("evaluate.attacks", attack or None), "--steps": ("evaluate.attack_steps", steps), "--restarts": ("evaluate.restarts", restarts),
         "--batch-size": ("evaluate.batch_size", batch_size), "--norm": ("evaluate.norm", norm), "--eps": ("evaluate.eps", eps), "--seed": ("evaluate.seed", seed),
         "--step-size": ("evaluate.step_size", step_size),
-    }, local=local, device=device, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+    }, where)  # fmt: skip
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):
@@ -197,4 +180,4 @@ def evaluate_attack(
             Run.open(run), bn or [], attacks=ev.attacks, norm=ev.norm, eps=ev.eps, steps=ev.attack_steps, restarts=ev.restarts,
             step_size=ev.step_size, batch_size=ev.batch_size, seed=ev.seed, data_cfg=data_override(data), start=start, stop=stop,
         )  # fmt: skip
-    _run_evaluation(plan, cfg, local=local, address=address, progress=progress)
+    _run_evaluation(plan, cfg, where)

@@ -7,8 +7,11 @@ model: no default is written here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -135,3 +138,53 @@ def require_ray(alternative: str) -> None:
         import ray  # noqa: F401
     except ImportError as e:
         raise TbnError(f"Ray is not installed ({e.name}): pip install 'tbn-ray[ray]'{alternative}") from None
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a sharded job runs: in this process (``--local``, ``--device``) or on a Ray actor pool."""
+
+    local: bool
+    device: str | None
+    address: str | None
+    actors: int | None
+    gpus_per_actor: float | None
+    cpus_per_actor: float | None
+    progress: bool
+
+    def flags(self) -> dict[str, tuple[str, Any]]:
+        """The device and pool flags as ``load_flags`` takes them, after the local-versus-Ray check."""
+        pool = {"--actors": self.actors, "--gpus-per-actor": self.gpus_per_actor, "--cpus-per-actor": self.cpus_per_actor}
+        check_local(self.local, self.device, "--gpus-per-actor", {"--address": self.address, **pool})
+        return {"--device": ("train.device", self.device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}}
+
+
+def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the options that say where it runs, declared once for every sharded job;
+    the command receives them as one ``where: Where`` argument."""
+    options = {
+        "local": (bool, typer.Option("--local", help=local_help), False),
+        "address": (Optional[str], AddressOpt.__metadata__[0], None),
+        "actors": (Optional[int], ActorsOpt.__metadata__[0], None),
+        "gpus_per_actor": (Optional[float], GpusPerActorOpt.__metadata__[0], None),
+        "cpus_per_actor": (Optional[float], CpusPerActorOpt.__metadata__[0], None),
+        "device": (Optional[str], LocalDeviceOpt.__metadata__[0], None),
+        "progress": (bool, ProgressOpt.__metadata__[0], True),
+    }
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        kept = [p for name, p in signature.parameters.items() if name != "where"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+                 for name, (kind, option, default) in options.items()]  # fmt: skip
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            where = Where(**{name: kwargs.pop(name) for name in options})
+            return command(*args, where=where, **kwargs)
+
+        run.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+        run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "where"}
+        return run
+
+    return decorate
