@@ -58,7 +58,7 @@ import torch
 import yaml
 
 from tbn_ray.science import data as data_mod
-from tbn_ray.config import SweepConfig, TrainConfig, parse_config
+from tbn_ray.config import SweepConfig, TrainConfig, parse_config, parse_yaml
 from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
 from tbn_ray.distributed.runtime import RayCluster
@@ -338,7 +338,8 @@ def prepare(cfg: SweepConfig, storage: Storage, *, resume: bool, say: Callable[[
     root = storage.child(cfg.name)
     storage.check()
     if root.exists("sweep.yaml"):
-        stored = parse_config(SweepConfig, yaml.safe_load(root.read_text("sweep.yaml")), root.object_uri("sweep.yaml"))
+        where = root.object_uri("sweep.yaml")
+        stored = parse_config(SweepConfig, parse_yaml(root.read_text("sweep.yaml"), where, "a sweep config"), where)
         if stored != cfg:
             raise TbnError(
                 f"sweep {cfg.name!r} in {storage.uri} was started with another config: "
@@ -478,8 +479,12 @@ def _training(train_root: Storage, eps: float) -> dict[str, Any]:
     if name is None:
         return {"run": None, "epochs": 0, "train_seconds": None}
     run = Run(train_root.child(name))
-    rows = list(csv.DictReader(io.StringIO(run.storage.read_text(METRICS)))) if run.storage.exists(METRICS) else []
-    seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
+    text = run.storage.read_text(METRICS) if run.storage.exists(METRICS) else ""
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
+    except (csv.Error, KeyError, TypeError, ValueError):
+        raise TbnError(f"{run.storage.object_uri(METRICS)} is damaged (no number in its seconds column): restore it or train the run again") from None
     return {"run": run.uri, "epochs": len(rows), "train_seconds": round(seconds, 3) if rows else None}
 
 

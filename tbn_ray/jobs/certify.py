@@ -31,6 +31,7 @@ from torch.fx.experimental.optimization import fuse as fold_conv_bn
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
 from tbn_ray.errors import TbnError, log
+from tbn_ray.jobs.layout import SHARD_KEY as _SHARD_KEY, shard_problem
 from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
 from tbn_ray.science.smoothing import certify_examples, summarize, write_results
@@ -43,7 +44,6 @@ from tbn_ray.science.training import autocast, resolve_device
 DEFAULT_SHARDS = 64
 SHARD_FORMAT = "tbn-ray/certify-shard-v1"
 _SHARD_META = b"tbn_ray.shard"
-_SHARD_KEY = re.compile(r"^(sigma=[^/]+)/shard-(\d{5})-of-(\d{5})\.parquet$")
 
 
 def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | None = None) -> np.ndarray:
@@ -353,6 +353,9 @@ def _read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tu
         meta = json.loads((table.schema.metadata or {})[_SHARD_META])
     except (pa.ArrowException, KeyError, ValueError, OSError) as e:
         raise _UnusableShard(f"{where} is not a readable shard ({type(e).__name__})") from None
+    problem = shard_problem(table, meta)
+    if problem is not None:
+        raise _UnusableShard(f"{where} {problem}: not a usable tbn-ray shard")
     m = _SHARD_KEY.match(key)
     if meta.get("format") != SHARD_FORMAT or m is None:
         raise _UnusableShard(f"{where} is not a tbn-ray shard ({SHARD_FORMAT})")
