@@ -24,17 +24,16 @@ hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (t
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, TrainConfig, load_config, load_sweep_config  # noqa: E402
+from tbn_ray.config import CertifyConfig, DataConfig, load_config, load_sweep_config  # noqa: E402
 from tbn_ray.errors import TbnError  # noqa: E402
 from tbn_ray.jobs.certify import aggregate, certify_run  # noqa: E402
 from tbn_ray.reports.certify import load_summaries, write_report  # noqa: E402
 from tbn_ray.science.corruptions import load_released  # noqa: E402
-from tbn_ray.science.models import build_model  # noqa: E402
-from tbn_ray.science.tbn import CLEAN, bn_key, get_bn_stats  # noqa: E402
-from tbn_ray.store.runs import Run, make_checkpoint  # noqa: E402
+from tbn_ray.science.tbn import bn_key  # noqa: E402
+from tbn_ray.store.runs import Run  # noqa: E402
 from tbn_ray.store.storage import Storage  # noqa: E402
 
-from .helpers import SHARED_DATA  # noqa: E402
+from .helpers import SHARED_DATA, tiny_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -111,17 +110,7 @@ def read_or_one_line_error(read: Callable[[], Any], names: str) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A tiny untrained model (real weights) with statistics for sigma 0.25, on local storage."""
-    if not (SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz").is_file():
-        pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
-    r = Run(Storage.open(tmp_path_factory.mktemp("fuzz")).child("tiny"))
-    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    r.save_checkpoint(make_checkpoint(model, cfg, 1, {"note": "untrained"}))
-    stats = get_bn_stats(model)
-    r.save_bn_sets({CLEAN: {"stats": stats, "meta": {"sigma": 0.0}}, bn_key(0.25): {"stats": stats, "meta": {"sigma": 0.25}}})
-    return r
+    return tiny_run(Storage.open(tmp_path_factory.mktemp("fuzz")))
 
 
 @pytest.fixture(scope="module")

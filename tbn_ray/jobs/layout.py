@@ -1,5 +1,10 @@
 """The stored layout of one certification, ``<output>/<run-id>/sigma=<s>/shard-<k>-of-<n>.parquet``:
-the shard keys, and whether a stored shard holds what a shard must.
+which shard files a folder holds, and whether one of them holds what a shard must.
+
+The run id covers everything that changes a certificate but not the shard count (the same
+images cut differently give the same numbers), so one folder could hold two shard sets.
+Two rules keep it unambiguous: certify does not start a second count where shards of
+another are stored, and aggregation without a plan refuses a sigma folder holding two.
 """
 
 from __future__ import annotations
@@ -8,6 +13,9 @@ import re
 from typing import Any
 
 import pyarrow as pa
+
+from tbn_ray.errors import TbnError
+from tbn_ray.store.storage import Storage
 
 SHARD_KEY = re.compile(r"^(sigma=[^/]+)/shard-(\d{5})-of-(\d{5})\.parquet$")
 
@@ -23,6 +31,39 @@ _META = {
     "format": str, "sigma": (int, float), "shard": int, "shards": int, "indices": list, "images_total": int,
     "params": dict, "worker": dict, "gpus": (int, float), "started": (int, float), "seconds": (int, float),
 }  # fmt: skip
+
+
+def shard_sets(keys: list[str]) -> dict[str, dict[int, dict[int, str]]]:
+    """The shard files among ``keys``: sigma folder -> shard count -> shard number -> key."""
+    found: dict[str, dict[int, dict[int, str]]] = {}
+    for key in keys:
+        m = SHARD_KEY.match(key)
+        if m:
+            found.setdefault(m.group(1), {}).setdefault(int(m.group(3)), {})[int(m.group(2))] = key
+    return found
+
+
+def refuse_other_shard_count(out: Storage, shards: int) -> None:
+    """Before certifying into ``out`` (``<output>/<run-id>``) in ``shards`` shards: refuse if it
+    holds shards of another count, which a resumed run would otherwise leave beside the new set."""
+    counts = sorted({n for by_count in shard_sets(out.list()).values() for n in by_count if n != shards})
+    if counts:
+        raise TbnError(
+            f"{out.uri} holds this certification cut into {counts[0]} shards, not {shards}: resume it with "
+            f"--shards {counts[0]}, or delete {out.uri} to start over in {shards}"
+        )
+
+
+def refuse_two_shard_sets(out: Storage, found: dict[str, dict[int, dict[int, str]]]) -> None:
+    """Before aggregating ``shard_sets`` without a plan: a sigma folder with two shard counts
+    is refused rather than one of them picked."""
+    for name, by_count in sorted(found.items()):
+        if len(by_count) > 1:
+            counts = " and ".join(str(n) for n in sorted(by_count))
+            raise TbnError(
+                f"{out.uri}/{name} holds two shard sets ({counts} shards): delete the shard-*-of-<n>.parquet "
+                "files of the one you do not want, then run tbn-ray report again"
+            )
 
 
 def _typed(value: Any, kind: type | tuple[type, ...]) -> bool:
