@@ -481,9 +481,15 @@ def evaluate_attack(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line and exit status 2."""
+    """Console entry point: user errors become one line and exit status 2; SIGTERM one line and 143."""
+    from tbn_ray.signals import EXIT_STATUS, Terminated, stop_on_sigterm
+
+    stop_on_sigterm()
     try:
         app()
     except TbnError as e:
         print(f"tbn-ray: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+        sys.exit(EXIT_STATUS)
