@@ -12,10 +12,15 @@ expose ``run(plan, unit)``. The rules both rely on:
   another actor, at most ``MAX_UNIT_ATTEMPTS`` times.
 - The driver hands units to whichever actor is free and kills every actor on any error or
   interrupt: a killed driver loses at most the units in flight, and the same command resumes.
+- An actor lost with its node is restarted only where another node has room, which may be
+  never while the pool holds every slot, and its unit would wait for it forever: once nothing
+  is queued, a free actor runs such a unit too (a backup copy, once per unit; the first copy
+  to finish counts, later ones are ignored).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -131,6 +136,22 @@ def _cause(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+def _unfinished(running: dict[Any, tuple[Any, Hashable]], finished: set[Hashable]) -> list[Hashable]:
+    """Units in flight that no copy has finished yet, oldest first."""
+    return list(dict.fromkeys(unit for _, unit in running.values() if unit not in finished))
+
+
+def _stranded(
+    running: dict[Any, tuple[Any, Hashable]], finished: set[Hashable], backed_up: set[Hashable], node_of: dict[Any, str]
+) -> list[Hashable]:
+    """Unfinished units in flight on actors whose node has died, not yet given a backup copy."""
+    waiting = [(actor, unit) for actor, unit in running.values() if unit not in finished and unit not in backed_up]
+    if not waiting:
+        return []
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    return list(dict.fromkeys(unit for actor, unit in waiting if node_of.get(actor) not in alive))
+
+
 def run_pool(
     actor_cls: Any,
     kind: str,
@@ -155,13 +176,22 @@ def run_pool(
     running: dict[Any, tuple[Any, Hashable]] = {}
     queue = deque(units)
     attempts = dict.fromkeys(units, 0)
+    finished: set[Hashable] = set()
+    backed_up: set[Hashable] = set()
+    node_of: dict[Any, str] = {}  # actor -> the node it started on
     first_error: str | None = None
     deadline = time.monotonic() + ready_timeout_s
+
+    def submit(actor: Any, unit: Hashable) -> None:
+        running[actor.run.options(name=label(unit)[:120]).remote([plan_ref], unit)] = (actor, unit)
+
     try:
-        while queue or running:
+        while queue or _unfinished(running, finished):
             while idle and queue:
-                actor, unit = idle.pop(), queue.popleft()
-                running[actor.run.options(name=label(unit)[:120]).remote([plan_ref], unit)] = (actor, unit)
+                submit(idle.pop(), queue.popleft())
+            while idle and not queue and (stranded := _stranded(running, finished, backed_up, node_of)):
+                backed_up.add(stranded[0])  # a backup copy: the first to finish counts
+                submit(idle.pop(), stranded[0])
             if not running and not starting:
                 raise TbnError(f"every {kind} failed to start: {first_error}")
             if not running and time.monotonic() > deadline:
@@ -174,12 +204,17 @@ def run_pool(
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        ray.get(ref)
+                        node_of[actor] = ray.get(ref)["node"]
                         idle.append(actor)
                     except ray.exceptions.RayError as e:  # the constructor failed on every restart
                         first_error = first_error or str(_cause(e)).strip().splitlines()[-1][:300]
                     continue
                 actor, unit = running.pop(ref)
+                if unit in finished:  # the other copy came back first; this actor is free again if it lives
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(ref)
+                        idle.append(actor)
+                    continue
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
@@ -196,6 +231,7 @@ def run_pool(
                     log(f"an actor died for good on {label(unit)}; giving it to another actor")
                     queue.appendleft(unit)
                     continue
+                finished.add(unit)
                 idle.append(actor)
                 bar.update(result)
                 if on_result is not None:
