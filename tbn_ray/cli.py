@@ -482,14 +482,16 @@ def evaluate_attack(
 
 def main() -> None:
     """Console entry point: user errors become one line and exit status 2; SIGTERM one line and 143."""
-    from tbn_ray.signals import EXIT_STATUS, Terminated, stop_on_sigterm
+    from tbn_ray import signals
 
-    stop_on_sigterm()
+    signals.stop_on_sigterm()
     try:
         app()
-    except TbnError as e:
-        print(f"tbn-ray: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Terminated:
-        print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
-        sys.exit(EXIT_STATUS)
+    except BaseException as e:
+        if signals.received():
+            print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+            sys.exit(signals.EXIT_STATUS)
+        if isinstance(e, TbnError):
+            print(f"tbn-ray: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise

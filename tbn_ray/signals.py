@@ -18,6 +18,7 @@ from types import FrameType
 EXIT_STATUS = 128 + int(signal.SIGTERM)
 
 _wanted = False
+_received = False
 
 
 class Terminated(BaseException):
@@ -25,7 +26,15 @@ class Terminated(BaseException):
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
+    global _received
+    _received = True
     raise Terminated
+
+
+def received() -> bool:
+    """Whether SIGTERM arrived: what ended the process may be ``Terminated`` or what compiled code
+    made of it (raised inside Ray's ``wait``, it comes out as a ``SystemError``)."""
+    return _received
 
 
 def stop_on_sigterm() -> None:
