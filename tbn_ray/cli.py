@@ -316,9 +316,17 @@ def reproduce(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line and exit status 2."""
+    """Console entry point: user errors become one line and exit status 2; SIGTERM one line and 143."""
+    from tbn_ray import signals
+
+    signals.stop_on_sigterm()
     try:
         app(prog_name="tbn-ray")
-    except TbnError as e:
-        print(f"tbn-ray: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as e:
+        if signals.received():
+            print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+            sys.exit(signals.EXIT_STATUS)
+        if isinstance(e, TbnError):
+            print(f"tbn-ray: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise

@@ -279,18 +279,27 @@ def _one_line(e: ValidationError, where: str, flags: Mapping[str, str] | None = 
     return "; ".join(parts) if all_flags else f"invalid config {where}: " + "; ".join(parts)
 
 
+def parse_yaml(text: str, where: str, holds: str) -> dict[str, Any]:
+    """A YAML document's top-level mapping; bad YAML or a non-mapping is one line naming ``where``."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise TbnError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise TbnError(f"{where} must hold a mapping ({holds})")
+    return raw
+
+
 def _read_yaml(path: str | Path, what: str, holds: str) -> dict[str, Any]:
-    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is one line."""
+    """A YAML file's top-level mapping; a missing or non-text file is one line too."""
     p = Path(path)
     if not p.is_file():
         raise TbnError(f"{what} not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TbnError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise TbnError(f"{what} {p} must hold a mapping ({holds})")
-    return raw
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TbnError(f"{what} {p} is not UTF-8 text: give a YAML file") from None
+    return parse_yaml(text, f"{what} {p}", holds)
 
 
 def load_config(path: str | Path | None = None, flags: Mapping[str, str] | None = None, **overrides: Any) -> ExperimentConfig:

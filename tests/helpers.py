@@ -55,3 +55,28 @@ def s3_last_modified(uri: str, keep: Callable[[str], bool]) -> dict[str, float]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if keep(o["Key"])}
+
+
+def tiny_run(root, sigmas: tuple[float, ...] = (0.25,)):  # type: ignore[no-untyped-def]
+    """A tiny UNTRAINED model (He-initialised, seed 0) saved as run ``tiny`` under ``root`` (a
+    Storage), with its own running statistics as the clean set and as each sigma's set: real
+    files for the run's readers and a certification in seconds, no calibration."""
+    import torch
+
+    from tbn_ray.config import DataConfig, ModelConfig, TrainConfig
+    from tbn_ray.science.models import build_model
+    from tbn_ray.science.tbn import CLEAN, bn_key, get_bn_stats
+    from tbn_ray.store.runs import Run, make_checkpoint
+
+    if not (SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz").is_file():
+        pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
+    run = Run(root.child("tiny"))
+    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    run.save_checkpoint(make_checkpoint(model, cfg, 1, {"note": "untrained"}))
+    stats = get_bn_stats(model)
+    sets = {CLEAN: {"stats": stats, "meta": {"sigma": 0.0}}}
+    sets.update({bn_key(s): {"stats": stats, "meta": {"sigma": s}} for s in sigmas})
+    run.save_bn_sets(sets)
+    return run

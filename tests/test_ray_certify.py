@@ -322,7 +322,7 @@ def test_cli_bad_input_one_line_exit_2(run: Run, s3_server: str, tmp_path: Path)
     cases = {
         "--shards 17": ([run.uri, "--sigma", "0.25", *common, "--shards", "17"], "--shards 17"),
         "unknown sigma": ([run.uri, "--sigma", "0.33", *common], "no TBN statistics 'sigma=0.33'"),
-        "unreadable checkpoint": ([str(broken), "--sigma", "0.25", *common], "not a readable tbn-ray file"),
+        "unreadable checkpoint": ([str(broken), "--sigma", "0.25", *common], "not a readable tbn-ray checkpoint"),
         "missing bucket": ([run.uri, "--sigma", "0.25", *common, "--output", "s3://no-such-bucket-tbn/x"], "bucket 'no-such-bucket-tbn' does not exist"),
     }
     procs = {

@@ -263,6 +263,27 @@ def test_s3_missing_bucket_fails_fast(s3_server: str) -> None:
         store.write_bytes("k", b"x")
 
 
+def test_a_run_in_a_missing_bucket_names_the_bucket(s3_server: str, s3_bucket: str) -> None:
+    """A HEAD answers 404 for a missing key and a missing bucket alike: the bucket is what is named."""
+    from tbn_ray.cli import app
+    from tbn_ray.store.runs import Run
+    from typer.testing import CliRunner
+
+    missing = "s3://no-such-bucket-tbn/runs/tiny"
+    expected = f"bucket 'no-such-bucket-tbn' does not exist at {s3_server}: create it or fix the storage URI"
+    with pytest.raises(TbnError) as excinfo:
+        Run.open(missing).load_checkpoint()
+    assert _one_line_error(excinfo) == expected
+    with pytest.raises(TbnError, match="bucket 'no-such-bucket-tbn' does not exist"):
+        Run.open(missing + "/checkpoint.pt").load_bn_sets()
+    cli = CliRunner().invoke(app, ["calibrate", missing, "--sigma", "0.25"])
+    assert cli.exit_code == 1 and str(cli.exception) == expected
+    # a missing key in an existing bucket is still just missing
+    assert Storage.open(s3_bucket + "/runs/tiny").exists("checkpoint.pt") is False
+    with pytest.raises(TbnError, match="no checkpoint at s3://.*/runs/tiny/checkpoint.pt: train first"):
+        Run.open(s3_bucket + "/runs/tiny").load_checkpoint()
+
+
 def test_s3_unreachable_endpoint_fails_fast(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)

@@ -159,3 +159,35 @@ def test_bn_key_names_sets_by_sigma():
     assert tbn.bn_key(0.25) == "sigma=0.25"
     assert tbn.bn_key(1) == "sigma=1"
     assert np.isclose(float(tbn.bn_key(0.12).split("=")[1]), 0.12)
+
+
+def test_certification_refuses_every_batch_dependent_bn_even_in_eval_mode(images):
+    """Prior mixing (test-batch:N) keeps the layers in eval mode and replaces their forward: the
+    votes then depend on the batch, and Smooth must refuse the model (as it does train mode)."""
+    from tbn_ray.errors import SoundnessError
+    from tbn_ray.jobs.evaluate import bn_mode, parse_bn_mode
+    from tbn_ray.science.smoothing import Smooth
+
+    model = trained_like(small_bn_net(), images)
+    clean = tbn.get_bn_stats(model)
+    Smooth(model, 10, 0.25)  # frozen statistics: a fixed classifier
+    for spec, per_sample in (("test-batch:16", False), ("test-batch", True), ("test-batch", False)):
+        with torch.no_grad(), bn_mode(model, parse_bn_mode(spec), clean, per_sample=per_sample):
+            if not per_sample:  # the same image, another batch, other logits: not one fixed f
+                assert not torch.allclose(model(images[:8])[0], model(images[[0, *range(40, 47)]])[0])
+            with pytest.raises(SoundnessError, match="BatchNorm layer '1'"):
+                Smooth(model, 10, 0.25)
+    Smooth(model, 10, 0.25)  # the mode's context restored the torch forward
+
+    handle = model[4].register_forward_pre_hook(lambda bn, inputs: (inputs[0] - inputs[0].mean(0),))
+    with pytest.raises(SoundnessError, match="BatchNorm layer '4' has forward hooks"):
+        Smooth(model, 10, 0.25)
+    handle.remove()
+
+    class OwnBatchNorm(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True)
+
+    model[1] = OwnBatchNorm(8).eval()
+    with pytest.raises(SoundnessError, match="runs a forward of its own"):
+        Smooth(model, 10, 0.25)

@@ -16,6 +16,7 @@ The rules every job relies on:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -153,7 +154,7 @@ def run_pool(
     pool.starting = {actor.ready.remote(): actor for actor in actors}
     deadline = time.monotonic() + ready_timeout_s
     try:
-        while pool.queue or pool.running:
+        while pool.queue or pool.unfinished():
             pool.dispatch()
             if not pool.running and not pool.starting:
                 raise TbnError(f"every {kind} failed to start: {pool.first_error}")
@@ -189,24 +190,51 @@ class _Pool:
         self.queue = deque(units)
         self.attempts = dict.fromkeys(units, 0)
         self.first_error: str | None = None
+        self.done: set[Hashable] = set()
+        self.backed_up: set[Hashable] = set()
+        self.node_of: dict[Any, str] = {}  # actor -> the node it started on
+
+    def submit(self, actor: Any, unit: Hashable) -> None:
+        self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
 
     def dispatch(self) -> None:
-        """Hand queued units to idle actors."""
+        """Hand queued units to idle actors; with nothing queued, give a unit stranded on a dead node
+        a backup copy (its actor's restart may never be placed while the pool holds every slot).
+        Units are idempotent, so the first copy to finish counts."""
         while self.idle and self.queue:
-            actor, unit = self.idle.pop(), self.queue.popleft()
-            self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
+            self.submit(self.idle.pop(), self.queue.popleft())
+        while self.idle and not self.queue and (stranded := self.stranded()):
+            self.backed_up.add(stranded[0])
+            self.submit(self.idle.pop(), stranded[0])
+
+    def unfinished(self) -> bool:
+        return any(unit not in self.done for _, unit in self.running.values())
+
+    def stranded(self) -> list[Hashable]:
+        """Unfinished units in flight on actors whose node has died, not yet backed up."""
+        waiting = [(actor, unit) for actor, unit in self.running.values() if unit not in self.done and unit not in self.backed_up]
+        if not waiting:
+            return []
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return list(dict.fromkeys(unit for actor, unit in waiting if self.node_of.get(actor) not in alive))
 
     def started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)
         try:
-            ray.get(ref)
+            self.node_of[actor] = ray.get(ref)["node"]
             self.idle.append(actor)
         except ray.exceptions.RayError as e:  # the constructor failed on every restart
             self.first_error = self.first_error or str(_cause(e)).strip().splitlines()[-1][:300]
 
     def finished(self, ref: Any) -> tuple[Hashable | None, Any]:
-        """The unit and its result; (None, None) when its actor died and the unit went back to the queue."""
+        """The unit and its result; (None, None) when its actor died and the unit went back to the
+        queue, or when another copy of the unit finished first."""
         actor, unit = self.running.pop(ref)
+        if unit in self.done:  # the other copy came back first; this actor is free again if it lives
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(ref)
+                self.idle.append(actor)
+            return None, None
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
@@ -223,5 +251,6 @@ class _Pool:
             log(f"an actor died for good on {self.label(unit)}; giving it to another actor")
             self.queue.appendleft(unit)
             return None, None
+        self.done.add(unit)
         self.idle.append(actor)
         return unit, result

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tbn_ray.errors import TbnError
+from tbn_ray.signals import reclaim_sigterm
 
 #: Where a local instance's dashboard listens (loopback only: it can run code).
 DASHBOARD_HOST = "127.0.0.1"
@@ -169,6 +170,7 @@ def connect(
         cluster = _describe(started_here=True, connected_here=True)
         if cluster.dashboard_url != url:
             log(f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it")
+    reclaim_sigterm()  # Ray's native SIGTERM handler aborts with a stack dump
     where = "local Ray instance" if cluster.started_here else f"Ray cluster {cluster.address}"
     auth = (
         "token authentication on: `ray get-auth-token` prints the token the dashboard asks for"

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import yaml
 
-from tbn_ray.config import SweepConfig, parse_config
+from tbn_ray.config import SweepConfig, parse_config, parse_yaml
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
 from tbn_ray.errors import TbnError, log
@@ -197,7 +197,8 @@ def prepare(cfg: SweepConfig, storage: Storage, *, resume: bool, say: Callable[[
     root = storage.child(cfg.name)
     storage.check()
     if root.exists("sweep.yaml"):
-        stored = parse_config(SweepConfig, yaml.safe_load(root.read_text("sweep.yaml")), root.object_uri("sweep.yaml"))
+        where = root.object_uri("sweep.yaml")
+        stored = parse_config(SweepConfig, parse_yaml(root.read_text("sweep.yaml"), where, "a sweep config"), where)
         if stored != cfg:
             raise TbnError(
                 f"sweep {cfg.name!r} in {storage.uri} was started with another config: "

@@ -30,6 +30,7 @@ from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.certify_shards import SHARD_FORMAT, CertifyOutput, UnusableShard, merge_shards, read_shard, shard_key, write_shard
 from tbn_ray.jobs.engine import Metric, pending, run_in_process
+from tbn_ray.jobs.layout import refuse_other_shard_count
 from tbn_ray.reports.certify import write_certification_report
 from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
@@ -297,7 +298,7 @@ def plan_certify(
     elif not 1 <= shards <= len(test):
         raise TbnError(f"--shards {shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer")
     output.check()
-    return CertifyPlan(
+    plan = CertifyPlan(
         run_uri=run.uri,
         cfg=cfg,
         sigmas=sigmas,
@@ -316,6 +317,8 @@ def plan_certify(
         fold_bn=fold_bn,
         amp=amp,
     )
+    refuse_other_shard_count(plan.out, plan.shards)  # one shard set per folder: `report` never has to pick
+    return plan
 
 
 @dataclass(frozen=True)

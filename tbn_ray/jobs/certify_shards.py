@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tbn_ray.errors import TbnError, log
+from tbn_ray.jobs.layout import SHARD_KEY, refuse_two_shard_sets, shard_problem, shard_sets
 from tbn_ray.science.smoothing import summarize
 from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage, map_concurrently
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 SHARD_FORMAT = "tbn-ray/certify-shard-v1"
 _SHARD_META = b"tbn_ray.shard"
-_SHARD_KEY = re.compile(r"^(sigma=[^/]+)/shard-(\d{5})-of-(\d{5})\.parquet$")
 
 
 def sigma_dir(sigma: float) -> str:
@@ -62,7 +61,10 @@ def read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tup
         meta = json.loads((table.schema.metadata or {})[_SHARD_META])
     except (pa.ArrowException, KeyError, ValueError, OSError) as e:
         raise UnusableShard(f"{where} is not a readable shard ({type(e).__name__})") from None
-    m = _SHARD_KEY.match(key)
+    problem = shard_problem(table, meta)
+    if problem is not None:
+        raise UnusableShard(f"{where} {problem}: not a usable tbn-ray shard")
+    m = SHARD_KEY.match(key)
     if meta.get("format") != SHARD_FORMAT or m is None:
         raise UnusableShard(f"{where} is not a tbn-ray shard ({SHARD_FORMAT})")
     if (sigma_dir(meta["sigma"]), meta["shard"], meta["shards"]) != (m.group(1), int(m.group(2)), int(m.group(3))):
@@ -83,11 +85,7 @@ class CertifyOutput:
 
 def _choose_shards(out: Storage, plan: CertifyPlan | None) -> dict[str, list[str]]:
     """Per sigma folder, the keys of the shards to merge (see ``merge_shards``)."""
-    found: dict[str, dict[int, dict[int, str]]] = {}
-    for key in out.list():
-        m = _SHARD_KEY.match(key)
-        if m:
-            found.setdefault(m.group(1), {}).setdefault(int(m.group(3)), {})[int(m.group(2))] = key
+    found = shard_sets(out.list())
     chosen: dict[str, list[str]] = {}
     if plan is not None:
         for sigma in plan.sigmas:
@@ -97,6 +95,7 @@ def _choose_shards(out: Storage, plan: CertifyPlan | None) -> dict[str, list[str
                 raise TbnError(f"{out.uri}/{sigma_dir(sigma)}: shards {missing[:5]} missing; run the same certify command again")
             chosen[sigma_dir(sigma)] = [have[k] for k in range(plan.shards)]
     else:
+        refuse_two_shard_sets(out, found)
         for name, by_count in sorted(found.items()):
             complete = [n for n, have in by_count.items() if len(have) == n]
             if complete:

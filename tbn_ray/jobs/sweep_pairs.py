@@ -88,8 +88,12 @@ def training_record(train_root: Storage, eps: float) -> dict[str, Any]:
     if name is None:
         return {"run": None, "epochs": 0, "train_seconds": None}
     run = Run(train_root.child(name))
-    rows = list(csv.DictReader(io.StringIO(run.storage.read_text(METRICS)))) if run.storage.exists(METRICS) else []
-    seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
+    text = run.storage.read_text(METRICS) if run.storage.exists(METRICS) else ""
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
+    except (csv.Error, KeyError, TypeError, ValueError):
+        raise TbnError(f"{run.storage.object_uri(METRICS)} is damaged (no number in its seconds column): restore it or train the run again") from None
     return {"run": run.uri, "epochs": len(rows), "train_seconds": round(seconds, 3) if rows else None}
 
 

@@ -74,6 +74,31 @@ SETUP_KEYS = ("model", "data_source", "bn", "n0", "n", "alpha")
 SAME_SETUP = ("model", "run", "epoch", "data_source", "data", "n0", "n", "alpha", "seed", "skip", "start")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _radius(key: Any) -> bool:
+    try:
+        float(key)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_summary(summary: Any) -> bool:
+    """Whether a parsed summary.json holds every field the report reads, with the right types."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("params"), dict):
+        return False
+    accuracy = summary.get("certified_accuracy")
+    return (
+        isinstance(accuracy, dict)
+        and all(_radius(r) and _number(a) for r, a in accuracy.items())
+        and all(_number(summary.get(k)) for k in ("images", "acr", "abstain_rate"))
+        and _number(summary["params"].get("sigma"))
+    )
+
+
 def load_summaries(results: Storage | str | Path) -> list[dict[str, Any]]:
     """Every summary.json below ``results`` (e.g. ``<dir>/sigma=0.25/summary.json``), local or S3."""
     store = as_storage(results)
@@ -83,7 +108,7 @@ def load_summaries(results: Storage | str | Path) -> list[dict[str, Any]]:
     summaries = []
     for key in keys:
         summary = store.read_json(key)
-        if "certified_accuracy" not in summary or "sigma" not in summary.get("params", {}):
+        if not _is_summary(summary):
             raise TbnError(f"{store.object_uri(key)} is not a certification summary (from tbn_ray.store.results.write_results)")
         summaries.append({**summary, "location": store.object_uri(key)})
     return summaries

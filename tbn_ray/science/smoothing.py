@@ -55,12 +55,26 @@ def check_fixed_classifier(base: nn.Module) -> None:
     rule 1). A BatchNorm layer in training mode, or one without running statistics,
     normalises each noisy copy with statistics of the batch of noisy copies: that is the
     transductive mode, legitimate for corruption evaluation but never for a certificate.
-    Only ``_BatchNorm`` subclasses are recognised.
+    So is a layer in eval mode whose forward was replaced (on the instance or in a subclass)
+    or is wrapped by forward hooks: it may normalise with anything, e.g. batch statistics
+    mixed with a prior (``test-batch:N``). Only ``_BatchNorm`` subclasses are recognised.
     """
+    torch_forwards = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     for name, module in base.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         where = name or type(module).__name__
+        if "forward" in module.__dict__ or type(module).forward not in torch_forwards:
+            raise SoundnessError(
+                f"BatchNorm layer '{where}' runs a forward of its own, not torch's, so its votes may depend on the batch "
+                "and no certificate holds; certify the model with plain BatchNorm layers and frozen statistics"
+            )
+        if module._forward_hooks or module._forward_pre_hooks or global_hooks:
+            raise SoundnessError(
+                f"BatchNorm layer '{where}' has forward hooks that may change its output, so no certificate holds; "
+                "remove them (handle.remove()) before certifying"
+            )
         if module.training:
             raise SoundnessError(
                 f"BatchNorm layer '{where}' is in training mode, so its votes depend on the batch "

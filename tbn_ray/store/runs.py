@@ -15,8 +15,6 @@ Everything is written as whole objects through ``storage.Storage`` and loaded wi
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -104,26 +102,80 @@ def make_checkpoint(
     )
 
 
-def _torch_load(data: bytes, where: str) -> Any:
+def _torch_load(data: bytes, where: str, what: str, remedy: str) -> Any:
+    """``torch.load`` of stored bytes, weights only; any failure is the file's fault, one line.
+
+    Torch's weights-only unpickler raises almost any exception type on damaged bytes
+    (``IndexError``, ``TypeError``, ``UnicodeDecodeError``...), and its messages suggest
+    ``weights_only=False``, which would run code from the file: neither reaches the user.
+    """
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TbnError(f"{where} is not a readable tbn-ray file (corrupt or truncated?): {first[:160]}") from None
+    except Exception as e:  # noqa: BLE001 - every parse failure of untrusted bytes means the same
+        raise TbnError(f"{where} is not a readable tbn-ray {what} (corrupt or truncated, {type(e).__name__}): {remedy}") from None
+
+
+def _tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _optional_dict(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
 
 
 def checkpoint_from_bytes(data: bytes, where: str) -> Checkpoint:
-    raw = _torch_load(data, where)
+    remedy = "train again (tbn-ray train --fresh) or point at another checkpoint"
+    raw = _torch_load(data, where, "checkpoint", remedy)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise TbnError(f"{where} is not a tbn-ray checkpoint (expected format {FORMAT})")
+        raise TbnError(f"{where} is not a tbn-ray checkpoint (expected format {FORMAT}): {remedy}")
+    epoch = raw.get("epoch")
+    fields_ok = (
+        _tensor_dict(raw.get("model"))
+        and isinstance(raw.get("config"), dict)
+        and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
+        and all(_optional_dict(raw.get(k)) for k in ("meta", "optimizer", "scheduler"))
+    )  # fmt: skip
+    if not fields_ok:
+        raise TbnError(f"{where} is a damaged tbn-ray checkpoint (a field is missing or of the wrong type): {remedy}")
     return Checkpoint(
         model=raw["model"],
         config=parse_config(TrainConfig, raw["config"], where),
-        epoch=int(raw["epoch"]),
+        epoch=epoch,
         meta=dict(raw.get("meta") or {}),
         optimizer=raw.get("optimizer"),
         scheduler=raw.get("scheduler"),
     )
+
+
+def _usable_stats(stats: Any) -> bool:
+    """A statistics set as ``tbn.get_bn_stats`` makes it: per layer, finite means and non-negative variances."""
+    if not isinstance(stats, dict):
+        return False
+    for layer, bufs in stats.items():
+        if not isinstance(layer, str) or not isinstance(bufs, dict):
+            return False
+        mean, var = bufs.get("running_mean"), bufs.get("running_var")
+        if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)) or mean.shape != var.shape or mean.dim() != 1:
+            return False
+        if not (mean.is_floating_point() and var.is_floating_point() and bool(mean.isfinite().all()) and bool((var >= 0).all())):
+            return False
+    return True
+
+
+def bn_sets_from_bytes(data: bytes, where: str) -> dict[str, dict[str, Any]]:
+    """The statistics sets of a ``bn_stats.pt``, checked down to the tensors."""
+    remedy = "delete it and run tbn-ray calibrate again"
+    raw = _torch_load(data, where, "BN statistics file", remedy)
+    if not isinstance(raw, dict) or raw.get("format") != BN_FORMAT:
+        raise TbnError(f"{where} is not a tbn-ray BN statistics file (expected format {BN_FORMAT}): {remedy}")
+    sets = raw.get("sets")
+    ok = isinstance(sets, dict) and all(
+        isinstance(name, str) and isinstance(entry, dict) and _usable_stats(entry.get("stats")) and _optional_dict(entry.get("meta"))
+        for name, entry in sets.items()
+    )
+    if not ok:
+        raise TbnError(f"{where} is a damaged tbn-ray BN statistics file (a set is missing or of the wrong type): {remedy}")
+    return sets
 
 
 @dataclass(frozen=True)
@@ -189,10 +241,7 @@ class Run:
         """All statistics sets: name -> {"stats": BNStats, "meta": {...}} (empty if none yet)."""
         if not self.storage.exists(BN_STATS):
             return {}
-        raw = _torch_load(self.storage.read_bytes(BN_STATS), f"{self.storage.uri}/{BN_STATS}")
-        if not isinstance(raw, dict) or raw.get("format") != BN_FORMAT:
-            raise TbnError(f"{self.storage.uri}/{BN_STATS} is not a tbn-ray BN statistics file")
-        return raw["sets"]
+        return bn_sets_from_bytes(self.storage.read_bytes(BN_STATS), self.storage.object_uri(BN_STATS))
 
     def save_bn_sets(self, sets: dict[str, dict[str, Any]]) -> str:
         buf = io.BytesIO()

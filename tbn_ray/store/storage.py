@@ -51,6 +51,8 @@ _MAX_ATTEMPTS = 3
 _SPOOL_BYTES = 64 * 2**20
 # Many small objects (shards, items) are read this many at a time, to hide S3 latency.
 _READ_THREADS = 16
+# Error codes S3 answers a HEAD of something absent with (no body, so no "NoSuchBucket").
+_MISSING = ("404", "NoSuchKey", "NotFound")
 
 
 def map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -386,7 +388,7 @@ class _S3Storage(Storage):
         except ClientError as e:
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if code in _MISSING:
                 raise TbnError(f"not found: {uri}") from e
             if code == "NoSuchBucket":
                 raise self._no_bucket() from e
@@ -407,6 +409,17 @@ class _S3Storage(Storage):
         except (BotoCoreError, S3UploadFailedError) as e:
             message = " ".join(str(e).split())
             raise TbnError(f"S3 request for {uri} failed at {self.endpoint}: {message}") from e
+
+    def _head_bucket(self) -> None:
+        """Raise the one-line "bucket does not exist" error if it does not (inside ``_errors``)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in (*_MISSING, "NoSuchBucket"):
+                raise self._no_bucket() from e
+            raise
 
     def _no_bucket(self) -> TbnError:
         return TbnError(f"bucket '{self.bucket}' does not exist at {self.endpoint}: create it or fix the storage URI")
@@ -433,6 +446,8 @@ class _S3Storage(Storage):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def exists(self, key: str) -> bool:
+        """A HEAD answers 404 alike for a missing key and a missing bucket: the bucket is asked
+        about then, so that "no such object" never hides "no such bucket"."""
         from botocore.exceptions import ClientError
 
         uri = self.object_uri(key)
@@ -440,7 +455,8 @@ class _S3Storage(Storage):
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if e.response.get("Error", {}).get("Code") in _MISSING:
+                    self._head_bucket()
                     return False
                 raise
         return True
@@ -481,15 +497,8 @@ class _S3Storage(Storage):
         raise TbnError(f"storage {self.uri} is on S3, not a local directory: this step needs local storage")
 
     def check(self, *, write: bool = True) -> None:
-        from botocore.exceptions import ClientError
-
         with self._errors(self.uri):
-            try:
-                self.client.head_bucket(Bucket=self.bucket)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
-                    raise self._no_bucket() from e
-                raise
+            self._head_bucket()
             if write:
                 probe = self._key(f".tbn-check-{secrets.token_hex(6)}")
                 self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")

@@ -239,10 +239,15 @@ def load_released(directory: str | Path, corruption: str) -> tuple[np.ndarray, n
     for path in paths:
         if not path.is_file():
             raise TbnError(f"{path} not found; point to the folder of the released CIFAR-10-C .npy files")
-    try:
-        images, labels = (np.load(p, mmap_mode="r") for p in paths)
-    except ValueError as e:
-        raise TbnError(f"cannot read {directory} as CIFAR-10-C .npy files: {e}") from None
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:
+            raise TbnError(f"cannot read {path} as a CIFAR-10-C .npy file ({type(e).__name__}): restore the released files") from None
+        if not isinstance(arrays[-1], np.ndarray):  # an .npz archive under an .npy name
+            raise TbnError(f"{path} is not a single .npy array: restore the released files")
+    images, labels = arrays
     if images.shape != (_RELEASED_ROWS, SIZE, SIZE, 3) or images.dtype != np.uint8:
         raise TbnError(f"{paths[0]} is {images.dtype} {images.shape}, expected uint8 (50000, 32, 32, 3)")
     if labels.shape != (_RELEASED_ROWS,) or not np.issubdtype(labels.dtype, np.integer):

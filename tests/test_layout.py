@@ -1,0 +1,41 @@
+"""One certification folder, one shard count: the run id leaves the count out (the numbers do
+not depend on it), so two ``--shards`` values could fill one folder with two shard sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tbn_ray.config import CertifyConfig
+from tbn_ray.errors import TbnError
+from tbn_ray.jobs.certify import certify_run
+from tbn_ray.jobs.layout import refuse_other_shard_count, refuse_two_shard_sets, shard_sets
+from tbn_ray.store.storage import Storage
+
+from .helpers import tiny_run
+
+
+def test_a_second_shard_count_is_refused_and_two_sets_are_never_merged(tmp_path: Path) -> None:
+    run = tiny_run(Storage.open(tmp_path))
+    cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=50, batch_size=50, max_images=4)
+    output = Storage.open(tmp_path / "certify")
+    (first,) = certify_run(run, cfg, output, device="cpu", shards=2, progress=False)
+    out = Storage.open(first.location.rpartition("/")[0])
+    refuse_other_shard_count(out, 2)  # resuming with the same count is fine
+    refuse_other_shard_count(Storage.open(tmp_path / "nothing-yet"), 4)  # and so is a new folder
+    with pytest.raises(TbnError) as excinfo:
+        refuse_other_shard_count(out, 4)
+    assert str(excinfo.value) == (
+        f"{out.uri} holds this certification cut into 2 shards, not 4: resume it with --shards 2, "
+        f"or delete {out.uri} to start over in 4"
+    )
+    refuse_two_shard_sets(out, shard_sets(out.list()))
+
+    # what the check prevents: the same run id cut in 4 lands in the same folder, beside the 2
+    (second,) = certify_run(run, cfg, output, device="cpu", shards=4, progress=False)
+    assert second.location == first.location
+    found = shard_sets(out.list())
+    assert {n: len(keys) for n, keys in found["sigma=0.25"].items()} == {2: 2, 4: 4}
+    with pytest.raises(TbnError, match=r"sigma=0\.25 holds two shard sets \(2 and 4 shards\): delete"):
+        refuse_two_shard_sets(out, found)
