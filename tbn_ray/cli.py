@@ -1,7 +1,7 @@
 """The ``tbn-ray`` command line: thin wrappers over the in-process modules and the Ray layer.
 
 Flags default to ``None`` and fall back to the YAML config, whose defaults live in
-``config.py``: one source of truth (``cli_options`` maps flags onto it). Every ``TbnError``
+``tbn_ray.config``: one source of truth (``cli_options`` maps flags onto it). Every ``TbnError``
 becomes one line on stderr and exit status 2.
 """
 

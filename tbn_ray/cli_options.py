@@ -1,7 +1,7 @@
 """What the ``tbn-ray`` commands share: their options, and how flags map onto the typed configs.
 
 A flag that has a config field defaults to ``None`` (the YAML given with ``--config`` decides,
-else the field's default in ``config.py``), and its help shows that default, read from the
+else the field's default in ``tbn_ray.config``), and its help shows that default, read from the
 model: no default is written here.
 """
 
@@ -32,7 +32,7 @@ class Command(TyperCommand):
 
 
 def about(text: str, model: type[BaseModel], field: str) -> str:
-    """A help text that ends with the field's default, as ``config.py`` sets it."""
+    """A help text that ends with the field's default, as ``tbn_ray.config`` sets it."""
     return f"{text} (default: {shown_default(model, field)})"
 
 
@@ -44,7 +44,7 @@ def ray_about(text: str, field: str) -> str:
 
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="run directory (or a checkpoint file in it), local or s3://", show_default=False)]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="experiment YAML, configs/*.yaml (default: none, every default from tbn_ray/config.py)")
+    Optional[Path], typer.Option("--config", "-c", help="experiment YAML, configs/*.yaml (default: none, every default from tbn_ray/config/)")
 ]
 DataOpt = Annotated[
     Optional[str],

@@ -1,4 +1,4 @@
-"""The command line explains itself: every command's help, every option described, defaults from config.py."""
+"""The command line explains itself: every command's help, every option described, defaults from tbn_ray.config."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The dashboard is not optional here: besides being where users watch a run (Jobs, Train,
 Actors views), its state API is what Ray uses to clean up the placement groups of stopped
-Train runs (ray issue 54305); without it a later run can wait forever.
+Train runs; without it a later run can wait forever.
 
 A local instance takes the dashboard port 8265 when free (else any free port) and names its
 dashboard to the tasks and actors of this process's job (``RAY_API_SERVER_ADDRESS``): Ray's

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tbn_ray.science import data as data_mod
-from tbn_ray.config import TrainConfig
+from tbn_ray.config import RayConfig, TrainConfig
 from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.pipeline import epoch_line, existing_checkpoint, resume_from, save_epoch
@@ -75,6 +75,10 @@ _PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "TBN_DATA", "TBN_SHARED_DATA", "TBN_DATA_ROOT", "TBN_CACHE")
 
 
+#: Defaults of Scaling and Recovery: the ``ray`` section of the typed config.
+_RAY = RayConfig()
+
+
 @dataclass(frozen=True)
 class Scaling:
     """How many DDP workers, and what each one reserves.
@@ -84,9 +88,9 @@ class Scaling:
     worker, Ray's default (GPU workers need little CPU: data and augmentation are on the GPU).
     """
 
-    workers: int = 1
-    cpus_per_worker: float | None = None
-    gpus_per_worker: int = 0
+    workers: int = _RAY.workers
+    cpus_per_worker: float | None = _RAY.cpus_per_worker
+    gpus_per_worker: int = _RAY.gpus_per_worker
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -128,9 +132,9 @@ class Scaling:
 class Recovery:
     """Checkpoint retention and failure handling."""
 
-    keep: int = 3  # Ray checkpoints kept (the most recent); best.pt is kept besides
-    max_failures: int = 3  # worker-group failures recovered from the latest checkpoint
-    start_timeout_s: float | None = None  # None: by cluster kind (START_TIMEOUT_*)
+    keep: int = _RAY.keep  # Ray checkpoints kept (the most recent); best.pt is kept besides
+    max_failures: int = _RAY.max_failures  # worker-group failures recovered from the latest checkpoint
+    start_timeout_s: float | None = _RAY.start_timeout_s  # None: by cluster kind (START_TIMEOUT_*)
 
     def __post_init__(self) -> None:
         if self.keep < 1:

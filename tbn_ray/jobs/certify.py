@@ -40,9 +40,6 @@ from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
 from tbn_ray.science.training import autocast, resolve_device
 
-#: Shards when none are asked for (capped at the number of images): enough to keep dozens of
-#: GPUs busy, few enough that a shard is a sizeable unit of resumable work.
-DEFAULT_SHARDS = 64
 
 
 def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | None = None) -> np.ndarray:
@@ -294,7 +291,7 @@ def plan_certify(
     d = load_data_for(ckpt, data_cfg)
     test = d.test.by_index(select_test_indices(d, cfg, stop))
     if shards is None:
-        shards = min(DEFAULT_SHARDS, len(test))
+        shards = min(cfg.shards, len(test))  # the config's default, capped at one shard per image
     elif not 1 <= shards <= len(test):
         raise TbnError(f"--shards {shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer")
     output.check()

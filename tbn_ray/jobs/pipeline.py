@@ -7,8 +7,6 @@ through a ``runs.Run`` / ``storage.Storage``, so local and S3 runs behave alike.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +19,7 @@ from tbn_ray.jobs.certify import certify_run
 from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
 from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
+from tbn_ray.reports.training import write_metrics, write_metrics_plot
 from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats, stats_distance
@@ -31,54 +30,6 @@ from tbn_ray.science.training import Resume, fit, resolve_device
 
 #: The checkpoint of the epoch with the best held-out PGD accuracy (runs trained on Ray).
 BEST = "best.pt"
-
-
-def write_metrics(run: Run, rows: list[dict[str, Any]]) -> None:
-    """metrics.csv with one row per epoch (the union of keys, in first-seen order)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    run.storage.write_text("metrics.csv", buf.getvalue())
-
-
-#: Curves on the metrics plot: (column, label, colour); the loss on the left axis, accuracies on the right.
-_LOSS_CURVES = (("train_loss", "train loss (adversarial)", "tab:red"),)
-_ACC_CURVES = (
-    ("train_acc", "train accuracy (adversarial)", "tab:orange"),
-    ("heldout_clean_acc", "held-out clean accuracy", "tab:blue"),
-    ("heldout_pgd_acc", "held-out PGD accuracy", "tab:green"),
-)
-
-
-def write_metrics_plot(run: Run, rows: list[dict[str, Any]]) -> str:
-    """metrics.png: loss and accuracies per epoch, so a run's progress is visible without a notebook."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    ax_loss = fig.add_subplot()
-    ax_acc = ax_loss.twinx()
-    for ax, curves, style in ((ax_loss, _LOSS_CURVES, "--"), (ax_acc, _ACC_CURVES, "-")):
-        for key, label, colour in curves:
-            points = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), style, color=colour, marker="o", markersize=3, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_acc.set(ylabel="accuracy", ylim=(0, 1))
-    ax_loss.grid(alpha=0.3)
-    handles = [h for ax in (ax_loss, ax_acc) for h in ax.get_legend_handles_labels()[0]]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    ax_loss.set_title(run.uri, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the axes
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return run.storage.write_bytes("metrics.png", buf.getvalue())
 
 
 def save_epoch(run: Run, ckpt: Checkpoint, history: list[dict[str, Any]], *, best: bool = False) -> None:
