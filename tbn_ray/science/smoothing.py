@@ -354,11 +354,18 @@ def certify_examples(
                 rows = tqdm(rows, desc=f"certify sigma={sigma}", unit="img")
             certs = [smooth.run(procedure(), image(row), generator=generators[row]) for row in rows]
         else:
-            packer = PackedSampler(smooth.base, num_classes, smooth.sigma, batch_size=batch_size,
-                                   images_per_pass=images_per_pass, device=device, channels_last=channels_last)  # fmt: skip
-            outcomes, used, seconds = packer.run([image(r) for r in range(len(images))], generators, [procedure() for _ in generators])
-            certs = [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
+            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure() for _ in generators], images_per_pass)
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
+
+
+def _certify_packed(
+    smooth: Smooth, xs: list[Tensor], generators: list[torch.Generator], procedures: list[Procedure], images_per_pass: int
+) -> list[Certificate]:
+    """The procedures run with several images per forward pass; each pass's time shared out by rows."""
+    packer = PackedSampler(smooth.base, smooth.num_classes, smooth.sigma, batch_size=smooth.batch_size,
+                           images_per_pass=images_per_pass, device=smooth.device, channels_last=smooth.channels_last)  # fmt: skip
+    outcomes, used, seconds = packer.run(xs, generators, procedures)
+    return [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
 
 
 def _check_images(images: np.ndarray, labels: Sequence[int] | np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
