@@ -172,7 +172,7 @@ def certify(
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
     from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
-    from tbn_ray.reports.certify import cap_note
+    from tbn_ray.reports.certify import accuracy_table, cap_note
     from tbn_ray.science.training import resolve_device
     from tbn_ray.store.runs import Run
     from tbn_ray.store.storage import Storage
@@ -208,6 +208,7 @@ def certify(
 
         with connected(where.address, log=log) as cluster:
             result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
+    print(accuracy_table([{**o.summary, "params": o.summary} for o in result.outputs]))
     for o in result.outputs:
         log(cap_note(o.sigma, c.n, c.alpha))
     log(f"results in {result.location}: {result.shards_computed} shard(s) certified now, {result.shards_skipped} reused; report {result.report}")

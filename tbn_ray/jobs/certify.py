@@ -420,9 +420,8 @@ def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyO
     """
     outputs = merge_shards(out, plan)
     write_certification_report([{**o.summary, "params": o.summary} for o in outputs], out)
-    for o in outputs:
-        acc = o.summary["certified_accuracy"]
-        log(f"sigma={o.sigma:g}: certified accuracy at r=0 {acc['0.0']:.3f}, r=0.5 {acc['0.5']:.3f}, ACR {o.summary['acr']:.3f} -> {o.location}")
+    for o in outputs:  # the numbers themselves are printed once, as a table, by the command
+        log(f"sigma={o.sigma:g}: {o.summary['images']} images -> {o.location}")
     return outputs
 
 
