@@ -255,7 +255,8 @@ def test_config_yaml_fed_junk(tmp_path: Path) -> None:
 
 def test_sweep_state_fed_junk(tmp_path: Path) -> None:
     """The stored sweep.yaml a re-run compares with, and a run's metrics.csv the sweep counts epochs from."""
-    from tbn_ray.distributed.sweep import _training, prepare
+    from tbn_ray.distributed.sweep import prepare
+    from tbn_ray.jobs.sweep_pairs import training_record as _training
 
     cfg = load_sweep_config(REPO / "configs" / "sweep_tiny.yaml")
     root = Storage.open(tmp_path / "sweeps")
@@ -312,7 +313,7 @@ def test_released_cifar10c_fed_junk(tmp_path: Path) -> None:
 
 def test_cached_cifar10c_array_fed_junk(tmp_path: Path) -> None:
     """An unusable array in the cache is made again, whatever its bytes: never an error."""
-    from tbn_ray.science.corruptions import regenerated_cifar10c
+    from tbn_ray.store.cifar10c import regenerated_cifar10c
     from tbn_ray.science.data import load_from_config
 
     d = load_from_config(DataConfig(source="partial", shared_dir=str(SHARED_DATA)))

@@ -9,7 +9,7 @@ import pytest
 
 from tbn_ray.config import CertifyConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.certify import certify_run
+from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.jobs.layout import refuse_other_shard_count, refuse_two_shard_sets, shard_sets
 from tbn_ray.store.storage import Storage
 
@@ -32,10 +32,17 @@ def test_a_second_shard_count_is_refused_and_two_sets_are_never_merged(tmp_path:
     )
     refuse_two_shard_sets(out, shard_sets(out.list()))
 
-    # what the check prevents: the same run id cut in 4 lands in the same folder, beside the 2
-    (second,) = certify_run(run, cfg, output, device="cpu", shards=4, progress=False)
-    assert second.location == first.location
+    # certify itself now refuses a second count in that folder
+    with pytest.raises(TbnError, match="holds this certification cut into 2 shards, not 4"):
+        certify_run(run, cfg, output, device="cpu", shards=4, progress=False)
+    # a folder that holds two sets anyway (left by an older version): aggregation never picks one
+    (elsewhere,) = certify_run(run, cfg, Storage.open(tmp_path / "elsewhere"), device="cpu", shards=4, progress=False)
+    other = Storage.open(elsewhere.location.rpartition("/")[0])
+    for key in shard_sets(other.list())["sigma=0.25"][4].values():
+        out.write_bytes(key, other.read_bytes(key))
     found = shard_sets(out.list())
     assert {n: len(keys) for n, keys in found["sigma=0.25"].items()} == {2: 2, 4: 4}
     with pytest.raises(TbnError, match=r"sigma=0\.25 holds two shard sets \(2 and 4 shards\): delete"):
         refuse_two_shard_sets(out, found)
+    with pytest.raises(TbnError, match=r"holds two shard sets"):
+        aggregate(out)

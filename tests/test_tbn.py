@@ -165,7 +165,7 @@ def test_certification_refuses_every_batch_dependent_bn_even_in_eval_mode(images
     """Prior mixing (test-batch:N) keeps the layers in eval mode and replaces their forward: the
     votes then depend on the batch, and Smooth must refuse the model (as it does train mode)."""
     from tbn_ray.errors import SoundnessError
-    from tbn_ray.jobs.evaluate import bn_mode, parse_bn_mode
+    from tbn_ray.science.bn_modes import bn_mode, parse_bn_mode
     from tbn_ray.science.smoothing import Smooth
 
     model = trained_like(small_bn_net(), images)
