@@ -117,3 +117,17 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
         cluster = connect(num_cpus=4, dashboard_port=free_port())
         yield cluster
     disconnect(cluster)
+
+
+#: Test files that start Ray (local instances, clusters of raylets, Ray Train, Tune). They run one
+#: after another in one xdist worker, so two Ray instances never compete; the other files are
+#: spread file by file (module fixtures built once) over the other worker.
+RAY_FILES = frozenset({
+    "test_cli.py", "test_lost_node.py", "test_ray_certify.py", "test_ray_evaluate.py", "test_ray_sweep.py",
+    "test_ray_train.py", "test_signals.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("ray" if item.path.name in RAY_FILES else item.path.name))
