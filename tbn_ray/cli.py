@@ -304,7 +304,8 @@ def reproduce(
     """The paper's claims on one experiment grid: train, calibrate, certify (TBN and clean statistics), evaluate,
     report; resumable: every stage skips the work already stored. Report in <storage>/reproduce/<name>/report.md."""
     from tbn_ray.config import load_reproduce_config
-    from tbn_ray.jobs.reproduce import STAGES, Reproduction, reproduce as run_reproduction
+    from tbn_ray.jobs.reproduce import reproduce as run_reproduction
+    from tbn_ray.store.reproduction import STAGES, Reproduction
 
     cfg = load_reproduce_config(config or shipped_config("paper.yaml"))
     root = storage_root(storage)

@@ -14,7 +14,8 @@ import yaml
 
 from tbn_ray.config import load_reproduce_config
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.reproduce import Reproduction, reproduce
+from tbn_ray.jobs.reproduce import reproduce
+from tbn_ray.store.reproduction import Reproduction
 from tbn_ray.store.storage import Storage
 
 TINY = {

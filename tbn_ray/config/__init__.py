@@ -355,7 +355,7 @@ from tbn_ray.config.reproduce import (  # noqa: E402
     CostConfig, ModelSpec, NoiseAccuracyConfig, ReproduceConfig, ReproduceEvaluateConfig, load_reproduce_config,
 )  # fmt: skip
 from tbn_ray.config.sweep import (  # noqa: E402
-    SWEEP_OBJECTIVES, EarlyStopConfig, SweepConfig, SweepResources, ValidationConfig, load_sweep_config,
+    SWEEP_OBJECTIVES, EarlyStopConfig, SweepConfig, SweepResources, ValidationConfig, load_sweep_config, objective_value,
 )  # fmt: skip
 
 __all__ = [name for name in dir() if not name.startswith("__")]

@@ -119,3 +119,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     return parse_config(SweepConfig, _read_yaml(path, "sweep config", "epsilons, sigmas, objective, train, ..."), str(path))
 
 
+def objective_value(cfg: SweepConfig, row: dict[str, Any]) -> float:
+    """What the sweep maximises: ACR, or certified accuracy at the objective's radius."""
+    r = cfg.objective_radius
+    return float(row["acr"] if r is None else row["certified_accuracy"][str(float(r))])

@@ -46,12 +46,12 @@ from typing import Any
 import torch
 import yaml
 
-from tbn_ray.config import SweepConfig, parse_config, parse_yaml
+from tbn_ray.config import SweepConfig, objective_value, parse_config, parse_yaml
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.sweep_pairs import (
-    ROW, eps_key, evaluate_pair, find_run, install_bn_stats, objective_value, pair_key, split_heldout, train_config,
+    ROW, eps_key, evaluate_pair, find_run, install_bn_stats, pair_key, split_heldout, train_config,
     trained_epochs, training_record,
 )  # fmt: skip
 from tbn_ray.reports.sweep import best_pair, table_rows, write_outputs

@@ -15,10 +15,8 @@ and ``report.md``, ``report.json`` and the plots.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,59 +26,8 @@ from tbn_ray.errors import TbnError, log
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.science.training import resolve_device
-from tbn_ray.store.runs import Run
+from tbn_ray.store.reproduction import STAGES, Reproduction
 from tbn_ray.store.storage import Storage
-
-STAGES = ("train", "calibrate", "certify", "evaluate", "report")
-RECORD_FORMAT = "tbn-ray/reproduce-stage-v1"
-
-
-def device_name(device: str) -> str:
-    """What the report names as the hardware: the GPU's marketing name, else the CPU's."""
-    import torch
-
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"CPU: {model or platform.processor() or platform.machine()}"
-
-
-@dataclass(frozen=True)
-class Reproduction:
-    """Where one reproduction lives, and its config."""
-
-    cfg: ReproduceConfig
-    root: Storage  # <storage>/reproduce/<name>
-
-    @staticmethod
-    def open(cfg: ReproduceConfig, storage: Storage) -> Reproduction:
-        return Reproduction(cfg, storage.child("reproduce", cfg.name))
-
-    def run(self, spec: ModelSpec) -> Run:
-        return Run(self.root.child(spec.name))
-
-    def record_key(self, spec: ModelSpec, stage: str) -> str:
-        return f"stages/{spec.name}/{stage}.json"
-
-    def record(self, spec: ModelSpec, stage: str) -> dict[str, Any] | None:
-        key = self.record_key(spec, stage)
-        if not self.root.exists(key):
-            return None
-        rec = self.root.read_json(key)
-        if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
-            raise TbnError(f"{self.root.object_uri(key)} is not a tbn-ray reproduce record; delete it and run the stage again")
-        return rec
-
-    def write_record(self, spec: ModelSpec, stage: str, body: dict[str, Any]) -> None:
-        rec = {"format": RECORD_FORMAT, "stage": stage, "model": spec.name, "device": self.cfg.device,
-               "device_name": device_name(self.cfg.device), "finished": time.time(), **body}  # fmt: skip
-        self.root.write_json(self.record_key(spec, stage), rec)
-
 
 # --- the stages, one model each -------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from torch import nn
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.pipeline import calibrate_sigma
+from tbn_ray.reports.sweep import SPLIT_KEYS  # noqa: F401  (the row fields a split writes; read back by the report)
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.data import data_meta
 from tbn_ray.science.smoothing import certify_examples, summarize
@@ -38,7 +39,6 @@ from tbn_ray.store.storage import Storage
 ROW = "row.json"
 METRICS = "metrics.csv"
 #: How the held-out split was cut, stored with every pair and in best.json.
-SPLIT_KEYS = ("validation_images", "validation_index", "calibration_images", "calibration_index", "split_rule")
 SPLIT_RULE = (
     "held-out train images (index % 10 == 9) in official order: the last validation_images are "
     "certified, the earlier ones calibrate TBN (disjoint)"
@@ -131,12 +131,6 @@ def split_record(calibration: data_mod.Split, validation: data_mod.Split) -> dic
 
 
 # --- one (epsilon, sigma) pair ---------------------------------------------------------------
-
-
-def objective_value(cfg: SweepConfig, row: dict[str, Any]) -> float:
-    """What the sweep maximises: ACR, or certified accuracy at the objective's radius."""
-    r = cfg.objective_radius
-    return float(row["acr"] if r is None else row["certified_accuracy"][str(float(r))])
 
 
 def _trained_model(cfg: SweepConfig, run: Run, device: torch.device) -> tuple[nn.Module, Checkpoint]:

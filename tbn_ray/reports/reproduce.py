@@ -12,7 +12,7 @@ import io
 from typing import Any
 
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.reproduce import STAGES, Reproduction
+from tbn_ray.store.reproduction import STAGES, Reproduction
 from tbn_ray.reports.certify import COHEN_PUBLISHED
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.storage import Storage

@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tbn_ray.config import SweepConfig
-from tbn_ray.jobs.sweep_pairs import SPLIT_KEYS, objective_value
+from tbn_ray.config import SweepConfig, objective_value
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.runs import CHECKPOINT
 from tbn_ray.store.storage import Storage
@@ -23,6 +22,9 @@ from tbn_ray.store.storage import Storage
 #: Certified-accuracy radii in the results table (the objective's radius is added if not among them).
 TABLE_RADII: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 EVALUATED, STOPPED = "evaluated", "stopped early (ASHA)"
+
+#: The fields of a pair's row that say how the held-out images were split (written by jobs.sweep_pairs).
+SPLIT_KEYS = ("validation_images", "validation_index", "calibration_images", "calibration_index", "split_rule")
 
 
 def _radius_columns(cfg: SweepConfig) -> list[float]:
