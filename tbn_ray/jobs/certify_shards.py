@@ -70,6 +70,9 @@ def read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tup
     if (sigma_dir(meta["sigma"]), meta["shard"], meta["shards"]) != (m.group(1), int(m.group(2)), int(m.group(3))):
         raise UnusableShard(f"{where} holds sigma={meta['sigma']} shard {meta['shard']}/{meta['shards']}, not what its key says")
     records = table.to_pylist()
+    params = meta["params"]
+    if any(r["n0"] != params.get("n0") or r["n"] != params.get("n") for r in records):
+        raise UnusableShard(f"{where} holds records sampled with another n0 or n than its parameters say")
     planned = meta["indices"] if expected is None else expected
     if meta["indices"] != planned or [r["idx"] for r in records] != planned:
         raise UnusableShard(f"{where} does not hold the indices planned for it")
@@ -144,5 +147,8 @@ def _merge_sigma(out: Storage, name: str, keys: list[str], expected: CertifyPlan
     }
     summary = summarize(records)
     where = out.child(name)
-    write_results(records, summary, where, params)
+    try:
+        write_results(records, summary, where, params)
+    except ValueError as e:  # records that disagree with their own parameters: a damaged or foreign shard
+        raise TbnError(f"{where.uri}: the shards do not agree with their parameters ({e}); delete that folder and certify again") from None
     return CertifyOutput(float(params["sigma"]), {**summary, **params}, where.uri)
