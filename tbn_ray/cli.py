@@ -44,7 +44,7 @@ def _start(
     ctx: typer.Context,
     threads: Annotated[
         Optional[str],
-        typer.Option(envvar="TBN_THREADS", show_envvar=False, help=about("torch CPU threads of this process: a number or auto (the CPUs it may use, less the load; $OMP_NUM_THREADS if set); env TBN_THREADS", RuntimeConfig, "threads")),
+        typer.Option(envvar="TBN_THREADS", show_envvar=False, help=about("torch CPU threads of this process: a number or auto (the CPUs it may use that are idle now; $OMP_NUM_THREADS if set); env TBN_THREADS", RuntimeConfig, "threads")),
     ] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
 ) -> None:

@@ -3,7 +3,9 @@
 torch starts one intra-op thread per core it sees, whoever else is using those cores: on a
 shared 2-core machine two threads under contention ran 5-10x slower than one. ``auto`` takes
 the CPU share this process can actually get: its affinity mask, capped by a cgroup CPU quota
-(containers), less the load already on the machine (the 1-minute load average).
+(containers), and by the CPUs idle right now (``/proc/stat`` over a fifth of a second; the
+1-minute load average where that is missing, which lags: a machine that was busy a minute
+ago would get too few threads).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -47,17 +50,49 @@ def cpu_share() -> float:
     return min(cpus, quota) if quota else cpus
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def idle_cpus(window_s: float = 0.2) -> float | None:
+    """How many CPUs of the machine sat idle over the next ``window_s`` seconds; None if unknown."""
+    before = _cpu_ticks()
+    if before is None:
+        return None
+    time.sleep(window_s)
+    after = _cpu_ticks()
+    if after is None or after[1] <= before[1]:
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def threads_for(share: float, idle: float) -> int:
+    """Threads for ``share`` CPUs of which ``idle`` are free now: the free ones, rounded, at least 1."""
+    return max(1, min(math.floor(share), math.floor(min(share, idle) + 0.5)))
+
+
 def auto_threads() -> int:
-    """``$OMP_NUM_THREADS`` when the user set it; else the CPU share less the load, at least 1."""
+    """``$OMP_NUM_THREADS`` when the user set it; else the CPU share that is idle now, at least 1."""
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) >= 1:
         return int(given)
     share = cpu_share()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(1, min(math.floor(share), math.floor(share - load + 0.5)))
+    idle = idle_cpus()
+    if idle is None:
+        try:
+            idle = share - os.getloadavg()[0]
+        except (AttributeError, OSError):
+            idle = share
+    return threads_for(share, idle)
 
 
 def apply_threads(setting: int | str) -> int:

@@ -233,7 +233,7 @@ class RuntimeConfig(_Strict):
     """Settings of this process, not of an experiment."""
 
     threads: int | Literal["auto"] = Field(
-        "auto", description="torch CPU threads; auto: the CPUs this process may use (affinity, cgroup quota), less the load"
+        "auto", description="torch CPU threads; auto: the CPUs this process may use (affinity, cgroup quota) that are idle now"
     )
 
     @field_validator("threads", mode="before")
