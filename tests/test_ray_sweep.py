@@ -209,7 +209,7 @@ def test_requests_the_cluster_cannot_hold_fail_before_any_trial(ray_local, tmp_p
     storage = tmp_path / "results"
     for name, resources, message in (
         ("workers", {"workers": 8}, "a training trial (8 worker(s) x {'CPU': 1.0}) needs 8 CPU, but the Ray cluster has 4"),
-        ("gpus", {"eval_gpus": 1}, "an evaluation trial needs 1 GPU, but the Ray cluster has 0"),
+        ("gpus", {"eval_gpus": 1}, "an evaluation actor needs 1 GPU, but the Ray cluster has 0"),
     ):
         config = tiny_sweep(tmp_path, name, resources=resources)
         assert cli(monkeypatch, "sweep", "--config", str(config), "--storage", str(storage)) == 2

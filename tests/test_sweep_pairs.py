@@ -1,4 +1,4 @@
-"""One sweep pair evaluated in plain torch (no Ray): a 1-epoch tiny model on the exact CIFAR-10 subset."""
+"""Sweep pairs evaluated in plain torch (no Ray), alone and as the engine job: a 1-epoch tiny model on the exact CIFAR-10 subset."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import yaml
 
 from tbn_ray.config import SweepConfig, parse_config
 from tbn_ray.errors import TbnError
+from tbn_ray.jobs.engine import pending, run_in_process
 from tbn_ray.jobs.pipeline import train_run
-from tbn_ray.jobs.sweep_pairs import ROW, SPLIT_KEYS, evaluate_pair, split_heldout, train_config
+from tbn_ray.jobs.sweep_pairs import ROW, SPLIT_KEYS, PairsJob, evaluate_pair, pair_key, split_heldout, train_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.store.results import read_results
 from tbn_ray.science.tbn import bn_key
@@ -79,3 +80,26 @@ def test_an_unfinished_run_is_not_evaluated(cfg: SweepConfig, run: Run, tmp_path
     with pytest.raises(TbnError, match="at epoch 1 of 2: run the sweep again"):
         evaluate_pair(longer, run, EPS, SIGMA, Storage.open(tmp_path / "pair"), CPU)
     assert not (tmp_path / "pair").exists()
+
+
+def test_the_pairs_job_evaluates_each_pair_once_and_again_only_what_is_damaged(cfg: SweepConfig, run: Run, tmp_path: Path) -> None:
+    root = Storage.open(tmp_path / "sweep")
+    job = PairsJob(cfg, root, ((EPS, run.uri),))
+    assert [o for o, _ in job.outputs()] == [(EPS, s) for s in cfg.sigmas] and len(cfg.sigmas) == 2
+    done: list[dict] = []
+    rows = run_in_process(job, CPU, progress=False, on_unit=done.append)
+    assert len(done) == 2 and rows == {(EPS, s): root.read_json(f"pairs/{pair_key(EPS, s)}/{ROW}") for s in cfg.sigmas}
+    assert all(rows[(EPS, s)]["sigma"] == s and rows[(EPS, s)]["epsilon"] == EPS for s in cfg.sigmas)
+    # the same job again: both rows stored and valid, nothing evaluated
+    assert pending(job).missing == 0
+    assert run_in_process(job, CPU, progress=False, on_unit=done.append) == rows and len(done) == 2
+    # a damaged row, and one that names another pair, are evaluated again (whole), the rest kept
+    first, second = (f"pairs/{pair_key(EPS, s)}/{ROW}" for s in cfg.sigmas)
+    root.write_bytes(first, b"{not json")
+    root.write_json(second, {**rows[(EPS, cfg.sigmas[1])], "sigma": 9.0})
+    assert pending(job).missing == 2
+    again = run_in_process(job, CPU, progress=False, on_unit=done.append)
+    assert len(done) == 4
+    timing = ("calibrate_seconds", "certify_seconds")
+    for key in rows:  # per-example seeds: the same numbers
+        assert {k: v for k, v in again[key].items() if k not in timing} == {k: v for k, v in rows[key].items() if k not in timing}

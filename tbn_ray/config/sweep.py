@@ -17,16 +17,16 @@ SWEEP_OBJECTIVES = ("acr", *(f"certified_accuracy@{r:g}" for r in REPORT_RADII))
 
 
 class SweepResources(_Strict):
-    """What one trial reserves: a training trial's Ray Train workers (the trial itself reserves
-    nothing), or the single process that calibrates and certifies one (epsilon, sigma) pair."""
+    """What the sweep reserves: a training trial's Ray Train workers (the trial itself reserves
+    nothing), and each actor that calibrates and certifies (epsilon, sigma) pairs."""
 
     workers: int = Field(1, ge=1, description="Ray Train DDP workers per training trial")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: int = Field(0, ge=0, le=1, description="0 (gloo on CPU) or 1 (nccl, one GPU per worker)")
-    eval_cpus: float = Field(1.0, gt=0, description="CPUs per evaluation trial (also its torch threads)")
-    eval_gpus: float = Field(0.0, ge=0, le=1, description="GPU (or fraction) per evaluation trial")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="default, and cap on a fixed-size cluster: as many as fit")
-    max_failures: int = Field(1, ge=0, description="retries of a failed trial, and of a lost Train worker group")
+    eval_cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor (also its torch threads)")
+    eval_gpus: float = Field(0.0, ge=0, le=1, description="GPU (or fraction) per evaluation actor")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="training trials and evaluation actors at once; default, and cap on a fixed-size cluster: as many as fit")
+    max_failures: int = Field(1, ge=0, description="retries of a failed training trial, and of a lost Train worker group")
 
 
 class EarlyStopConfig(_Strict):

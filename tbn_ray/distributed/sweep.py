@@ -3,21 +3,23 @@
 The question: which training epsilon and which sigma give the AT model the best certified
 accuracy at radius r (or ACR), and what does that cost in clean and PGD accuracy?
 
-Sigma does not change training, so the sweep has two Tune stages:
+Sigma does not change training, so the sweep has two stages:
 
-1. ``train``: one trial per epsilon. The trial builds a Ray Train ``TorchTrainer``
+1. ``train``: a Tune stage, one trial per epsilon. The trial builds a Ray Train ``TorchTrainer``
    (``distributed.train.train_on_ray``; Train V2 runs inside the trial, whose own reservation is
    nominal: the Train workers reserve the resources) with ``TuneReportCallback`` so that Tune
    sees each epoch's held-out PGD accuracy, which optional ASHA early stopping ranks on. A
    stopped trial's process ends, and with it its Train run, whose workers are then released.
-2. ``evaluate``: one trial per (epsilon, sigma) of every epsilon whose run trained all its
-   epochs (a stopped trial is left out; one that finished its last epoch while being stopped
-   is a complete model and is evaluated): TBN calibration at sigma, clean and PGD accuracy
-   (clean BN statistics), and Cohen's CERTIFY with the frozen TBN statistics, all on held-out
-   training images.
+2. ``evaluate``: every (epsilon, sigma) of every epsilon whose run trained all its epochs (a
+   stopped trial is left out; one that finished its last epoch while being stopped is a
+   complete model and is evaluated): TBN calibration at sigma, clean and PGD accuracy (clean BN
+   statistics), and Cohen's CERTIFY with the frozen TBN statistics, all on held-out training
+   images. This is a fixed grid, not a search, so it runs as a sharded job
+   (``jobs.sweep_pairs.PairsJob``, one pair per unit) on the same actor pool, resume rules and
+   failure handling as ``tbn-ray certify`` and ``evaluate`` (``distributed.jobs``).
 
 This module only orchestrates. What needs no Ray is elsewhere: the held-out split (and the
-selection hygiene it keeps), the training runs' lookup and one pair's evaluation in
+selection hygiene it keeps), the training runs' lookup and the pairs job in
 ``jobs.sweep_pairs``; the results table, heatmap and best.json in ``reports.sweep``.
 
 Layout under ``<storage>/<sweep name>/`` (local or S3; all state lives here)::
@@ -27,12 +29,12 @@ Layout under ``<storage>/<sweep name>/`` (local or S3; all state lives here)::
                                      bn_stats.pt gets every evaluated sigma at the end)
     pairs/eps=<e>_sigma=<s>/         row.json (written last), bn_stats.pt, certify.tsv,
                                      radii.parquet, summary.json
-    tune/train/  tune/evaluate/      Tune's experiment state (Tuner.restore)
+    tune/train/                      Tune's experiment state of stage 1 (Tuner.restore)
     results.csv  results.parquet  results.md  heatmap.png  best.json
 
-Resume: the same command again (or ``--resume``) restores each stage's Tuner; training
+Resume: the same command again (or ``--resume``) restores the training stage's Tuner; training
 trials that finished are not run again, an interrupted one resumes its run from the latest
-checkpoint, and a pair whose ``row.json`` exists is not evaluated again. An epsilon's run is
+checkpoint, and a pair whose valid ``row.json`` exists is not evaluated again. An epsilon's run is
 found by its name prefix whatever trial made it, so even lost Tune state retrains nothing.
 """
 
@@ -43,20 +45,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import ray
 import yaml
 
-from tbn_ray.config import SweepConfig, objective_value, parse_config, parse_yaml
+from tbn_ray.config import SweepConfig, parse_config, parse_yaml
+from tbn_ray.distributed.jobs import JobActor, run_job_on_ray
+from tbn_ray.distributed.pool import MAX_RESTARTS
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.sweep_pairs import (
-    ROW, eps_key, evaluate_pair, find_run, install_bn_stats, pair_key, split_heldout, train_config,
-    trained_epochs, training_record,
+    PairsJob, eps_key, find_run, install_bn_stats, pair_key, split_heldout, train_config, trained_epochs, training_record,
 )  # fmt: skip
 from tbn_ray.reports.sweep import best_pair, table_rows, write_outputs
 from tbn_ray.science import data as data_mod
-from tbn_ray.science.training import resolve_device
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
@@ -66,6 +68,11 @@ from tbn_ray.store.storage import Storage
 TRIAL_DRIVER_RESOURCES = {"memory": 1}
 #: Held-out PGD accuracy per epoch, as the Ray Train workers report it: ASHA's ranking metric.
 ASHA_METRIC = "heldout_pgd_acc"
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class SweepPairActor(JobActor):
+    """Calibrates and certifies whole (epsilon, sigma) pairs (``jobs.sweep_pairs.PairWorker``)."""
 
 
 @dataclass(frozen=True)
@@ -122,25 +129,6 @@ def _train_epsilon(spec: SweepSpec, eps: float, name: str, report: Any) -> None:
     )
 
 
-def eval_trial(config: dict[str, Any], spec: SweepSpec) -> None:
-    """Tune trial of stage 2: one (epsilon, sigma) pair, skipped if its row is already stored."""
-    import ray.tune
-
-    eps, sigma = float(config["epsilon"]), float(config["sigma"])
-    out = spec.pair_storage(eps, sigma)
-    if out.exists(ROW):
-        row = out.read_json(ROW)
-    else:
-        name = find_run(spec.train_root, eps)
-        if name is None:
-            raise TbnError(f"no training run for epsilon {eps:g} under {spec.train_root.uri}")
-        res = spec.cfg.resources
-        torch.set_num_threads(max(1, int(res.eval_cpus)))
-        device = resolve_device("cuda" if res.eval_gpus > 0 else "cpu")
-        row = evaluate_pair(spec.cfg, Run(spec.train_root.child(name)), eps, sigma, out, device)
-    ray.tune.report({"objective": objective_value(spec.cfg, row), "acr": row["acr"], "pgd_acc": row["pgd_acc"]})
-
-
 # --- the driver --------------------------------------------------------------------------------
 
 
@@ -166,7 +154,7 @@ def _check_fits(what: str, need: dict[str, float], have: dict[str, float], fix: 
 
 
 def concurrency(cfg: SweepConfig, scaling: Scaling, cluster: RayCluster) -> tuple[int, int]:
-    """Concurrent (training, evaluation) trials; a request the cluster can never hold fails here, before any trial.
+    """Concurrent training trials and evaluation actors; a request the cluster can never hold fails here, before any trial.
 
     Tune does not count the Train workers a training trial starts, so the training limit must come
     from the workers' resources; on a cluster that cannot grow the user's limit is capped at what fits.
@@ -182,7 +170,7 @@ def concurrency(cfg: SweepConfig, scaling: Scaling, cluster: RayCluster) -> tupl
         f"a training trial ({scaling.workers} worker(s) x {scaling.resources_per_worker()})", train_need, have,
         "lower resources.workers, cpus_per_worker or gpus_per_worker",
     )  # fmt: skip
-    _check_fits("an evaluation trial", eval_need, have, "lower resources.eval_cpus or eval_gpus")
+    _check_fits("an evaluation actor", eval_need, have, "lower resources.eval_cpus or eval_gpus")
     cap = res.max_concurrent_trials or math.inf
     return int(min(_fits(train_need, have), cap, len(cfg.epsilons))), int(min(_fits(eval_need, have), cap))
 
@@ -258,15 +246,16 @@ def _run_stage(
 
 
 def _trial_name(trial: Any) -> str:
-    c = trial.config
-    return eps_key(c["epsilon"]) if "sigma" not in c else pair_key(c["epsilon"], c["sigma"])
+    return eps_key(trial.config["epsilon"])
 
 
-def _tune_config(max_concurrent: int, *, scheduler: Any = None, reuse_actors: bool = False) -> Any:
+def _tune_config(max_concurrent: int, *, scheduler: Any = None) -> Any:
     from ray import tune
 
+    # No actor reuse: a trial ASHA stops must END, its process with it, so that its Train run dies
+    # and the run's placement group is released (a reused process would keep training).
     return tune.TuneConfig(
-        scheduler=scheduler, max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors,
+        scheduler=scheduler, max_concurrent_trials=max_concurrent, reuse_actors=False,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )  # fmt: skip
 
@@ -299,11 +288,10 @@ def _trained(cfg: SweepConfig, training: dict[float, dict[str, Any]]) -> list[fl
     return trained
 
 
-def _report(spec: SweepSpec, training: dict[float, dict[str, Any]], trained: list[float]) -> SweepResult:
+def _report(spec: SweepSpec, training: dict[float, dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]) -> SweepResult:
     """Install the evaluated TBN statistics into the training runs; write the table, heatmap and best.json."""
     cfg = spec.cfg
-    pairs = {(eps, s): spec.pair_storage(eps, s).read_json(ROW) for eps in trained for s in cfg.sigmas}
-    for eps in trained:
+    for eps in dict.fromkeys(eps for eps, _ in pairs):
         install_bn_stats(Run(Storage.open(training[eps]["run"])), [spec.pair_storage(eps, s) for s in cfg.sigmas])
     rows = table_rows(cfg, training, pairs)
     best = best_pair(cfg, rows, pairs)
@@ -331,20 +319,12 @@ def run_sweep(cfg: SweepConfig, root: Storage, cluster: RayCluster, *, say: Call
         "train",
         tune.with_resources(tune.with_parameters(train_trial, spec=spec), TRIAL_DRIVER_RESOURCES),
         {"epsilon": tune.grid_search(list(cfg.epsilons))},
-        # No actor reuse here: a trial ASHA stops must END, its process with it, so that its Train run dies
-        # and the run's placement group is released (a reused process would keep training).
         _tune_config(train_limit, scheduler=scheduler),
         say,
     )
     training = {eps: training_record(spec.train_root, eps) for eps in cfg.epsilons}
     trained = _trained(cfg, training)
+    job = PairsJob(cfg, root, tuple((eps, training[eps]["run"]) for eps in trained))
     say(f"stage 2: {len(trained)} epsilon(s) x {len(cfg.sigmas)} sigma(s) to calibrate and certify, {eval_limit} at once")
-    _run_stage(
-        spec,
-        "evaluate",
-        tune.with_resources(tune.with_parameters(eval_trial, spec=spec), {"CPU": res.eval_cpus, "GPU": res.eval_gpus}),
-        {"epsilon": tune.grid_search(trained), "sigma": tune.grid_search(list(cfg.sigmas))},
-        _tune_config(eval_limit, reuse_actors=True),  # saves a Python + torch start per pair
-        say,
-    )
-    return _report(spec, training, trained)
+    pairs = run_job_on_ray(job, SweepPairActor, spec.cluster, actors=eval_limit, cpus_per_actor=res.eval_cpus, gpus_per_actor=res.eval_gpus)
+    return _report(spec, training, pairs)

@@ -1,6 +1,8 @@
-"""The sweep's work that needs no Ray: its stored runs and pairs, the held-out split, one pair's evaluation.
+"""The sweep's work that needs no Ray: its stored runs, the held-out split, and the
+(epsilon, sigma) evaluation as a ``jobs.engine`` job (one unit: one pair).
 
-``distributed.sweep`` runs these from Tune trials; each also runs alone in plain torch.
+``distributed.sweep`` trains from Tune trials and runs the pairs job on the engine's actor
+pool; the same job runs in-process (``engine.run_in_process``) in plain torch.
 
 Selection hygiene: hyperparameters are chosen on a VALIDATION set, never the test set. The
 held-out split (``data.py``: official train index % 10 == 9) is cut deterministically: the
@@ -15,15 +17,19 @@ maximum over the grid, hence optimistic: certify the chosen model on the test se
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
+from tbn_ray.jobs.engine import Metric
 from tbn_ray.jobs.pipeline import calibrate_sigma
 from tbn_ray.reports.sweep import SPLIT_KEYS  # noqa: F401  (the row fields a split writes; read back by the report)
 from tbn_ray.science import data as data_mod
@@ -193,3 +199,81 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
     }  # fmt: skip
     out.write_json(ROW, row)  # last: its presence marks a finished pair
     return row
+
+
+# --- the pairs as one job on the engine ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairsJob:
+    """Every (epsilon, sigma) pair of the trained epsilons: calibrate, measure, certify.
+
+    A pair's stored ``row.json`` (written last, naming its epsilon and sigma) is the result the
+    engine scans for, so a re-run, an actor lost mid-pair or a sweep stored before this job
+    existed all evaluate each pair once: a pair without a valid row is evaluated again, whole.
+    """
+
+    cfg: SweepConfig
+    root: Storage  # <storage>/<sweep name>
+    runs: tuple[tuple[float, str], ...]  # (epsilon, training run URI) of each trained epsilon
+
+    name: ClassVar[str] = "sweep pairs"
+    amount_unit: ClassVar[str] = "pair"
+    metrics: ClassVar[tuple[Metric, ...]] = (Metric("tbn_sweep_pairs", "(epsilon, sigma) pairs calibrated and certified", ("sweep",)),)
+
+    @property
+    def job_id(self) -> str:
+        digest = hashlib.sha256(self.root.uri.encode()).hexdigest()[:8]
+        return f"{self.cfg.name}-{digest}"
+
+    @property
+    def out(self) -> Storage:
+        return self.root.child("pairs")
+
+    def outputs(self) -> list[tuple[tuple[float, float], str]]:
+        return [((eps, float(s)), f"{pair_key(eps, s)}/{ROW}") for eps, _ in self.runs for s in self.cfg.sigmas]
+
+    def usable(self, output: tuple[float, float], key: str) -> bool:
+        try:
+            row = self.out.read_json(key)
+        except TbnError:
+            return False  # damaged: evaluated again
+        return isinstance(row, dict) and (row.get("epsilon"), row.get("sigma")) == output
+
+    def units(self, missing: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+        return list(missing)
+
+    def amount(self, unit: tuple[float, float]) -> int:
+        return 1
+
+    def label(self, unit: tuple[float, float]) -> str:
+        return pair_key(*unit)
+
+    def describe(self, todo: Sequence[tuple[float, float]], skipped: int) -> str:
+        return f"sweep {self.cfg.name}: {len(todo)} (epsilon, sigma) pair(s) to calibrate and certify, {skipped} stored -> {self.out.uri}"
+
+    def make_worker(self, device: torch.device, worker: dict[str, str], gpus: float) -> PairWorker:
+        return PairWorker(self, device)
+
+    def measure(self, unit: tuple[float, float], result: dict[str, Any]) -> list[tuple[str, float, dict[str, str]]]:
+        return [("tbn_sweep_pairs", 1, {"sweep": self.cfg.name})]
+
+    def on_device(self, device_type: str) -> PairsJob:
+        return self  # a pair's files do not name the device
+
+    def finish(self, computed: int, skipped: int) -> dict[tuple[float, float], dict[str, Any]]:
+        """Every pair's row, by (epsilon, sigma)."""
+        return {output: self.out.read_json(key) for output, key in self.outputs()}
+
+
+class PairWorker:
+    """Evaluates whole pairs; each pair loads its epsilon's trained model afresh (a pair is minutes of work)."""
+
+    def __init__(self, job: PairsJob, device: torch.device) -> None:
+        self.job = job
+        self.device = device
+
+    def run(self, unit: tuple[float, float]) -> dict[str, Any]:
+        eps, sigma = unit
+        run = Run(Storage.open(dict(self.job.runs)[eps]))
+        return evaluate_pair(self.job.cfg, run, eps, sigma, self.job.out.child(pair_key(eps, sigma)), self.device)
