@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--max-loss", type=float, default=defaults.max_loss)
     parser.add_argument("--extra-pilots", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=defaults.extra_pilots,
                         help="comma-separated further pilot stages, e.g. 4000,10000")
+    parser.add_argument("--fractions", type=lambda v: tuple(float(Fraction(x)) for x in v.split(",") if x), default=defaults.fractions,
+                        help="comma-separated candidate estimation sizes as fractions of n, e.g. 1/64,1/32,...,1")
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--alpha", type=float, default=0.001)
@@ -174,7 +177,8 @@ def main() -> None:
     parser.add_argument("--name", default="adaptive_sampling")
     parser.add_argument("--note", default="", help="where the vote counts come from, for the report")
     args = parser.parse_args()
-    plan = AdaptiveSampling(pilot=args.pilot, tolerance=args.tolerance, margin=args.margin, max_loss=args.max_loss, extra_pilots=args.extra_pilots)
+    plan = AdaptiveSampling(pilot=args.pilot, tolerance=args.tolerance, margin=args.margin, max_loss=args.max_loss, extra_pilots=args.extra_pilots,
+                            fractions=args.fractions)
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),

@@ -79,7 +79,7 @@ def test_plan_uses_the_full_n_only_where_it_pays() -> None:
     n, sigma, alpha = 100_000, 0.25, 0.001
     plan = AdaptiveSampling()
     sizes = plan.candidates(n)
-    assert sizes.tolist() == [1562, 3125, 6250, 12500, 25000, 50000, 100000]
+    assert sizes.tolist() == [1562, 2344, 3125, 4688, 6250, 9375, 12500, 18750, 25000, 37500, 50000, 75000, 100000]
     # the counts that certify each report radius are Cohen's radius, exactly
     for r, k in zip(REPORT_RADII, certifying_counts(n, sigma, alpha, REPORT_RADII)):
         if k <= n:
@@ -93,8 +93,8 @@ def test_plan_uses_the_full_n_only_where_it_pays() -> None:
     # hopeless: abstain without estimation draws; a clear majority far from a report radius: few draws
     assert plan.plan(300, 1000, sigma, n, alpha)[0] == 0
     assert plan.plan(720, 1000, sigma, n, alpha)[0] == sizes[0]  # radius ~0.14, far from 0 and 0.25
-    # near a report radius (p = Phi(1): radius 0.25 at n = infinity) the plan keeps the full n
-    assert plan.plan(841, 1000, sigma, n, alpha)[0] == n
+    # near a report radius (p = Phi(1): radius 0.25 at n = infinity) the plan keeps (nearly) the full n
+    assert plan.plan(841, 1000, sigma, n, alpha)[0] >= 0.75 * n
     # all votes for c_A: more pilot evidence, fewer estimation draws (the count-limited cap)
     assert plan.plan(20_000, 20_000, sigma, n, alpha)[0] < plan.plan(1000, 1000, sigma, n, alpha)[0]
     for bad in (dict(pilot=0), dict(extra_pilots=(0,)), dict(tolerance=-1.0), dict(max_loss=float("inf")),

@@ -151,6 +151,21 @@ class AdaptiveConfig(_Strict):
     max_loss: float = Field(0.02, ge=0, description="expected report radii certified less often than at the full n, per image")
     tolerance: float = Field(0.02, ge=0, description="l2: accept an n whose predicted radius is within this of the full n's")
     margin: float = Field(0.02, ge=0, description="l2: ... or that clears the highest report radius reached at the full n by this")
+    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
+        (1 / 64, 3 / 128, 1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0),
+        min_length=1, description="the estimation sizes the plan picks from, as fractions of n (e.g. 3/128); must include 1 (the full n)",
+    )  # fmt: skip
+
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _fractions(cls, v: Any) -> Any:
+        return tuple(_number(f) for f in v) if isinstance(v, (list, tuple)) else v
+
+    @model_validator(mode="after")
+    def _full_n(self) -> AdaptiveConfig:
+        if max(self.fractions) != 1:
+            raise ValueError(f"fractions must include 1 (the full n), got {list(self.fractions)}")
+        return self
 
 
 class CertifyConfig(_Strict):

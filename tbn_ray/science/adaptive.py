@@ -91,11 +91,11 @@ class AdaptiveSampling:
     """Settings of the input-adaptive sample size; see the module docstring for the procedure.
 
     Defaults chosen with ``bench/adaptive_sampling.py`` at n = 100,000 (results in
-    ``bench/results/adaptive_sampling*.md``): on the vote counts of a quickstart model, 6.8x
-    (sigma 0.25) and 3.3x (sigma 0.5) fewer forward passes, certified accuracy within
-    0.1 points at r = 0 ... 1.0; on a population shaped like Cohen et al.'s ResNet-110,
-    about 3x fewer and within 0.25 points. ACR is 2-6% lower: confident images stop at
-    the sample size that clears the same report radius, not at the cap of n.
+    ``bench/results/adaptive_sampling*.md``): on the vote counts of a quickstart model, 6.9x
+    (sigma 0.25) and 3.5x (sigma 0.5) fewer forward passes, certified accuracy within 0.33
+    points at r = 0 ... 1.0; on a population shaped like Cohen et al.'s ResNet-110, 3.35x and
+    3.0x fewer and within 0.35 points. ACR is 2-7% lower: confident images stop at the
+    sample size that clears the same report radius, not at the cap of n.
     """
 
     pilot: int = _DEFAULTS.pilot  # planning draws, never reused in the bound
@@ -104,7 +104,7 @@ class AdaptiveSampling:
     tolerance: float = _DEFAULTS.tolerance  # l2: accept n whose predicted radius is within this of n's
     margin: float = _DEFAULTS.margin  # l2: ... or that clears the highest report radius reached at n by this
     posterior_points: int = 32  # quadrature points of the pilot's posterior for p_cA
-    fractions: tuple[float, ...] = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # of n
+    fractions: tuple[float, ...] = _DEFAULTS.fractions  # the candidate estimation sizes, as fractions of n
     abstain_alpha: float = 0.001  # early abstention: confidence of the optimistic pilot bound
     radii: tuple[float, ...] = field(default=REPORT_RADII)  # the report radii the plan serves
 
