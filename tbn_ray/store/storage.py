@@ -138,7 +138,8 @@ class Storage(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
-        """Keys (relative to the root) starting with ``prefix``, sorted, recursive."""
+        """Keys (relative to the root) starting with ``prefix``, sorted, recursive. Locally, the
+        stale temporary files of writes that died are removed from the folders it walks."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -1,14 +1,18 @@
 """The local backend of ``storage.Storage``: a directory, written whole-object.
 
 A write goes to a temporary file in the target's directory, is fsynced, and is renamed over
-the target with ``os.replace``: a reader sees the old file, the new one or none.
+the target with ``os.replace``: a reader sees the old file, the new one or none. A process
+killed mid-write (an actor stopped by the OOM killer, a lost node's shared disk) leaves its
+temporary file behind; listing a folder removes those older than ``STALE_TMP_S``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,9 @@ from tbn_ray.store.storage import TMP_SUFFIX, Storage, check_key
 
 if TYPE_CHECKING:
     import pyarrow.fs
+
+#: A temporary file untouched this long belongs to a write that died: no live writer pauses so long.
+STALE_TMP_S = 30 * 60
 
 
 @contextmanager
@@ -104,11 +111,14 @@ class LocalStorage(Storage):
         if not base.is_dir():
             return []
         keys = []
+        stale_before = time.time() - STALE_TMP_S
         for dirpath, _, filenames in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
                 key = name if rel == "." else f"{rel}/{name}"
-                if not name.endswith(TMP_SUFFIX) and key.startswith(prefix):
+                if name.endswith(TMP_SUFFIX):
+                    _remove_if_stale(Path(dirpath) / name, stale_before)
+                elif key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
@@ -161,3 +171,10 @@ class LocalStorage(Storage):
     def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
         return str(self.root), None
 
+
+def _remove_if_stale(path: Path, before: float) -> None:
+    """Remove a dead write's temporary file (last written before ``before``); a live one stays, and
+    one that cannot be removed (a read-only folder, another process first) is left alone."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_mtime < before:
+            path.unlink()
