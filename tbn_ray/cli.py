@@ -20,7 +20,7 @@ from tbn_ray.cli_options import (
     Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, check_local,
     data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root, where_options,
 )  # fmt: skip
-from tbn_ray.config import CalibrateConfig, CertifyConfig, RuntimeConfig, TrainConfig, parse_config
+from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, RuntimeConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError, log
 from tbn_ray.store.storage import DEFAULT_STORAGE
 
@@ -171,8 +171,7 @@ def certify(
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
-    from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
-    from tbn_ray.reports.certify import accuracy_table, cap_note
+    from tbn_ray.jobs.certify import plan_certify
     from tbn_ray.science.training import resolve_device
     from tbn_ray.store.runs import Run
     from tbn_ray.store.storage import Storage
@@ -199,6 +198,15 @@ def certify(
             r, c, out, data_cfg=data_override(data), shards=c.shards if "shards" in c.model_fields_set else None, stop=stop,
             device_type=dev.type if dev is not None else "cpu", channels_last=c.channels_last, fold_bn=c.fold_bn, amp=c.amp,
         )  # fmt: skip
+    _run_certification(plan, dev, cfg, where)
+
+
+def _run_certification(plan, dev, cfg: ExperimentConfig, where: Where) -> None:  # type: ignore[no-untyped-def]
+    """The planned certification on ``dev`` in this process (--local), else on Ray; prints the
+    certified accuracy table and where the results went."""
+    from tbn_ray.jobs.certify import run_plan_in_process
+    from tbn_ray.reports.certify import accuracy_table, cap_note
+
     if dev is not None:
         result = run_plan_in_process(plan, dev, progress=where.progress)
     else:
@@ -210,7 +218,7 @@ def certify(
             result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     print(accuracy_table([{**o.summary, "params": o.summary} for o in result.outputs]))
     for o in result.outputs:
-        log(cap_note(o.sigma, c.n, c.alpha))
+        log(cap_note(o.sigma, cfg.certify.n, cfg.certify.alpha))
     log(f"results in {result.location}: {result.shards_computed} shard(s) certified now, {result.shards_skipped} reused; report {result.report}")
 
 

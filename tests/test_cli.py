@@ -208,3 +208,16 @@ def test_missing_things_point_at_show_and_bad_numbers_fail_before_ray(trained, t
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "--sigma: Input should be a finite number" in p.stderr and "--actors: Input should be greater than or equal to 1" in p.stderr
     assert "Ray" not in p.stdout  # refused before a Ray instance starts
+
+
+def test_a_local_ray_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """A local Ray instance that fails to start (here for real: its temporary directory is a file)
+    is a one-line error that says what to try, not a traceback."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "a-file"))
+    p = tbn("train", "--config", "tiny.yaml", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    [line] = [x for x in p.stderr.splitlines() if x.startswith("tbn-ray: error:")]
+    assert "could not start a local Ray instance" in line and "--address" in line

@@ -3,13 +3,14 @@ not depend on it), so two ``--shards`` values could fill one folder with two sha
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from tbn_ray.config import CertifyConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.certify import aggregate, certify_run
+from tbn_ray.jobs.certify import aggregate, certify_run, plan_certify
 from tbn_ray.jobs.layout import refuse_other_shard_count, refuse_two_shard_sets, shard_sets
 from tbn_ray.store.storage import Storage
 
@@ -46,3 +47,18 @@ def test_a_second_shard_count_is_refused_and_two_sets_are_never_merged(tmp_path:
         refuse_two_shard_sets(out, found)
     with pytest.raises(TbnError, match=r"holds two shard sets"):
         aggregate(out)
+
+
+def test_the_folder_a_gpu_pool_certifies_into_is_checked_too(tmp_path: Path) -> None:
+    """Planning checks the CPU run id's folder; a GPU Ray pool re-plans on CUDA (another noise
+    stream, another run id), and that folder gets the same one-count check."""
+    run = tiny_run(Storage.open(tmp_path))
+    cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=50, batch_size=50, max_images=4)
+    output = Storage.open(tmp_path / "certify")
+    on_gpu = plan_certify(run, cfg, output, shards=4, device_type="cuda")
+    on_gpu.out.write_bytes("sigma=0.25/shard-00000-of-00004.parquet", b"a shard a GPU pool stored")
+    plan = plan_certify(run, cfg, output, shards=2)
+    assert plan.on_device("cpu").out.uri == plan.out.uri != on_gpu.out.uri
+    with pytest.raises(TbnError, match=re.escape(f"{on_gpu.out.uri} holds this certification cut into 4 shards, not 2")):
+        plan.on_device("cuda")
+    assert plan_certify(run, cfg, output, shards=4).on_device("cuda").out.uri == on_gpu.out.uri  # the same count resumes

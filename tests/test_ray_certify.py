@@ -182,6 +182,34 @@ def test_actor_pool_shape_follows_the_nodes() -> None:
     assert actor_shape([node(2)], work=64, gpus_per_actor=1, autoscaling=True).actors == 1  # the autoscaler may add one
 
 
+
+def test_the_driver_lists_the_nodes_at_most_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the tail of a run the driver looks for units stranded on dead nodes on every wait; it asks
+    ``ray.nodes()`` (a GCS round trip) again only after NODES_TTL_S, or at once for a node it has not
+    listed yet, and then sees a death."""
+    from tbn_ray.distributed import pool
+
+    nodes = {"head": True, "worker": True}
+    asked: list[int] = []
+
+    def ray_nodes() -> list[dict]:
+        asked.append(1)
+        return [{"NodeID": node, "Alive": alive} for node, alive in nodes.items()]
+
+    monkeypatch.setattr(pool.ray, "nodes", ray_nodes)
+    driver = pool._Pool(None, ["a", "b"], str)
+    driver.running = {"ref-a": ("actor-1", "a"), "ref-b": ("actor-2", "b")}
+    driver.node_of = {"actor-1": "head", "actor-2": "worker"}
+    assert [driver.stranded() for _ in range(50)] == [[]] * 50 and len(asked) == 1
+    nodes["new"] = True
+    driver.node_of["actor-1"] = "new"  # an actor placed on a node added since
+    assert driver.stranded() == [] and len(asked) == 2
+    nodes["worker"] = False
+    assert driver.stranded() == [] and len(asked) == 2  # seen at the next listing, NODES_TTL_S later
+    monkeypatch.setattr(pool, "NODES_TTL_S", -1.0)
+    assert driver.stranded() == ["b"] and len(asked) == 3
+
+
 # --- Ray ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tbn_ray.errors import TbnError
-from tbn_ray.store.storage import Storage, default_storage_uri
+from tbn_ray.store.storage import TMP_SUFFIX, Storage, default_storage_uri
+from tbn_ray.store.storage_local import STALE_TMP_S
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -119,6 +122,37 @@ def test_crash_mid_write_leaves_nothing(storage: Storage) -> None:
     assert storage.list() == ["kept.bin"]
     if storage.is_local:
         assert sorted(os.listdir(storage.local_path())) == ["kept.bin"]  # no temp file left
+
+
+_KILLED_WRITER = """
+import sys, time
+from tbn_ray.store.storage import Storage
+with Storage.open(sys.argv[1]).writer("sigma=0.25/shard.parquet") as f:
+    f.write(b"half a shard")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_writers_temp_file_is_removed_by_a_listing_once_stale(tmp_path: Path) -> None:
+    """A process killed mid-write (SIGKILL: no cleanup of its own runs) leaves its temporary file;
+    listing that folder removes it once it is older than STALE_TMP_S, never a fresh one (a live write)."""
+    root = tmp_path / "root"
+    with subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(root)], stdout=subprocess.PIPE, text=True) as writer:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+        writer.kill()
+    folder = root / "sigma=0.25"
+    [dead] = folder.iterdir()
+    store = Storage.open(root)
+    assert store.list("sigma=0.25/") == [] and dead.exists()  # fresh: it could be a write still going on
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(dead, (old, old))
+    live = folder / f".other.parquet.0123456789ab{TMP_SUFFIX}"
+    live.write_bytes(b"")
+    store.write_bytes("sigma=0.25/done.parquet", b"whole")
+    assert store.list("sigma=0.25/") == ["sigma=0.25/done.parquet"]
+    assert not dead.exists() and live.exists()
 
 
 def test_overwrite_is_atomic_for_concurrent_readers(storage: Storage) -> None:

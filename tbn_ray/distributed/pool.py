@@ -39,6 +39,9 @@ MAX_RESTARTS = 3
 MAX_UNIT_ATTEMPTS = 3
 #: How long the driver waits for the first actor to start (an autoscaler may be adding a node).
 READY_TIMEOUT_S = 600.0
+#: How long the driver reuses its answer from ``ray.nodes()`` (a GCS round trip listing every
+#: node) while it looks for units stranded on dead nodes: Ray itself takes longer to declare a node dead.
+NODES_TTL_S = 5.0
 
 
 class PoolWorker:
@@ -193,6 +196,8 @@ class _Pool:
         self.done: set[Hashable] = set()
         self.backed_up: set[Hashable] = set()
         self.node_of: dict[Any, str] = {}  # actor -> the node it started on
+        self.nodes: dict[str, bool] = {}  # node -> alive, as ray.nodes() said at nodes_at
+        self.nodes_at = -float("inf")
 
     def submit(self, actor: Any, unit: Hashable) -> None:
         self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
@@ -215,8 +220,16 @@ class _Pool:
         waiting = [(actor, unit) for actor, unit in self.running.values() if unit not in self.done and unit not in self.backed_up]
         if not waiting:
             return []
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        alive = self.alive({self.node_of[actor] for actor, _ in waiting if actor in self.node_of})
         return list(dict.fromkeys(unit for actor, unit in waiting if self.node_of.get(actor) not in alive))
+
+    def alive(self, nodes: set[str]) -> set[str]:
+        """Which of ``nodes`` are alive: ``ray.nodes()`` asked again after ``NODES_TTL_S``, or at
+        once when it has not listed one of them yet (an actor just placed on a new node)."""
+        if time.monotonic() - self.nodes_at > NODES_TTL_S or not nodes <= self.nodes.keys():
+            self.nodes = {n["NodeID"]: bool(n.get("Alive")) for n in ray.nodes()}
+            self.nodes_at = time.monotonic()
+        return {node for node in nodes if self.nodes.get(node, False)}
 
     def started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from tbn_ray.errors import TbnError
@@ -137,24 +137,49 @@ def connect(
     if ray.is_initialized():
         cluster = _describe(started_here=False, connected_here=False)
     elif address or os.environ.get("RAY_ADDRESS"):
-        target = address or os.environ["RAY_ADDRESS"]
-        _probe(target)
-        try:
-            ray.init(address=address, logging_level="WARNING")
-        except ConnectionError as e:
-            raise TbnError(
-                f"no Ray cluster reachable at {target} ({str(e).splitlines()[0][:120]}): start one "
-                "(ray start --head, or ray up cluster/gpu.yaml) or leave out --address for a local instance"
-            ) from None
-        except ray.exceptions.AuthenticationError:
-            raise TbnError(
-                f"the Ray cluster at {target} refused the connection (token authentication): set RAY_AUTH_MODE=token "
-                "and put the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (ray get-auth-token on the head node)"
-            ) from None
-        cluster = _describe(started_here=False, connected_here=True)
+        cluster = _join(address)
     else:
-        port = dashboard_port or _dashboard_port()
-        url = f"http://{DASHBOARD_HOST}:{port}"
+        cluster = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, log=log)
+    reclaim_sigterm()  # Ray's native SIGTERM handler aborts with a stack dump
+    where = "local Ray instance" if cluster.started_here else f"Ray cluster {cluster.address}"
+    auth = (
+        "token authentication on: `ray get-auth-token` prints the token the dashboard asks for"
+        if auth_mode() == "token"
+        else "token authentication off"
+    )
+    log(f"{where}: dashboard {cluster.dashboard_url} ({auth})")
+    return cluster
+
+
+def _join(address: str | None) -> RayCluster:
+    """Join ``address`` (None: ``$RAY_ADDRESS``); a refused connection is one line that says why."""
+    import ray
+
+    target = address or os.environ["RAY_ADDRESS"]
+    _probe(target)
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except ConnectionError as e:
+        raise TbnError(
+            f"no Ray cluster reachable at {target} ({str(e).splitlines()[0][:120]}): start one "
+            "(ray start --head, or ray up cluster/gpu.yaml) or leave out --address for a local instance"
+        ) from None
+    except ray.exceptions.AuthenticationError:
+        raise TbnError(
+            f"the Ray cluster at {target} refused the connection (token authentication): set RAY_AUTH_MODE=token "
+            "and put the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (ray get-auth-token on the head node)"
+        ) from None
+    return _describe(started_here=False, connected_here=True)
+
+
+def _start_local(*, num_cpus: int | None, num_gpus: int | None, dashboard_port: int | None, log: Callable[[str], None]) -> RayCluster:
+    """A new local instance with its dashboard. A start that fails (an overloaded machine on which
+    Ray's own processes time out, an unusable temporary directory) is one line that says what to try."""
+    import ray
+
+    port = dashboard_port or _dashboard_port()
+    url = f"http://{DASHBOARD_HOST}:{port}"
+    try:
         ray.init(
             address="local",  # a new instance, never a `ray start` cluster that happens to run on this machine
             num_cpus=num_cpus,
@@ -167,17 +192,18 @@ def connect(
             # local Ray instance and give up if there are several on this machine: name ours.
             runtime_env={"env_vars": {STATE_API_ENV: url}},
         )
-        cluster = _describe(started_here=True, connected_here=True)
-        if cluster.dashboard_url != url:
-            log(f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it")
-    reclaim_sigterm()  # Ray's native SIGTERM handler aborts with a stack dump
-    where = "local Ray instance" if cluster.started_here else f"Ray cluster {cluster.address}"
-    auth = (
-        "token authentication on: `ray get-auth-token` prints the token the dashboard asks for"
-        if auth_mode() == "token"
-        else "token authentication off"
-    )
-    log(f"{where}: dashboard {cluster.dashboard_url} ({auth})")
+    except Exception as e:
+        with suppress(Exception):
+            ray.shutdown()  # whatever the failed start left running
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TbnError(
+            f"could not start a local Ray instance ({cause}): run the command again when the machine is less busy, "
+            "check that Ray's temporary directory (RAY_TMPDIR, else /tmp) is writable with space left, "
+            "or join a running cluster with --address"
+        ) from e
+    cluster = _describe(started_here=True, connected_here=True)
+    if cluster.dashboard_url != url:
+        log(f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it")
     return cluster
 
 

@@ -245,8 +245,13 @@ class CertifyPlan:
         return [("tbn_certify_images", result.images, tags), ("tbn_certify_shards", 1, tags), ("tbn_certify_images_per_second", rate, tags)]
 
     def on_device(self, device_type: str) -> CertifyPlan:
-        """The noise stream differs on a CUDA generator: another run id."""
-        return dataclasses.replace(self, device_type=device_type)
+        """The noise stream differs on a CUDA generator: another run id, whose folder gets the
+        planning's check too (one shard count per folder)."""
+        if device_type == self.device_type:
+            return self
+        plan = dataclasses.replace(self, device_type=device_type)
+        refuse_other_shard_count(plan.out, plan.shards)
+        return plan
 
     def finish(self, computed: int, skipped: int) -> CertifyResult:
         outputs = aggregate(self.out, plan=self)

@@ -347,15 +347,27 @@ def certify_examples(
     generators = [example_generator(seed, int(i), device) for i in indices]
     with cudnn_benchmark(device, cudnn_autotune):
         if images_per_pass == 1:
-            rows: Iterable[int] = range(len(images))
-            if progress:
-                from tqdm import tqdm
-
-                rows = tqdm(rows, desc=f"certify sigma={sigma}", unit="img")
-            certs = [smooth.run(procedure(), image(row), generator=generators[row]) for row in rows]
+            certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None)
         else:
             certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure() for _ in generators], images_per_pass)
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
+
+
+def _certify_alone(
+    smooth: Smooth,
+    image: Callable[[int], Tensor],
+    generators: list[torch.Generator],
+    procedure: Callable[[], Procedure],
+    *,
+    progress: str | None,
+) -> list[Certificate]:
+    """One image at a time, each image's tensor made only when its turn comes; ``progress``: a bar's label."""
+    rows: Iterable[int] = range(len(generators))
+    if progress is not None:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc=progress, unit="img")
+    return [smooth.run(procedure(), image(row), generator=generators[row]) for row in rows]
 
 
 def _certify_packed(

@@ -138,6 +138,32 @@ def noisy_batches(
                 return
 
 
+@contextlib.contextmanager
+def _input_moments(layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]]) -> Iterator[dict[str, list[Any]]]:
+    """Per-channel count, sum and sum of squares (float64) of every input each BN layer sees
+    inside the block: layer name -> [count, sum, sum of squares]."""
+    sums: dict[str, list[Any]] = {}
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            a = inputs[0].detach().to(torch.float64)
+            dims = [d for d in range(a.dim()) if d != 1]
+            count = a.numel() // a.shape[1]
+            acc = sums.setdefault(name, [0, 0.0, 0.0])
+            acc[0] += count
+            acc[1] = acc[1] + a.sum(dim=dims)
+            acc[2] = acc[2] + (a * a).sum(dim=dims)
+
+        return hook
+
+    hooks = [bn.register_forward_pre_hook(make_hook(name)) for name, bn in layers]
+    try:
+        yield sums
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def estimate_bn_stats(
     model: nn.Module,
@@ -157,40 +183,17 @@ def estimate_bn_stats(
     as they were; the estimate is returned, not installed.
     """
     layers = bn_layers(model)
-    sums: dict[str, list[Any]] = {}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            a = inputs[0].detach().to(torch.float64)
-            dims = [d for d in range(a.dim()) if d != 1]
-            count = a.numel() // a.shape[1]
-            acc = sums.setdefault(name, [0, 0.0, 0.0])
-            acc[0] += count
-            acc[1] = acc[1] + a.sum(dim=dims)
-            acc[2] = acc[2] + (a * a).sum(dim=dims)
-
-        return hook
-
     was_training = model.training
-    saved = [(bn.training, bn.track_running_stats) for _, bn in layers]
     try:
         model.eval()
-        for name, bn in layers:
-            hooks.append(bn.register_forward_pre_hook(make_hook(name)))
-            bn.train(True)
-            bn.track_running_stats = False  # batch statistics, running buffers untouched
-        bar = tqdm(total=samples, desc=f"TBN sigma={sigma:g}", unit="img", disable=not progress, leave=False)
-        for x in noisy_batches(images, sigma, samples, batch_size, seed=seed, device=device):
-            model(x)
-            bar.update(len(x))
-        bar.close()
+        # BN layers in training mode without tracking: batch statistics, running buffers untouched
+        with batch_statistics(model), _input_moments(layers) as sums:
+            bar = tqdm(total=samples, desc=f"TBN sigma={sigma:g}", unit="img", disable=not progress, leave=False)
+            for x in noisy_batches(images, sigma, samples, batch_size, seed=seed, device=device):
+                model(x)
+                bar.update(len(x))
+            bar.close()
     finally:
-        for h in hooks:
-            h.remove()
-        for (_, bn), (training, track) in zip(layers, saved):
-            bn.train(training)
-            bn.track_running_stats = track
         model.train(was_training)
 
     out: BNStats = {}
