@@ -5,6 +5,7 @@ Their defaults are the ``evaluate`` section of the experiment config (``config.E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,7 +13,7 @@ import typer
 
 from tbn_ray.cli_options import (
     Command, ConfigOpt, DataOpt, IndicesOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, data_override, load_flags,
-    parse_indices, pool_options, require_ray, storage_root, where_options,
+    option_group, parse_indices, pool_options, require_ray, storage_root, where_options,
 )  # fmt: skip
 from tbn_ray.config import EvaluateConfig, ExperimentConfig
 from tbn_ray.errors import log
@@ -30,15 +31,33 @@ evaluate_app = typer.Typer(
     help="Corruption (CIFAR-10-C) and adversarial robustness per BN mode, sharded across Ray actors.",
 )  # fmt: skip
 
-CorruptionsOpt = Annotated[Optional[str], typer.Option(help=about("'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions"))]
-SeveritiesOpt = Annotated[Optional[str], typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities"))]
-Cifar10cSeedOpt = Annotated[
-    Optional[int], typer.Option("--seed", help=about("CIFAR-10-C regeneration seed (per-image randomness derives from it)", EvaluateConfig, "cifar10c_seed"))
-]
-ReleasedOpt = Annotated[
-    Optional[Path],
-    typer.Option(help="folder of the released CIFAR-10-C (<corruption>.npy, labels.npy), imported instead of regenerated (default: regenerate)"),
-]
+@dataclass(frozen=True)
+class Cifar10cChoice:
+    """Which CIFAR-10-C arrays a command writes or reads: corruptions x severities of which test
+    images, regenerated with a seed or imported from the released files."""
+
+    corruptions: str | None
+    severities: str | None
+    seed: int | None
+    indices: str | None
+    released: Path | None
+
+    def flags(self) -> dict[str, tuple[str, Any]]:
+        """The flags that override the ``evaluate`` config section."""
+        return {
+            "--corruptions": ("evaluate.corruptions", self.corruptions), "--severities": ("evaluate.severities", self.severities),
+            "--seed": ("evaluate.cifar10c_seed", self.seed),
+        }  # fmt: skip
+
+
+#: The options of ``Cifar10cChoice``, for every command that reads or writes CIFAR-10-C.
+cifar10c_options = option_group("cifar10c", Cifar10cChoice, {
+    "corruptions": (Optional[str], typer.Option(help=about("'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions")), None),
+    "severities": (Optional[str], typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities")), None),
+    "seed": (Optional[int], typer.Option("--seed", help=about("CIFAR-10-C regeneration seed (per-image randomness derives from it)", EvaluateConfig, "cifar10c_seed")), None),
+    "indices": (Optional[str], IndicesOpt.__metadata__[0], None),
+    "released": (Optional[Path], typer.Option(help="folder of the released CIFAR-10-C (<corruption>.npy, labels.npy), imported instead of regenerated (default: regenerate)"), None),
+})  # fmt: skip
 BnOpt = Annotated[
     Optional[list[str]],
     typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)"),
@@ -74,15 +93,12 @@ def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type:
 
 
 @data_app.command("cifar10c", cls=Command)
+@cifar10c_options
 def data_cifar10c(
-    severities: SeveritiesOpt = None,
-    corruptions: CorruptionsOpt = None,
-    seed: Cifar10cSeedOpt = None,
     data: DataOpt = None,
-    indices: IndicesOpt = None,
-    released: ReleasedOpt = None,
     storage: StorageOpt = None,
     progress: ProgressOpt = True,
+    cifar10c: Cifar10cChoice = None,  # type: ignore[assignment]  (the options of cifar10c_options)
 ) -> None:
     """Regenerate CIFAR-10-C from the test set once (Hendrycks & Dietterich's CIFAR parameters, seeded),
     one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
@@ -93,11 +109,12 @@ def data_cifar10c(
     from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
     from tbn_ray.science.data import load_from_config
 
-    ev = load_flags(None, {"--severities": ("evaluate.severities", severities), "--corruptions": ("evaluate.corruptions", corruptions), "--seed": ("evaluate.cifar10c_seed", seed)}).evaluate
+    ev = load_flags(None, cifar10c.flags()).evaluate
     names, levels = parse_corruptions(ev.corruptions), parse_severities(ev.severities)
-    start, stop = parse_indices(indices)
+    start, stop = parse_indices(cifar10c.indices)
     root = storage_root(storage)
     root.check()
+    released = cifar10c.released
     if released is not None:
         c10c = released_cifar10c(root, released, np.arange(start or 0, 10_000 if stop is None else stop), names, levels, progress=progress)
         c10c.write_metadata()
@@ -112,18 +129,15 @@ def data_cifar10c(
 
 @evaluate_app.command("corruptions", cls=Command)
 @where_options("evaluate in this process, without Ray")
+@cifar10c_options
 def evaluate_corruptions(
     run: RunArg,
     bn: BnOpt = None,
     config: ConfigOpt = None,
     batch_size: BatchOpt = None,
-    corruptions: CorruptionsOpt = None,
-    severities: SeveritiesOpt = None,
-    seed: Cifar10cSeedOpt = None,
-    indices: IndicesOpt = None,
-    released: ReleasedOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="root of the CIFAR-10-C cache, as tbn-ray data cifar10c --storage (default: the run's parent)")] = None,
     data: DataOpt = None,
+    cifar10c: Cifar10cChoice = None,  # type: ignore[assignment]  (the options of cifar10c_options)
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into RUN/evaluate/;
@@ -131,16 +145,14 @@ def evaluate_corruptions(
     from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
     from tbn_ray.store.runs import Run
 
-    cfg = _evaluate_config(config, {
-        "--batch-size": ("evaluate.batch_size", batch_size), "--corruptions": ("evaluate.corruptions", corruptions),
-        "--severities": ("evaluate.severities", severities), "--seed": ("evaluate.cifar10c_seed", seed),
-    }, where)  # fmt: skip
+    cfg = _evaluate_config(config, {"--batch-size": ("evaluate.batch_size", batch_size), **cifar10c.flags()}, where)
     ev = cfg.evaluate
-    start, stop = parse_indices(indices)
+    start, stop = parse_indices(cifar10c.indices)
     with about_run(run):
         plan = plan_corruptions(
             Run.open(run), bn or [], cache_root=storage_root(storage) if storage else None, corruptions=ev.corruptions, severities=ev.severities,
-            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=released, data_cfg=data_override(data), start=start, stop=stop, progress=where.progress,
+            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=cifar10c.released, data_cfg=data_override(data), start=start, stop=stop,
+            progress=where.progress,
         )  # fmt: skip
     _run_evaluation(plan, cfg, where)
 

@@ -159,10 +159,32 @@ class Where:
         return {"--device": ("train.device", self.device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}}
 
 
+def option_group(param: str, make: Callable[..., Any], options: dict[str, tuple[Any, Any, Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the flags ``options`` (name -> (type, typer option, default)), declared once
+    for every command that takes them; the command receives them as one argument ``param``,
+    ``make(**values)``. The flags follow the command's own in its help."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        kept = [p for name, p in signature.parameters.items() if name != param]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+                 for name, (kind, option, default) in options.items()]  # fmt: skip
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            value = make(**{name: kwargs.pop(name) for name in options})
+            return command(*args, **{param: value}, **kwargs)
+
+        run.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+        run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != param}
+        return run
+
+    return decorate
+
+
 def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command the options that say where it runs, declared once for every sharded job;
-    the command receives them as one ``where: Where`` argument."""
-    options = {
+    """The options that say where a sharded job runs, as one ``where: Where`` argument."""
+    return option_group("where", Where, {
         "local": (bool, typer.Option("--local", help=local_help), False),
         "address": (Optional[str], AddressOpt.__metadata__[0], None),
         "actors": (Optional[int], ActorsOpt.__metadata__[0], None),
@@ -170,21 +192,4 @@ def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..
         "cpus_per_actor": (Optional[float], CpusPerActorOpt.__metadata__[0], None),
         "device": (Optional[str], LocalDeviceOpt.__metadata__[0], None),
         "progress": (bool, ProgressOpt.__metadata__[0], True),
-    }
-
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        signature = inspect.signature(command, eval_str=True)
-        kept = [p for name, p in signature.parameters.items() if name != "where"]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
-                 for name, (kind, option, default) in options.items()]  # fmt: skip
-
-        @functools.wraps(command)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            where = Where(**{name: kwargs.pop(name) for name in options})
-            return command(*args, where=where, **kwargs)
-
-        run.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
-        run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "where"}
-        return run
-
-    return decorate
+    })  # fmt: skip
