@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from tbn_ray.distributed.jobs import JobActor, job_on_ray, run_job_on_ray
+from tbn_ray.distributed.jobs import JobActor, run_job_on_ray
 from tbn_ray.distributed.pool import MAX_RESTARTS
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.jobs.certify import CertifyPlan, CertifyResult, ShardResult
@@ -33,7 +33,3 @@ def run_plan_on_ray(
     (``distributed.jobs.run_job_on_ray``)."""
     return run_job_on_ray(plan, CertifyActor, cluster, on_unit=on_shard, **options)
 
-
-def certify_on_ray(plan: CertifyPlan, *, on_shard: Callable[[ShardResult], None] | None = None, **options: Any) -> CertifyResult:
-    """Join ``options["address"]`` (else start an embedded local Ray with the dashboard), certify, disconnect."""
-    return job_on_ray(plan, CertifyActor, on_unit=on_shard, **options)

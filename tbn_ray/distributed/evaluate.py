@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from tbn_ray.distributed.jobs import JobActor, job_on_ray, run_job_on_ray
+from tbn_ray.distributed.jobs import JobActor, run_job_on_ray
 from tbn_ray.distributed.pool import MAX_RESTARTS
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.jobs.evaluate import EvalPlan, EvalResult, TaskResult
@@ -30,7 +30,3 @@ def run_plan_on_ray(plan: EvalPlan, cluster: RayCluster, *, on_task: Callable[[T
     as ``distributed.jobs.run_job_on_ray``'s."""
     return run_job_on_ray(plan, EvaluateActor, cluster, on_unit=on_task, **options)
 
-
-def evaluate_on_ray(plan: EvalPlan, **options: Any) -> EvalResult:
-    """Join ``options["address"]`` (else start an embedded local Ray with the dashboard), evaluate, disconnect."""
-    return job_on_ray(plan, EvaluateActor, **options)

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from tbn_ray.distributed.pool import READY_TIMEOUT_S, PoolWorker, actor_shape, run_pool
-from tbn_ray.distributed.runtime import RayCluster, connect, disconnect
+from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.errors import log
 from tbn_ray.jobs.engine import Job, Progress, pending
 
@@ -82,11 +82,3 @@ def run_job_on_ray(
         )  # fmt: skip
     return job.finish(left.missing, left.stored)
 
-
-def job_on_ray(job: Job, actor_cls: Any, *, address: str | None = None, **options: Any) -> Any:
-    """Join ``address`` (else start an embedded local Ray with the dashboard), run the job, disconnect."""
-    cluster = connect(address, log=log)
-    try:
-        return run_job_on_ray(job, actor_cls, cluster, **options)
-    finally:
-        disconnect(cluster)
