@@ -119,12 +119,13 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
     disconnect(cluster)
 
 
-#: Test files that start Ray (local instances, clusters of raylets, Ray Train, Tune). They run one
-#: after another in one xdist worker, so two Ray instances never compete; the other files are
-#: spread file by file (module fixtures built once) over the other worker.
+#: Test files that use the session's Ray instance (or start their own beside it: local instances,
+#: Ray Train, Tune). They run one after another in one xdist worker, so those instances never
+#: compete; the other files are spread file by file (module fixtures built once) over the other
+#: worker. ``test_lost_node.py`` is not one of them: each of its tests runs a cluster of raylets of
+#: its own in a child process, mostly waiting on Ray's node and worker starts, so it runs beside them.
 RAY_FILES = frozenset({
-    "test_cli.py", "test_lost_node.py", "test_ray_certify.py", "test_ray_evaluate.py", "test_ray_sweep.py",
-    "test_ray_train.py", "test_signals.py",
+    "test_cli.py", "test_ray_certify.py", "test_ray_evaluate.py", "test_ray_sweep.py", "test_ray_train.py", "test_signals.py",
 })  # fmt: skip
 
 
