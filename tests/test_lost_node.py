@@ -169,6 +169,7 @@ def train_scenario(storage: str, config: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint(s3_bucket: str, tmp_path: Path) -> None:
     """No undisturbed run to compare weights with (a Ray Train run costs about a minute here): that
     resuming at an epoch boundary gives the weights of not stopping is ``training.fit``'s property,
@@ -212,6 +213,7 @@ def sweep_scenario(storage: str, config: str, name: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_node_lost_with_a_sweep_trial_the_sweep_still_finishes(s3_bucket: str, tmp_path: Path) -> None:
     pytest.importorskip("ray.tune", reason='Ray missing: pip install "ray[default,tune,train]==2.60.0"')
     from .test_ray_sweep import EPOCHS as SWEEP_EPOCHS
