@@ -16,11 +16,11 @@ import math
 from collections.abc import Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tbn_ray.errors import TbnError
 
-Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn"]
+Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn", "imported"]
 DataSource = Literal["auto", "official", "jpeg", "partial"]
 Norm = Literal["l2", "linf"]
 Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units")]
@@ -57,16 +57,54 @@ class DataConfig(_Strict):
     train_limit: int | None = Field(None, ge=1, description="train on the first N training images only")
 
 
+class ModelSource(_Strict):
+    """Where an imported model came from: enough to build its architecture again (the weights
+    themselves live in the run's checkpoint) and to name it in every result."""
+
+    kind: Literal["robustbench", "callable"]
+    name: str = Field(description="zoo entry (e.g. Engstrom2019Robustness) or module:callable returning an nn.Module")
+    threat_model: str | None = Field(None, description="robustbench: the zoo's threat model (L2, Linf, corruptions)")
+    dataset: str = "cifar10"
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
+        None, description="per-channel (mean, std) put in front of the model, which then takes [0, 1] images"
+    )
+    weights: str | None = Field(None, description="the state_dict file the weights were read from")
+    weights_sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How results name the model: ``robustbench:<name> (<threat model>)`` or ``<module:callable>``."""
+        if self.kind == "robustbench":
+            return f"robustbench:{self.name} ({self.threat_model})"
+        return self.name
+
+
 class ModelConfig(_Strict):
     arch: Arch = "resnet20"
     depth: int = Field(28, ge=10, description="WideResNet depth (6k+4)")
     width: int = Field(10, ge=1, description="WideResNet widening factor")
+    source: ModelSource | None = Field(None, description="arch imported: where the model came from")
 
     @model_validator(mode="after")
     def _wrn_depth(self) -> ModelConfig:
         if self.arch == "wrn" and (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6k+4 (e.g. 28, 34), got {self.depth}")
+        if (self.arch == "imported") != (self.source is not None):
+            raise ValueError("an imported model needs its source, and only an imported model has one")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_source(self, handler: Any) -> dict[str, Any]:
+        """A model of our own architectures is stored exactly as before sources existed."""
+        out = handler(self)
+        if out.get("source") is None:
+            out.pop("source", None)
+        return out
+
+    @property
+    def label(self) -> str:
+        """How results name the model: the architecture, or an imported model's source."""
+        return self.source.label if self.source is not None else self.arch
 
 
 class AttackConfig(_Strict):

@@ -185,6 +185,10 @@ def _init_weights(model: nn.Module) -> None:
 def build_model(cfg: ModelConfig, num_classes: int = 10) -> nn.Module:
     """The architecture ``cfg`` names, freshly initialised from torch's global RNG (seed it first)."""
     body: nn.Module
+    if cfg.arch == "imported":  # an architecture from elsewhere, with its own initialisation
+        from tbn_ray.science.external import build_external
+
+        return build_external(cfg.source, num_classes)
     if cfg.arch == "tiny":
         body = tiny_net(num_classes)
     elif cfg.arch == "resnet20":
