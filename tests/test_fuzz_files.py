@@ -117,7 +117,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def certified(run: Run) -> Storage:
     """A finished certification (two shards of real test images) under <output>/<run-id>."""
     cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=50, batch_size=50, max_images=4)
-    (output,) = certify_run(run, cfg, run.storage.child("certify"), device="cpu", shards=2, progress=False)
+    (output,) = certify_run(run, cfg.model_copy(update={"shards": 2}), run.storage.child("certify"), device="cpu", progress=False)
     return Storage.open(output.location.rpartition("/")[0])
 
 

@@ -18,6 +18,7 @@ from tbn_ray.science import data as data_mod
 from tbn_ray.jobs.certify import certify_run
 from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
 from tbn_ray.science.data import data_meta
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError, log
 from tbn_ray.reports.training import write_metrics, write_metrics_plot
 from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
@@ -194,7 +195,7 @@ def quickstart_run(config_path, root: Storage, *, data: str | None = None, devic
     test = d.test.subset(np.arange(min(1000, len(d.test))))
     effect = noise_accuracy(run, cfg.calibrate.sigmas, test.images, test.labels, device=cfg.train.device)
     run.storage.write_json("noise_accuracy.json", {"rows": effect, **data_meta(d), "test_images": len(test)})
-    out = run.storage.child("certify")
+    out = certify_output(run)
     outputs = certify_run(run, cfg.certify, out, device=cfg.train.device)
     summaries = load_summaries(out)
     files = write_report(summaries, out, title=f"tbn-ray quickstart ({cfg.train.model.arch}, {d.description})")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tbn_ray.config import ModelSpec, ReproduceConfig
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError, log
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key
@@ -67,11 +68,11 @@ def calibrate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[
 def certify_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
     from tbn_ray.jobs.certify import certify_run
 
-    run, out = rep.run(spec), rep.run(spec).storage.child("certify")
+    run = rep.run(spec)
+    out = certify_output(run)
     locations = {}
     for bn in ("tbn", "clean") if rep.cfg.certify_clean else ("tbn",):
-        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device,
-                              shards=rep.cfg.shards, progress=progress)  # fmt: skip
+        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device, progress=progress)
         locations[bn] = {f"{o.sigma:g}": o.location for o in outputs}
     return {"certify": locations}
 
