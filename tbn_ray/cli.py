@@ -306,12 +306,30 @@ def main() -> None:
 
     signals.stop_on_sigterm()
     try:
-        app(prog_name="tbn-ray")
+        code = app(prog_name="tbn-ray", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        print("tbn-ray: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:
+        if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):  # not click's usage error
+            _one_line_or_raise(e)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see tbn-ray {ctx.command_path.removeprefix('tbn-ray').strip()} -h)".replace("  ", " ") if ctx is not None else ""
+        print(f"tbn-ray: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(2)
     except BaseException as e:
-        if signals.received():
-            print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
-            sys.exit(signals.EXIT_STATUS)
-        if isinstance(e, TbnError):
-            print(f"tbn-ray: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        _one_line_or_raise(e)
+
+
+def _one_line_or_raise(e: BaseException) -> None:
+    """SIGTERM and user errors end in one line; anything else is a bug and keeps its traceback."""
+    from tbn_ray import signals
+
+    if signals.received():
+        print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+        sys.exit(signals.EXIT_STATUS)
+    if isinstance(e, TbnError):
+        print(f"tbn-ray: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    raise e

@@ -127,13 +127,17 @@ def storage_root(storage: str | None):  # type: ignore[no-untyped-def]
     return Storage.open(storage or default_storage_uri())
 
 
+#: Errors about what a run holds, where ``tbn-ray show RUN`` helps (not credentials, not the data's range).
+_ABOUT_THE_RUN = ("no checkpoint", "no TBN statistics", "no certification", "no evaluation", "nothing stored")
+
+
 @contextmanager
 def about_run(run: str) -> Iterator[None]:
     """A missing checkpoint, statistics set or result in ``run`` points the user at ``tbn-ray show``."""
     try:
         yield
     except TbnError as e:
-        if str(e).startswith("no ") and "tbn-ray show" not in str(e):
+        if str(e).startswith(_ABOUT_THE_RUN) and "tbn-ray show" not in str(e):
             raise type(e)(f"{e} (tbn-ray show {run} lists what the run holds)") from None
         raise
 
