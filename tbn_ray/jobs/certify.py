@@ -326,7 +326,7 @@ def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyO
     uses its complete set of shards and incomplete sigmas are left out (and named).
     """
     outputs = merge_shards(out, plan)
-    write_certification_report([{**o.summary, "params": o.summary} for o in outputs], out)
+    write_certification_report([{**o.summary, "params": o.summary, "location": f"{o.location}/summary.json"} for o in outputs], out)
     for o in outputs:  # the numbers themselves are printed once, as a table, by the command
         log(f"sigma={o.sigma:g}: {o.summary['images']} images -> {o.location}")
     return outputs
