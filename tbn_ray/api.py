@@ -186,7 +186,7 @@ def certify(
     ``settings``: ``CertifyConfig`` fields (``sigma=`` for one sigma); with probability at least
     1 - alpha per image, each non-abstaining prediction holds within its radius."""
     from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
     from tbn_ray.store.certify_layout import certify_output
     from tbn_ray.store.results import read_results
 
@@ -208,7 +208,7 @@ def certify(
 
 def _evaluation(kind: str, model: ModelLike, stats, bn: Sequence[str], config, storage, name, data, device, progress, settings):  # type: ignore[no-untyped-def]
     from tbn_ray.jobs.evaluate import run_in_process
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
 
     indices = settings.pop("indices", None)
     ev = _settings(EvaluateConfig, config, settings, f"tbn_ray.evaluate_{kind}")

@@ -157,7 +157,7 @@ def certify(
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
     from tbn_ray.jobs.certify import plan_certify
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
     from tbn_ray.store.certify_layout import certify_output
     from tbn_ray.store.runs import Run
 

@@ -11,7 +11,7 @@ import typer.main
 
 import tbn_ray
 from tbn_ray.cli import app
-from tbn_ray.config import CertifyConfig, EvaluateConfig, RayConfig, shown_default
+from tbn_ray.config import CertifyConfig
 
 
 def commands(group, path: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]

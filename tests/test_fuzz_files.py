@@ -314,7 +314,7 @@ def test_released_cifar10c_fed_junk(tmp_path: Path) -> None:
 def test_cached_cifar10c_array_fed_junk(tmp_path: Path) -> None:
     """An unusable array in the cache is made again, whatever its bytes: never an error."""
     from tbn_ray.store.cifar10c import regenerated_cifar10c
-    from tbn_ray.science.data import load_from_config
+    from tbn_ray.store.cifar10 import load_from_config
 
     d = load_from_config(DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
     c10c = regenerated_cifar10c(Storage.open(tmp_path), d.test.by_index(d.test.index[:2]), seed=0, data_description=d.description)

@@ -37,7 +37,7 @@ from tbn_ray.science.base_classifier import base_classifier
 from tbn_ray.science.smoothing import certify_examples
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
-from tbn_ray.science.training import resolve_device
+from tbn_ray.devices import resolve_device
 
 
 

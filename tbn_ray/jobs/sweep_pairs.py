@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.engine import Metric
@@ -166,7 +167,7 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
     set) and, last, row.json, whose presence marks the pair finished.
     """
     model, ckpt = _trained_model(cfg, run, device)
-    d = data_mod.load_from_config(ckpt.config.data)
+    d = load_from_config(ckpt.config.data)
     calibration, validation = split_heldout(d.heldout, cfg.validation.images)
     split = split_record(calibration, validation)
     # Clean and PGD accuracy with the trained (clean) BN statistics, under the sweep's one attack.

@@ -324,7 +324,7 @@ def certify_examples(
     device = _resolve_device(device)
     smooth = Smooth(model, num_classes, sigma, batch_size=cfg.batch_size, device=device, channels_last=cfg.channels_last)
     smooth.base = compiled(model, cfg.compile)  # validated above, as the model itself
-    n0, n, alpha = cfg.n0, cfg.n, cfg.alpha
+    n0, n = cfg.n0, cfg.n
 
     def procedure() -> Procedure:
         return make_procedure(cfg, smooth.sigma)

@@ -24,6 +24,7 @@ import torch
 import yaml
 from torch import nn
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import DataConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
@@ -271,4 +272,4 @@ class Run:
 
 def load_data_for(ckpt: Checkpoint, override: DataConfig | None) -> data_mod.Cifar10:
     """The data the run was trained on, unless the user names another source."""
-    return data_mod.load_from_config(override if override is not None else ckpt.config.data)
+    return load_from_config(override if override is not None else ckpt.config.data)
