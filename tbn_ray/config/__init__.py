@@ -8,7 +8,6 @@ in one place. No field accepts NaN or infinity.
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -16,8 +15,9 @@ import math
 from collections.abc import Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from tbn_ray.config.base import _number, _Strict
 from tbn_ray.errors import TbnError
 
 Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn", "imported"]
@@ -27,25 +27,6 @@ Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pi
 
 #: Radii at which certified accuracy is tabulated (science.md: 0, 0.25, ..., 2.25).
 REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
-
-
-def _number(v: Any) -> Any:
-    """Accept ``8/255``-style strings, the way l-inf budgets are usually written."""
-    if isinstance(v, str):
-        try:
-            return float(Fraction(v.strip()))
-        except (ValueError, ZeroDivisionError):
-            pass
-        try:
-            return float(v)  # "inf" and "nan" are numbers here, refused as not finite by the model
-        except ValueError as e:
-            raise ValueError(f"not a number: {v!r}") from e
-    return v
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: a sigma of inf or an alpha of NaN must fail here, not store NaN statistics.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
