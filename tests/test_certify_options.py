@@ -66,3 +66,16 @@ def test_packed_and_adaptive_runs_have_their_own_ids_records_and_resume(run: Run
 
     again = _certify(run, base.model_copy(update={"adaptive": True, "adaptive_sampling": adaptive_cfg}), out)
     assert (again.run_id, again.shards_computed, again.shards_skipped) == (adaptive.run_id, 0, 2)
+
+
+def test_clipped_noise_is_a_base_classifier_of_its_own(run: Run, tmp_path: Path) -> None:
+    """clip: the same noise and selection as without it, another run id, and the votes of f(clip(x + noise))."""
+    out = Storage.open(tmp_path / "certify")
+    base = CertifyConfig(sigmas=(0.5,), n0=20, n=400, batch_size=200, skip=5, max_images=4)
+    plain = _certify(run, base, out)
+    clipped = _certify(run, base.model_copy(update={"clip": True}), out)
+    assert plain.run_id != clipped.run_id
+    assert json.loads(Path(clipped.outputs[0].location, "summary.json").read_text())["params"]["clip"] is True
+    p, c = (_records(r.outputs[0].location) for r in (plain, clipped))
+    assert [r["idx"] for r in p] == [r["idx"] for r in c]
+    assert any(r["counts"] != q["counts"] for r, q in zip(p, c))  # at sigma 0.5 clamping changes votes

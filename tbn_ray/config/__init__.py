@@ -218,6 +218,7 @@ class CertifyConfig(_Strict):
     adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
     cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
     compile: str | None = Field(None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)")
+    clip: bool = Field(False, description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)")
 
     #: Fields the plan records itself (sigma per result, the statistics set, the resolved data and shards).
     _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "adaptive_sampling"})

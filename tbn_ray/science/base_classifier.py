@@ -35,4 +35,12 @@ def base_classifier(net: nn.Module, cfg: CertifyConfig, device: torch.device) ->
     f = fold_conv_bn(net) if cfg.fold_bn else net
     if cfg.channels_last:
         f = f.to(memory_format=torch.channels_last)
-    return Autocast(f, cfg.amp, device) if cfg.amp != "off" and device.type == "cuda" else f
+    f = Autocast(f, cfg.amp, device) if cfg.amp != "off" and device.type == "cuda" else f
+    return nn.Sequential(Clip(), f) if cfg.clip else f
+
+
+class Clip(nn.Module):
+    """x + noise clamped to the image range [0, 1]: f(clip(.)) is as fixed a function as f."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
