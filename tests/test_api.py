@@ -89,3 +89,15 @@ def test_api_settings_are_the_configs(run_dir: Path) -> None:
         tbn_ray.certify(str(run_dir), {"clean": {}}, sigma=0.25)
     with pytest.raises(TbnError, match="no TBN statistics"):  # a module without stats has only its clean ones
         tbn_ray.certify(model, sigma=0.25, data="partial", **SETTINGS)
+
+
+def test_api_evaluate_attack_on_a_module_per_bn_mode(run_dir: Path) -> None:
+    model, _ = Run.open(str(run_dir)).load_model()
+    stats = Run.open(str(run_dir)).load_bn_sets()
+    result = tbn_ray.evaluate_attack(model, stats, bn=["clean", "sigma:0.25"], attacks=["pgd"], attack_steps=2, batch_size=8,
+                                     indices=(0, 8), data="partial")  # fmt: skip
+    rows = {(r["bn"], r["variant"]): r for r in result.rows()}
+    assert {bn for bn, _ in rows} == {"clean", "sigma=0.25"}
+    for row in rows.values():
+        assert row["images"] == 8 and 0 <= row["pgd"] <= row["clean_accuracy"] <= 1
+    assert result.location is None and len(result.to_pandas()) == len(rows)
