@@ -19,7 +19,7 @@ their spread (standard deviation) over the repeats.
     python bench/adaptive_sampling.py cohen:0.5 --procedures sequential --growth 1.4 --final-share 0.6
 
 ``cohen:<sigma>`` is a made-up population shaped like a published certified-accuracy curve
-(science.md): Cohen et al.'s ResNet-110 at sigma 0.25 (80.4/66.8/50.5/32.7 at r = 0 ... 0.75)
+(docs/method.md): Cohen et al.'s ResNet-110 at sigma 0.25 (80.4/66.8/50.5/32.7 at r = 0 ... 0.75)
 and 0.5 (68.8/58.2/46.2/34.5/24.5 at r = 0 ... 1.0), CAT-RS at sigma 1.0 (43.2/40.2/37.2/
 34.3/31.0 at r = 0 ... 1.0, then an invented tail 22/14/8 at r = 1.5/2.0/2.5, the rest up to
 the cap 3.81). True radii are uniform within each band, the rest predicted wrong; a harder

@@ -5,24 +5,26 @@ rounds and a look after each:
 
 1. n0 selection draws -> c_A (the same first request as fixed-n CERTIFY, so the same class);
 2. estimation draws up to the cumulative sizes N_1 < ... < N_K = n of ``looks(n)``, a
-   schedule fixed before any draw (geometric from ``first_look`` by ``growth``); every
-   estimation vote counts. At look j, L_j = the one-sided Clopper-Pearson lower bound of the
-   votes for c_A among the N_j draws at level alpha_j (``look_alphas``: ``final_share`` *
-   alpha at N_K, the rest split evenly, so sum_j alpha_j <= alpha); the reported pA_lower is
+   schedule fixed before any draw (N_j = n / ``growth``^(K-j), none below ``first_look``);
+   every estimation vote counts. At look j, L_j = the one-sided Clopper-Pearson lower bound of
+   the votes for c_A among the N_j draws at level alpha_j (``look_alphas``: ``final_share`` *
+   alpha at N_K; the rest over the other looks in proportion to N_j^``spend``, so sum_j
+   alpha_j <= alpha: a tighter level costs draws, so the large looks get more); the reported pA_lower is
    max(L_1, ..., L_J) at the stopping look J, radius sigma * Phi^-1(pA_lower) as Cohen's;
 3. stop when the report radius (``radii``, 0 = not abstaining) cannot change by going on:
    pA_lower clears the highest one; or, if p_cA were its optimistic upper bound (Clopper-Pearson
    at ``stop_alpha``), the expected count at n would not clear the next one; or at N_K = n.
 
-Guarantee (science.md, soundness rule 5): conditional on the selection draws, c_A and the
-schedule are fixed and the estimation votes are i.i.d. Bernoulli(p_cA). Each L_j is a valid
-(1 - alpha_j) bound at its fixed size N_j, so P(some L_j > p_cA) <= sum_j alpha_j <= alpha
-(union bound). On the complementary event every L_j <= p_cA, hence the maximum over the
-looks taken, whenever and however the procedure stops (the stopping rule may use anything,
-the upper bound included: the event does not depend on it). So P(pA_lower > p_cA) <= alpha
-and the certificate holds with probability >= 1 - alpha, as Cohen's. What would NOT hold:
-each look at the full alpha (the "stop when the bound looks good" shortcut that
-tests/test_adaptive.py shows failing), or a schedule chosen from the estimation votes.
+Guarantee (docs/method.md: a sample size chosen from the votes needs an anytime-valid bound):
+conditional on the selection draws, c_A and the schedule are fixed and the estimation votes
+are i.i.d. Bernoulli(p_cA). Define L_j for every look on the draws the procedure would take if
+it never stopped; each is a valid (1 - alpha_j) bound at its fixed size N_j, so P(some L_j >
+p_cA) <= sum_j alpha_j <= alpha (union bound). Outside that event every L_j <= p_cA, hence so
+is the maximum over the looks taken, whenever and however the procedure stops: the stopping
+rule (the upper bound included) may use anything, since the event does not depend on it. So
+P(pA_lower > p_cA) <= alpha and the certificate holds with probability >= 1 - alpha, as
+Cohen's. What would NOT hold (tests/test_sequential.py shows both failing): each look at the
+full alpha, or a Clopper-Pearson bound after every batch stopped when it looks good.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _schedule(first_look: int, growth: float, final_share: float, spend: float, 
 class SequentialSampling:
     """Settings of the sequential CERTIFY; see the module docstring for the procedure and its guarantee."""
 
-    first_look: int = _DEFAULTS.first_look  # estimation draws at the first look
+    first_look: int = _DEFAULTS.first_look  # fewest estimation draws at a look
     growth: float = _DEFAULTS.growth  # ratio of consecutive cumulative look sizes
     final_share: float = _DEFAULTS.final_share  # share of alpha at the last look (n); the others share the rest
     spend: float = _DEFAULTS.spend  # the others' shares grow as (look size) ** spend: 0 even, 1 in proportion to the draws
