@@ -56,6 +56,7 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
 
 @lru_cache(maxsize=256)
 def _schedule(first_look: int, growth: float, final_share: float, spend: float, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(look sizes, their alphas): n / growth^i down to first_look; final_share * alpha at n, the rest by size^spend."""
     looks = [n]
     while round(looks[0] / growth) >= first_look and round(looks[0] / growth) < looks[0]:
         looks.insert(0, round(looks[0] / growth))
