@@ -69,7 +69,15 @@ def _schedule(first_look: int, growth: float, final_share: float, spend: float, 
 
 @dataclass(frozen=True)
 class SequentialSampling:
-    """Settings of the sequential CERTIFY; see the module docstring for the procedure and its guarantee."""
+    """Settings of the sequential CERTIFY; see the module docstring for the procedure and its guarantee.
+
+    Defaults chosen with ``bench/adaptive_sampling.py`` at n = 100,000, alpha = 0.001 (results in
+    ``bench/results/adaptive_sampling*.md``): 9.1x / 8.0x / 8.6x fewer forward passes than fixed n
+    at sigma 0.25 / 0.5 / 1.0 on populations shaped like published curves, 24.6x / 9.3x / 10.2x on
+    a quickstart model's votes; certified accuracy within 0.4 points at every report radius (the
+    loss sits at the highest one below the cap, where the last look's alpha_K < alpha shows).
+    ACR is 9-19% lower: images stop once their report radius is settled, not at the cap of n.
+    """
 
     first_look: int = _DEFAULTS.first_look  # fewest estimation draws at a look
     growth: float = _DEFAULTS.growth  # ratio of consecutive cumulative look sizes
