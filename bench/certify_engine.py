@@ -28,7 +28,8 @@ def engine_configs(args: argparse.Namespace, n: int, *, gpu: bool) -> dict[str, 
     rows = {"fixed n, one image at a time": {}, f"fixed n, packed ({args.images_per_pass} images per pass)": packed}
     if gpu:
         rows["fixed n, packed, torch.compile + cuDNN autotuning"] = {**packed, "compile": "inductor", "cudnn_autotune": True}
-    rows[f"adaptive (pilot {pilot}), packed"] = {**packed, "adaptive": True, "adaptive_sampling": AdaptiveConfig(pilot=pilot)}
+    rows[f"adaptive (pilot {pilot}), packed"] = {**packed, "adaptive": True, "adaptive_design": "pilot", "adaptive_sampling": AdaptiveConfig(pilot=pilot)}
+    rows["adaptive (sequential), packed"] = {**packed, "adaptive": True, "adaptive_design": "sequential"}
     return rows
 
 

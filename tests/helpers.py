@@ -88,9 +88,13 @@ def certify_with(model, images, labels, indices, *, sigma: float, device="cpu", 
     from tbn_ray.config import AdaptiveConfig, CertifyConfig, parse_config
     from tbn_ray.science.smoothing import certify_examples
 
-    if adaptive is not None:  # an AdaptiveSampling: its config fields
-        names = AdaptiveConfig.model_fields
-        fields.update(adaptive=True, adaptive_sampling={k: getattr(adaptive, k) for k in names})
+    if adaptive is not None:  # an AdaptiveSampling or a SequentialSampling: its config fields
+        from tbn_ray.config import SequentialConfig
+
+        if type(adaptive).__name__ == "SequentialSampling":
+            fields.update(adaptive=True, adaptive_design="sequential", sequential={k: getattr(adaptive, k) for k in SequentialConfig.model_fields})
+        else:
+            fields.update(adaptive=True, adaptive_design="pilot", adaptive_sampling={k: getattr(adaptive, k) for k in AdaptiveConfig.model_fields})
     if compile_backend is not None:
         fields["compile"] = compile_backend
     cfg = parse_config(CertifyConfig, {"sigmas": [sigma], **fields}, "test settings")

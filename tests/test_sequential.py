@@ -18,7 +18,6 @@ from tbn_ray.science.smoothing import (
     ABSTAIN,
     Certificate,
     Smooth,
-    certify_examples,
     cohen_certify,
     example_generator,
     lower_confidence_bound,
@@ -26,7 +25,7 @@ from tbn_ray.science.smoothing import (
     summarize,
 )
 
-from .helpers import SHARED_DATA, partial_test_images
+from .helpers import SHARED_DATA, partial_test_images, certify_with
 from .test_adaptive import best_look
 from .test_report import nearest_class_mean
 from .test_smoothing import one_thread  # noqa: F401 (autouse fixture: one torch thread)
@@ -160,9 +159,8 @@ def test_sequential_on_a_real_model_through_both_engines() -> None:
         model = nearest_class_mean(train["images"], train["labels"]).float()
     seq = SequentialSampling(first_look=50)
     kw = dict(sigma=0.12, n0=50, n=2000, alpha=0.001, batch_size=300, seed=0, device="cpu")
-    fixed = certify_examples(model, images, labels, range(12), **kw)
-    # certify_examples drives any object with AdaptiveSampling's procedure() signature
-    runs = [certify_examples(model, images, labels, range(12), **kw, images_per_pass=p, adaptive=seq) for p in (1, 1, 4, 4)]  # type: ignore[arg-type]
+    fixed = certify_with(model, images, labels, range(12), **kw)
+    runs = [certify_with(model, images, labels, range(12), **kw, images_per_pass=p, adaptive=seq) for p in (1, 1, 4, 4)]
     strip = [[{k: v for k, v in r.items() if k != "time"} for r in run] for run in runs]
     assert strip[0] == strip[1] and strip[2] == strip[3]  # seeded: the same records again
     for run in runs:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tbn_ray.config.base import _number, _Strict
+from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError
 
 Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn", "imported"]
@@ -214,14 +215,18 @@ class CertifyConfig(_Strict):
     fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
     images_per_pass: int = Field(1, ge=1, description="images sharing each forward pass: fills the batch with several images' noise (its own run id)")
-    adaptive: bool = Field(False, description="input-adaptive sample size, at most n, from pilot draws not reused in the bound (its own run id)")
+    adaptive: bool = Field(False, description="a sample size per image, at most n, chosen while sampling with the 1 - alpha guarantee kept (its own run id)")
+    adaptive_design: Literal["sequential", "pilot"] = Field(
+        "sequential", description="with adaptive: an anytime-valid bound on every vote at a fixed schedule of looks, or the pilot-planned size (its own run id)"
+    )
+    sequential: SequentialConfig = SequentialConfig()
     adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
     cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
     compile: str | None = Field(None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)")
     clip: bool = Field(False, description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)")
 
     #: Fields the plan records itself (sigma per result, the statistics set, the resolved data and shards).
-    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "adaptive_sampling"})
+    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "adaptive_design", "sequential", "adaptive_sampling"})
     #: Fields stored with every result whatever their value (so results of before keep their ids).
     _ALWAYS: ClassVar[tuple[str, ...]] = (
         "n0", "n", "alpha", "seed", "batch_size", "start", "skip", "stop", "max_images", "channels_last", "fold_bn", "amp",
@@ -242,8 +247,9 @@ class CertifyConfig(_Strict):
             value = getattr(self, name)
             if name in self._CUDA_ONLY and device_type != "cuda":
                 value = info.default
-            if name == "adaptive" and value:
-                value = self.adaptive_sampling.model_dump(mode="json")
+            if name == "adaptive" and value:  # the design's settings; the pilot's as before designs existed
+                value = self.adaptive_sampling.model_dump(mode="json") if self.adaptive_design == "pilot" else {
+                    "design": "sequential", **self.sequential.model_dump(mode="json")}  # fmt: skip
             if name in self._ALWAYS or value != info.default:
                 out[name] = value
         return out

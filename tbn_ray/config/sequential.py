@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tbn_ray.config import _Strict
+from tbn_ray.config.base import _Strict
 
 
 class SequentialConfig(_Strict):

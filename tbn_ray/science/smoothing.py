@@ -309,14 +309,19 @@ def certify_examples(
     ``model`` is the base classifier as it runs (``base_classifier.base_classifier``).
 
     One record per image: idx, label, predict (ABSTAIN = -1), radius, correct (0/1),
-    p_a_lower, count (votes for c_a_hat among the n draws), c_a_hat, n0, n, counts and
-    counts_selection (per-class votes of the n and n0 draws), time (seconds).
+    p_a_lower, count (votes for c_a_hat among the estimation draws), c_a_hat, n0, n, counts and
+    counts_selection (per-class votes of the estimation and the n0 selection draws), time
+    (seconds). With an adaptive design the estimation draws number at most n and the record says
+    how many (``samples``, ``n_bound``); p_a_lower is then the design's bound, not
+    Clopper-Pearson of count out of sum(counts).
 
     The sampling settings come from ``cfg`` (each changes the run's numbers, so each is part of
     ``cfg.identity``): ``images_per_pass`` > 1 packs that many images into each forward pass
     (``PackedSampler``: same noise per image, other batch composition; a pass's time is shared
-    out by rows); ``adaptive`` plans each image's sample size, at most n
-    (``adaptive.AdaptiveSampling``; records add n_bound, samples, counts_pilot, planned_radius).
+    out by rows); ``adaptive`` chooses each image's sample size, at most n: the sequential design
+    (``sequential.SequentialSampling``; records add n_bound, samples, looks, stopped) or the
+    pilot-planned one (``adaptive.AdaptiveSampling``; records add n_bound, samples,
+    counts_pilot, planned_radius).
     On CUDA only, ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
     ``compile`` (e.g. "inductor") runs the base classifier through torch.compile.
     """
@@ -345,6 +350,10 @@ def certify_examples(
 def make_procedure(cfg: CertifyConfig, sigma: float) -> Procedure:
     """The certification procedure ``cfg`` asks for, for one image: Cohen's CERTIFY at fixed n, or
     with an input-adaptive sample size."""
+    if cfg.adaptive and cfg.adaptive_design == "sequential":
+        from tbn_ray.science.sequential import SequentialSampling
+
+        return SequentialSampling.from_config(cfg.sequential).procedure(sigma, cfg.n0, cfg.n, cfg.alpha)
     if cfg.adaptive:
         from tbn_ray.science.adaptive import AdaptiveSampling
 
