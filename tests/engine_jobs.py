@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,8 +40,8 @@ class SleepJob:
     def job_id(self) -> str:
         return "sleep"
 
-    @property
-    def out(self) -> Storage:
+    @cached_property
+    def out(self) -> Storage:  # one client per process: opening an S3 storage builds a boto3 client
         return Storage.open(self.root)
 
     def outputs(self) -> list[tuple[int, str]]:

@@ -46,10 +46,16 @@ def concurrently(*runs) -> list[Any]:  # type: ignore[no-untyped-def]
     return results
 
 
-def test_two_identical_runs_at_once_compute_each_unit_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(params=["local", "s3"])
+def out_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the results go: a directory, or a bucket of the session's S3 server (moto over HTTP)."""
+    return str(tmp_path / "out") if request.param == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
+
+
+def test_two_identical_runs_at_once_compute_each_unit_once(out_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Two runs of the same job on the same output, started together: between them every unit is
     computed once, each says what it computed and reused, and each ends with every result stored."""
-    job = SleepJob(str(tmp_path / "out"))
+    job = SleepJob(out_uri)
 
     def one_run() -> tuple[int, int]:
         return run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2)
