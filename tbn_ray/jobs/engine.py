@@ -189,7 +189,8 @@ class Claim:
 
 
 class Claims:
-    """This run's claims on the units of one job, as objects ``<out>/.claims/<digest>.json``.
+    """This run's claims on the units of one job, as objects ``<out>/.claims/<digest>.claim``
+    (JSON, under a suffix that no listing of results matches).
 
     Written, read back and deleted through ``Storage``, which offers whole-object writes but no
     create-if-absent: two runs can claim one unit in the same instant. Each writes its claim, waits
@@ -214,7 +215,7 @@ class Claims:
 
     @staticmethod
     def key(label: str) -> str:
-        return f"{CLAIMS}/{hashlib.sha256(label.encode()).hexdigest()[:24]}.json"
+        return f"{CLAIMS}/{hashlib.sha256(label.encode()).hexdigest()[:24]}.claim"  # JSON, but no result's suffix
 
     def read(self, label: str) -> Claim | None:
         """The claim on ``label``, or None (none, or unreadable: a claim is only a hint)."""
