@@ -20,7 +20,7 @@ from tbn_ray.jobs.engine import Claims, run_in_process
 
 from .engine_jobs import UNITS, SleepJob, SleepWorker, computations
 
-FAST = {"ttl_s": 30.0, "refresh_s": 0.5, "settle_s": 0.5}  # settle: generous on a busy 2-core machine
+FAST = {"ttl_s": 30.0, "refresh_s": 0.5, "settle_s": 1.0}  # settle: generous on a busy 2-core machine
 
 
 def concurrently(*runs) -> list[Any]:  # type: ignore[no-untyped-def]

@@ -267,10 +267,13 @@ class Claims:
             with self._lock:
                 labels = sorted(self.held)
             for label in labels:
-                try:
-                    self._write(label)
-                except TbnError as e:  # storage down for a moment: the next refresh retries
-                    log(f"warning: could not refresh the claim on {label}: {e}")
+                with self._lock:  # never rewrite a claim that ``release`` has just deleted
+                    if label not in self.held:
+                        continue
+                    try:
+                        self._write(label)
+                    except TbnError as e:  # storage down for a moment: the next refresh retries
+                        log(f"warning: could not refresh the claim on {label}: {e}")
 
     def __enter__(self) -> Claims:
         _LIVE_OWNERS.add(self.owner)
