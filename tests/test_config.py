@@ -72,13 +72,41 @@ def test_report_radii_are_cohens_grid():
     assert REPORT_RADII[0] == 0.0 and REPORT_RADII[-1] == 2.25 and len(REPORT_RADII) == 10
 
 
-def test_evaluate_defaults_come_from_config_and_are_validated():
-    from tbn_ray.jobs import evaluate as evaluation
+def test_evaluate_defaults_come_from_config_and_are_validated(tmp_path):
+    """What `tbn-ray evaluate` does without flags, written out: the config's evaluate section, the
+    defaults its help shows, and what a plan made from Python gets agree; a bad value is refused in
+    one line that names its flag, or its key in a YAML file."""
+    import re
 
-    cfg = EvaluateConfig()
-    assert (evaluation.DEFAULT_BATCH_SIZE, evaluation.DEFAULT_ATTACK_STEPS, evaluation.ATTACKS) == (cfg.batch_size, cfg.attack_steps, cfg.attacks)
-    with pytest.raises(TbnError, match="batch_size"):
-        parse_config(EvaluateConfig, {"batch_size": 0}, "evaluate flags")
+    from typer.testing import CliRunner
+
+    from tbn_ray.cli import app
+    from tbn_ray.config import DataConfig
+    from tbn_ray.jobs.evaluate_attack import plan_attack
+    from tbn_ray.store.storage import Storage
+
+    from .helpers import SHARED_DATA, tiny_run
+
+    cfg = load_config(None).evaluate
+    assert (cfg.batch_size, cfg.attack_steps, cfg.restarts, cfg.attacks, cfg.norm, cfg.eps, cfg.seed) == (200, 50, 1, ("pgd", "apgd-ce"), "l2", 0.5, 0)
+    assert (cfg.corruptions, cfg.severities, cfg.cifar10c_seed) == ("all", "1-5", 0)
+    shown = CliRunner().invoke(app, ["evaluate", "attack", "--help"], terminal_width=1000).output
+    for flag, default in {"--batch-size": "200", "--steps": "50", "--restarts": "1", "--attack": "pgd, apgd-ce", "--norm": "l2", "--eps": "0.5"}.items():
+        assert re.search(rf"^  {flag} <.*\(default: {re.escape(default)}\)$", shown, re.M), (flag, shown)
+    run = tiny_run(Storage.open(tmp_path / "runs"))
+    plan = plan_attack(run, ["clean"], data_cfg=DataConfig(source="partial", shared_dir=str(SHARED_DATA)), stop=4)
+    t = plan.threat
+    assert (plan.batch_size, plan.attacks, t.steps, t.restarts, t.norm, t.eps, plan.seed) == (200, ("pgd", "apgd-ce"), 50, 1, "l2", 0.5, 0)
+
+    for flag in ("--batch-size", "--restarts"):
+        result = CliRunner().invoke(app, ["evaluate", "attack", run.storage.uri, "--bn", "clean", "--local", flag, "0"])
+        error = result.exception
+        assert isinstance(error, TbnError) and str(error) == f"{flag}: Input should be greater than or equal to 1 (got 0)", (flag, error)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("evaluate: {attack_steps: 0}\n")
+    with pytest.raises(TbnError) as e:
+        load_config(bad_yaml)
+    assert "evaluate.attack_steps" in str(e.value) and str(bad_yaml) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_evaluate_section_of_an_experiment_config(tmp_path):

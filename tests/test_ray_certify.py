@@ -179,32 +179,42 @@ def test_actor_pool_shape_follows_the_nodes() -> None:
     assert actor_shape([node(2)], work=64, gpus_per_actor=1, autoscaling=True).actors == 1  # the autoscaler may add one
 
 
+@pytest.mark.ray
+def test_the_driver_lists_the_nodes_at_most_every_few_seconds(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the last unit runs, the driver looks for units stranded on dead nodes on every wait
+    (about once a second); it asks ``ray.nodes()`` (a GCS round trip listing every node) again only
+    after NODES_TTL_S. A real pool on a job whose last unit takes seconds, every real call counted."""
+    import time
 
-def test_the_driver_lists_the_nodes_at_most_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At the tail of a run the driver looks for units stranded on dead nodes on every wait; it asks
-    ``ray.nodes()`` (a GCS round trip) again only after NODES_TTL_S, or at once for a node it has not
-    listed yet, and then sees a death."""
+    import ray
+
     from tbn_ray.distributed import pool
+    from tbn_ray.distributed.certify import CertifyActor  # a JobActor: runs any engine job
+    from tbn_ray.distributed.jobs import run_job_on_ray
 
-    nodes = {"head": True, "worker": True}
-    asked: list[int] = []
+    from .engine_jobs import SleepJob, computations
 
-    def ray_nodes() -> list[dict]:
-        asked.append(1)
-        return [{"NodeID": node, "Alive": alive} for node, alive in nodes.items()]
+    job = SleepJob(str(tmp_path / "out"), units_=3, seconds=0.2, longer=((0, 4.0),))
+    calls: list[float] = []
+    first_done: list[float] = []
+    real_nodes = ray.nodes
 
-    monkeypatch.setattr(pool.ray, "nodes", ray_nodes)
-    driver = pool._Pool(None, ["a", "b"], str)
-    driver.running = {"ref-a": ("actor-1", "a"), "ref-b": ("actor-2", "b")}
-    driver.node_of = {"actor-1": "head", "actor-2": "worker"}
-    assert [driver.stranded() for _ in range(50)] == [[]] * 50 and len(asked) == 1
-    nodes["new"] = True
-    driver.node_of["actor-1"] = "new"  # an actor placed on a node added since
-    assert driver.stranded() == [] and len(asked) == 2
-    nodes["worker"] = False
-    assert driver.stranded() == [] and len(asked) == 2  # seen at the next listing, NODES_TTL_S later
-    monkeypatch.setattr(pool, "NODES_TTL_S", -1.0)
-    assert driver.stranded() == ["b"] and len(asked) == 3
+    def counted_nodes() -> list[dict]:
+        calls.append(time.monotonic())
+        return real_nodes()
+
+    monkeypatch.setattr(pool.ray, "nodes", counted_nodes)
+    result = run_job_on_ray(
+        job, CertifyActor, ray_local, progress=False, actors=2, cpus_per_actor=1,
+        on_unit=lambda unit: first_done or first_done.append(time.monotonic()),
+    )  # fmt: skip
+    end = time.monotonic()
+    assert result == (3, 0) and computations(job.out) == {0: 1, 1: 1, 2: 1}
+    tail = [t for t in calls if t > first_done[0]]  # the call that sized the pool came before
+    assert end - first_done[0] > 2.5, "no tail long enough to tell a cached listing from a fresh one"
+    assert tail, "the driver never looked for dead nodes while a unit was running"
+    gaps = [b - a for a, b in zip(tail, tail[1:])]
+    assert all(g >= 2.0 for g in gaps), (gaps, end - first_done[0])  # a few seconds, not every wait
 
 
 # --- Ray ------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ The rules every job relies on:
   another actor, at most ``MAX_UNIT_ATTEMPTS`` times.
 - The driver hands units to whichever actor is free and kills every actor on any error or
   interrupt: a killed driver loses at most the units in flight, and the same command resumes.
+- The driver claims units as it hands them out (``jobs.engine.ClaimedUnits``) and keeps its
+  claims fresh: a unit another live run holds is left to it, and waited for at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from tbn_ray.errors import TbnError, log
 from tbn_ray.devices import resolve_device
+from tbn_ray.jobs.engine import ClaimedUnits
 
 #: Restarts of a dead actor, and retries of the unit it was running, before the driver gives
 #: that unit to another actor. Finite: a crash on every start must not loop forever.
@@ -140,7 +143,7 @@ def run_pool(
     kind: str,
     name: str,
     plan: Any,
-    units: Sequence[Hashable],
+    units: ClaimedUnits,
     shape: ActorShape,
     *,
     label: Callable[[Any], str],
@@ -150,22 +153,30 @@ def run_pool(
 ) -> None:
     """Run every unit on a pool of ``shape.actors`` actors of ``actor_cls`` (a remote
     ``PoolWorker`` subclass built with ``(name, threads, gpus)``; ``kind`` names them in
-    errors), updating the progress ``bar`` with each finished unit and calling ``on_result`` with
-    its result as it arrives; on any error or interrupt, kill every actor."""
+    errors), taking them from ``units`` as actors are free (each claimed first), updating the
+    progress ``bar`` with each finished unit (or one another run stored) and calling ``on_result``
+    with its result as it arrives; on any error or interrupt, kill every actor."""
     pool = _Pool(ray.put(plan), units, label)
     actors = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
     pool.starting = {actor.ready.remote(): actor for actor in actors}
     deadline = time.monotonic() + ready_timeout_s
     try:
-        while pool.queue or pool.unfinished():
+        while pool.queue or pool.unfinished() or not units.exhausted():
+            if units.poll_due():
+                units.poll()
             pool.dispatch()
-            if not pool.running and not pool.starting:
+            for unit in units.drain_stored():
+                bar.update(unit)
+            if not pool.running and not pool.starting and not pool.idle:
                 raise TbnError(f"every {kind} failed to start: {pool.first_error}")
-            if not pool.running and time.monotonic() > deadline:
+            if not pool.running and not pool.idle and time.monotonic() > deadline:
                 raise TbnError(
                     f"no {kind} started within {ready_timeout_s:.0f} s: the cluster has no node with "
                     f"{shape.cpus:g} CPU + {shape.gpus:g} GPU free (see the dashboard); lower --cpus-per-actor/--gpus-per-actor"
                 )
+            if not pool.running and not pool.starting:  # only other runs' units are left: wait for them
+                time.sleep(1.0)
+                continue
             done, _ = ray.wait([*pool.running, *pool.starting], num_returns=1, timeout=1.0)
             for ref in done:
                 if ref in pool.starting:
@@ -185,13 +196,13 @@ def run_pool(
 class _Pool:
     """The driver's bookkeeping: actors starting, idle and busy, units queued and their attempts."""
 
-    def __init__(self, plan_ref: Any, units: Sequence[Hashable], label: Callable[[Any], str]) -> None:
-        self.plan_ref, self.label = plan_ref, label
+    def __init__(self, plan_ref: Any, units: ClaimedUnits, label: Callable[[Any], str]) -> None:
+        self.plan_ref, self.label, self.units = plan_ref, label, units
         self.starting: dict[Any, Any] = {}
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, Hashable]] = {}
-        self.queue = deque(units)
-        self.attempts = dict.fromkeys(units, 0)
+        self.queue: deque[Hashable] = deque()  # units this run holds, to run again (their actor died)
+        self.attempts: dict[Hashable, int] = {}
         self.first_error: str | None = None
         self.done: set[Hashable] = set()
         self.backed_up: set[Hashable] = set()
@@ -203,11 +214,15 @@ class _Pool:
         self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
 
     def dispatch(self) -> None:
-        """Hand queued units to idle actors; with nothing queued, give a unit stranded on a dead node
-        a backup copy (its actor's restart may never be placed while the pool holds every slot).
-        Units are idempotent, so the first copy to finish counts."""
+        """Hand queued units, then newly claimed ones, to idle actors; with nothing queued, give a unit
+        stranded on a dead node a backup copy (its actor's restart may never be placed while the pool
+        holds every slot). Units are idempotent, so the first copy to finish counts."""
         while self.idle and self.queue:
             self.submit(self.idle.pop(), self.queue.popleft())
+        if self.idle and not self.queue:
+            for unit in self.units.next(len(self.idle)):
+                self.attempts.setdefault(unit, 0)
+                self.submit(self.idle.pop(), unit)
         while self.idle and not self.queue and (stranded := self.stranded()):
             self.backed_up.add(stranded[0])
             self.submit(self.idle.pop(), stranded[0])
@@ -266,4 +281,5 @@ class _Pool:
             return None, None
         self.done.add(unit)
         self.idle.append(actor)
+        self.units.done(unit)
         return unit, result

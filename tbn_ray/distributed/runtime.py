@@ -86,18 +86,47 @@ def _dashboard_port() -> int:
     raise TbnError(f"no free TCP port on {DASHBOARD_HOST} for the Ray dashboard")
 
 
+#: The GCS's cheapest call (in Ray's ``ray.rpc`` gRPC package): any answer but "unimplemented" is a GCS.
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+_TRY = "start one (ray start --head, or ray up cluster/gpu.yaml), check the address (the head node's GCS port, 6379 by default), or leave out --address for a local instance"
+
+
+def _unreachable(address: str, why: str) -> TbnError:
+    return TbnError(f"no Ray cluster reachable at {address} ({why}): {_TRY}")
+
+
 def _probe(address: str) -> None:
-    """Refuse an address nothing listens on at once: ray.init would retry for minutes."""
+    """Refuse, within ``PROBE_TIMEOUT_S`` and in one line, an address where no Ray GCS answers.
+
+    ray.init would retry for minutes, its C++ client logging each attempt to stderr. A port that
+    accepts connections is not enough (another server, a hung process, a raylet's port): one gRPC
+    call to the GCS, which needs no token to say it is one (an unauthenticated call is refused as
+    such, and ray.init then reports the token)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", or a form Ray resolves itself
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
-        raise TbnError(
-            f"no Ray cluster reachable at {address} ({e.strerror or e}): start one (ray start --head, or ray up "
-            "cluster/gpu.yaml), check the address, or leave out --address for a local instance"
-        ) from None
+        raise _unreachable(address, e.strerror or str(e) or type(e).__name__) from None
+    tls = (os.environ.get("RAY_USE_TLS") or "0").lower() in ("1", "true")
+    if address.startswith("ray://") or tls:
+        return  # Ray Client's server is not a GCS; a plain channel cannot speak TLS
+    import grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.unary_unary(GCS_PROBE_METHOD)
+        try:
+            call(b"", timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _unreachable(address, f"the port accepts connections but no Ray GCS answered within {PROBE_TIMEOUT_S:g} s") from None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                raise _unreachable(address, "a gRPC server answers there, but not a Ray GCS: another Ray port?") from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise _unreachable(address, "the port accepts connections but does not speak gRPC") from None
 
 
 def _describe(*, started_here: bool, connected_here: bool) -> RayCluster:
@@ -160,10 +189,7 @@ def _join(address: str | None) -> RayCluster:
     try:
         ray.init(address=address, logging_level="WARNING")
     except ConnectionError as e:
-        raise TbnError(
-            f"no Ray cluster reachable at {target} ({str(e).splitlines()[0][:120]}): start one "
-            "(ray start --head, or ray up cluster/gpu.yaml) or leave out --address for a local instance"
-        ) from None
+        raise _unreachable(target, " ".join(str(e).split()) or type(e).__name__) from None
     except ray.exceptions.AuthenticationError:
         raise TbnError(
             f"the Ray cluster at {target} refused the connection (token authentication): set RAY_AUTH_MODE=token "

@@ -9,7 +9,12 @@ stores is one object at a deterministic key under ``job.out``. So:
   running a unit twice (an actor restarted mid-unit, a re-run) writes the same objects again;
 - the in-process runner here and the Ray actor pool (``distributed.jobs``) run the same units
   with the same per-process worker, and the job's ``finish`` aggregates what is stored, so
-  either can finish what the other started.
+  either can finish what the other started;
+- a run claims each unit before computing it (``Claims``: a marker object under
+  ``<out>/.claims/``), so two runs writing the same results at once share the units instead of
+  each computing all of them; a run waits at its end for the units another live run holds, and
+  takes over those whose claim went stale (a run that died). Claims only save work: what is
+  stored and checked decides the result, as before.
 
 The job protocol (``Job``) is what a job definition provides; this module knows nothing of
 shards, items, models or Ray.
@@ -17,15 +22,33 @@ shards, items, models or Ray.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from tbn_ray.errors import log
+from tbn_ray.errors import TbnError, log
 from tbn_ray.store.storage import Storage, map_concurrently
+
+#: Folder of the claims, under a job's ``out``.
+CLAIMS = ".claims"
+#: A claim not refreshed for this long is a dead run's: another run takes the unit over.
+CLAIM_TTL_S = 120.0
+#: How often a run rewrites the claims it holds (a long unit keeps its claim fresh).
+CLAIM_REFRESH_S = 20.0
+#: Wait between writing claims and reading them back: another run that wrote the same claim in
+#: the same moment is seen then (the last write wins, and only its run computes the unit).
+CLAIM_SETTLE_S = 0.25
+#: How often a run that has nothing left of its own looks again at the units other runs hold.
+CLAIM_POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +92,8 @@ class Job(Protocol):
     def amount(self, unit: Any) -> int:
         """A unit's share of the progress bar."""
 
-    def label(self, unit: Any) -> str: ...
+    def label(self, unit: Any) -> str:
+        """A unit's name, unique among the job's units: its claim is keyed by it."""
 
     def describe(self, todo: Sequence[Any], skipped: int) -> str:
         """The log line a run starts with."""
@@ -93,6 +117,25 @@ class Pending:
     units: list[Any]
     missing: int
     stored: int
+    outputs: list[Hashable] = field(default_factory=list)  # the missing ones
+    keys: list[str] = field(default_factory=list)  # where each is stored
+    unusable: set[str] = field(default_factory=set)  # those of the keys that held an unusable object
+
+    def keys_by_unit(self, job: Job) -> dict[str, list[str]]:
+        """The keys each unit (by label) stores. An output is a unit's when leaving it out changes
+        that unit, whatever way the job groups outputs; one unit per output is the quick case."""
+        units = job.units(self.outputs)
+        labels = [job.label(u) for u in units]
+        if len(units) == len(self.outputs):
+            singles = [job.units([o]) for o in self.outputs]
+            if all(len(one) == 1 for one in singles) and {job.label(one[0]) for one in singles} == set(labels):
+                return {job.label(one[0]): [key] for one, key in zip(singles, self.keys)}
+        by_label: dict[str, list[str]] = {label: [] for label in labels}
+        for k, key in enumerate(self.keys):
+            without = {job.label(u) for u in job.units(self.outputs[:k] + self.outputs[k + 1 :])}
+            for label in by_label.keys() - without:
+                by_label[label].append(key)
+        return by_label
 
 
 def pending(job: Job) -> Pending:
@@ -100,8 +143,259 @@ def pending(job: Job) -> Pending:
     present = set(job.out.list())
     outputs = job.outputs()
     usable = map_concurrently(lambda o: o[1] in present and job.usable(*o), outputs)
-    missing = [output for (output, _), ok in zip(outputs, usable) if not ok]
-    return Pending(job.units(missing), len(missing), len(outputs) - len(missing))
+    missing = [(output, key) for (output, key), ok in zip(outputs, usable) if not ok]
+    return Pending(
+        job.units([o for o, _ in missing]), len(missing), len(outputs) - len(missing),
+        [o for o, _ in missing], [k for _, k in missing], {k for _, k in missing if k in present},
+    )  # fmt: skip
+
+
+def run_owner() -> str:
+    """Who a run is, in its claims: host, process and a random part (two runs in one process differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+#: Owners of the claims of this process's runs still going (``Claims`` blocks not yet left).
+_LIVE_OWNERS: set[str] = set()
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the run that wrote a claim has certainly ended: a process of this host that no longer
+    exists, or an ended run of this process (a re-run after a crash or an error need not wait for
+    its claims to go stale). Runs on other hosts are judged by the age of their claims only."""
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return owner not in _LIVE_OWNERS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    owner: str
+    label: str
+    time: float  # the owner's clock when it last wrote the claim
+
+    def age(self) -> float:
+        return max(0.0, time.time() - self.time)
+
+
+class Claims:
+    """This run's claims on the units of one job, as objects ``<out>/.claims/<digest>.claim``
+    (JSON, under a suffix that no listing of results matches).
+
+    Written, read back and deleted through ``Storage``, which offers whole-object writes but no
+    create-if-absent: two runs can claim one unit in the same instant. Each writes its claim, waits
+    ``settle_s`` and reads it back; the last write wins and the other run leaves the unit. What
+    remains is a run that writes its claim later than ``settle_s`` after having found the unit
+    free: then both compute it (the same objects, written twice; results stay right). Ages are
+    the writers' clocks against the reader's: clocks of different machines must agree to well
+    within ``ttl_s``."""
+
+    def __init__(
+        self, out: Storage, owner: str | None = None, *, ttl_s: float = CLAIM_TTL_S, refresh_s: float = CLAIM_REFRESH_S,
+        settle_s: float = CLAIM_SETTLE_S,
+    ) -> None:  # fmt: skip
+        if refresh_s >= ttl_s:
+            raise TbnError(f"claims must be refreshed ({refresh_s:g} s) more often than they go stale ({ttl_s:g} s)")
+        self.out, self.owner = out, owner or run_owner()
+        self.ttl_s, self.refresh_s, self.settle_s = ttl_s, refresh_s, settle_s
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    @staticmethod
+    def key(label: str) -> str:
+        return f"{CLAIMS}/{hashlib.sha256(label.encode()).hexdigest()[:24]}.claim"  # JSON, but no result's suffix
+
+    def read(self, label: str) -> Claim | None:
+        """The claim on ``label``, or None (none, or unreadable: a claim is only a hint)."""
+        try:
+            raw = self.out.read_json(self.key(label))
+            return Claim(str(raw["owner"]), str(raw["label"]), float(raw["time"]))
+        except (TbnError, KeyError, TypeError, ValueError):
+            return None
+
+    def fresh(self, claim: Claim | None) -> bool:
+        """Whether the claim's run may still be computing its unit."""
+        return claim is not None and claim.age() < self.ttl_s and not owner_gone(claim.owner)
+
+    def _write(self, label: str) -> None:
+        self.out.write_json(self.key(label), {"owner": self.owner, "label": label, "time": time.time()})
+
+    def take(self, labels: Sequence[str]) -> dict[str, Claim | None]:
+        """Claim every label no other run holds fresh. By label: None when this run holds it now,
+        else the other run's claim."""
+        found = dict(zip(labels, map_concurrently(self.read, list(labels))))
+        others = {label: c for label, c in found.items() if c is not None and c.owner != self.owner and self.fresh(c)}
+        free = [label for label in labels if label not in others]
+        if not free:
+            return dict(others)
+        map_concurrently(self._write, free)
+        time.sleep(self.settle_s)
+        after = dict(zip(free, map_concurrently(self.read, free)))
+        result: dict[str, Claim | None] = dict(others)
+        with self._lock:
+            for label in free:
+                claim = after[label]
+                if claim is None or claim.owner == self.owner:  # unreadable now: ours was written, keep it
+                    self.held.add(label)
+                    result[label] = None
+                else:
+                    result[label] = claim
+        return result
+
+    def release(self, label: str) -> None:
+        """Delete this run's claim (after the unit is stored, or when giving it up)."""
+        with self._lock:
+            self.held.discard(label)
+        claim = self.read(label)
+        if claim is None or claim.owner == self.owner:
+            self.out.delete(self.key(label))
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            with self._lock:
+                labels = sorted(self.held)
+            for label in labels:
+                with self._lock:  # never rewrite a claim that ``release`` has just deleted
+                    if label not in self.held:
+                        continue
+                    try:
+                        self._write(label)
+                    except TbnError as e:  # storage down for a moment: the next refresh retries
+                        log(f"warning: could not refresh the claim on {label}: {e}")
+
+    def __enter__(self) -> Claims:
+        _LIVE_OWNERS.add(self.owner)
+        self._refresher = threading.Thread(target=self._refresh, name="tbn-claims", daemon=True)
+        self._refresher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _LIVE_OWNERS.discard(self.owner)
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=1.0)  # a write hung on an unreachable store must not hold up the exit
+        for label in sorted(self.held):  # units not finished (an error, an interrupt): free them at once
+            try:
+                self.release(label)
+            except TbnError:
+                break  # the store is failing: leave the rest, they are this run's (``owner_gone``) or go stale
+
+
+class ClaimedUnits:
+    """The units a run may compute next, claimed one batch at a time; at the end, the units
+    other live runs hold, until their results are stored or their claims go stale.
+
+    Whether another run has stored a unit is one listing of ``out``: an object that appeared at a
+    key of this plan since the scan was written by a run of this plan (the job's ``finish`` still
+    reads and checks every result); one that was there and unusable is read and checked again.
+    Shared by the in-process runner and the Ray pool's driver (``distributed.pool``)."""
+
+    def __init__(self, job: Job, left: Pending, claims: Claims, *, poll_s: float = CLAIM_POLL_S) -> None:
+        self.job, self.left, self.claims, self.poll_s = job, left, claims, poll_s
+        self.todo: deque[Any] = deque(left.units)
+        self.theirs: dict[str, Any] = {}  # by label: units another run holds
+        self.keys = left.keys_by_unit(job)
+        self.output_of = dict(zip(left.keys, left.outputs))
+        self.polled_at = time.monotonic()
+        self.told: set[str] = set()  # owners already logged
+        self.stored_by_others: list[Any] = []  # found stored, not yet handed to the caller
+        self.outputs_by_others = 0
+
+    def _stored(self, present: set[str], label: str, *, recheck: bool) -> bool:
+        """Whether every result of the unit is stored now; ``recheck``: read again those that were
+        unusable at the scan (else such a unit counts as not stored: computing it is always right)."""
+        keys = self.keys[label]
+        if not all(key in present for key in keys):
+            return False
+        again = [key for key in keys if key in self.left.unusable]
+        return recheck and all(self.job.usable(self.output_of[key], key) for key in again) if again else True
+
+    def _by_others(self, unit: Any) -> None:
+        self.stored_by_others.append(unit)
+        self.outputs_by_others += len(self.keys[self.job.label(unit)])
+
+    def next(self, count: int = 1) -> list[Any]:
+        """Up to ``count`` units this run now holds and are still to compute; [] when none is free now
+        (see ``waiting``)."""
+        got: list[Any] = []
+        while self.todo and len(got) < count:
+            batch = [self.todo.popleft() for _ in range(min(count - len(got), len(self.todo)))]
+            taken = self.claims.take([self.job.label(u) for u in batch])
+            mine = []
+            for unit in batch:
+                label = self.job.label(unit)
+                other = taken[label]
+                if other is None:
+                    mine.append(unit)
+                else:
+                    self.theirs[label] = unit
+                    self._tell(other)
+            if mine:  # another run may have stored some and dropped its claims before this run looked
+                present = set(self.job.out.list())
+                for unit in mine:
+                    if self._stored(present, self.job.label(unit), recheck=False):
+                        self.claims.release(self.job.label(unit))
+                        self._by_others(unit)
+                    else:
+                        got.append(unit)
+        return got
+
+    def _tell(self, claim: Claim) -> None:
+        if claim.owner not in self.told:
+            self.told.add(claim.owner)
+            log(f"another run is writing {self.job.out.uri} (claim by {claim.owner}, {claim.age():.0f} s ago): "
+                "this run leaves it the units it holds and waits for them at the end")  # fmt: skip
+
+    def waiting(self) -> bool:
+        """Whether units held by other runs are still to be stored."""
+        return bool(self.theirs)
+
+    def exhausted(self) -> bool:
+        """Nothing left to claim, and nothing other runs hold."""
+        return not self.todo and not self.theirs
+
+    def poll_due(self) -> bool:
+        """Nothing of this run's own is left, others hold units, and ``poll_s`` has passed."""
+        return not self.todo and bool(self.theirs) and time.monotonic() - self.polled_at >= self.poll_s
+
+    def poll(self) -> None:
+        """Look again at the units other runs hold: drop those now stored, queue again those whose
+        claim is gone or stale (a run that died or gave up)."""
+        self.polled_at = time.monotonic()
+        present = set(self.job.out.list())
+        for label, unit in list(self.theirs.items()):
+            if self._stored(present, label, recheck=True):
+                self._by_others(self.theirs.pop(label))
+                continue
+            claim = self.claims.read(label)
+            if not self.claims.fresh(claim):
+                if claim is not None:
+                    log(f"the claim on {label} by {claim.owner} ({claim.age():.0f} s old) is stale or its run has ended: this run takes it over")
+                self.todo.append(self.theirs.pop(label))
+
+    def drain_stored(self) -> list[Any]:
+        """The units found stored by another run since the last call (for the progress bar)."""
+        units, self.stored_by_others = self.stored_by_others, []
+        return units
+
+    def done(self, unit: Any) -> None:
+        self.claims.release(self.job.label(unit))
+
+    def computed(self) -> int:
+        """Results this run computed, of those missing when it started."""
+        return self.left.missing - self.outputs_by_others
 
 
 class Progress:
@@ -124,20 +418,42 @@ class Progress:
 
 
 def run_in_process(
-    job: Job, device: torch.device, *, progress: bool = True, on_unit: Callable[[Any], None] | None = None
+    job: Job, device: torch.device, *, progress: bool = True, on_unit: Callable[[Any], None] | None = None,
+    claims: Claims | None = None, poll_s: float = CLAIM_POLL_S,
 ) -> Any:
-    """Run the pending units of ``job`` in this process, then finish it (no Ray)."""
+    """Run the pending units of ``job`` in this process, then finish it (no Ray). Each unit is
+    claimed first (``claims``: this run's, by default a new owner with the default timings)."""
     left = pending(job)
     log(job.describe(left.units, left.stored) + f", device {device}")
+    computed = left.missing
     if left.units:
         worker = job.make_worker(device, {"actor": "in-process", "node": socket.gethostname()}, 1.0 if device.type == "cuda" else 0.0)
         bar = Progress(job, left.units, progress)
         try:
-            for unit in left.units:
-                result = worker.run(unit)
-                bar.update(unit)
-                if on_unit is not None:
-                    on_unit(result)
+            with claims or Claims(job.out) as held:
+                units = ClaimedUnits(job, left, held, poll_s=poll_s)
+                for unit in _claimed_one_by_one(units, bar):
+                    result = worker.run(unit)
+                    units.done(unit)
+                    bar.update(unit)
+                    if on_unit is not None:
+                        on_unit(result)
+                computed = units.computed()
         finally:
             bar.close()
-    return job.finish(left.missing, left.stored)
+    return job.finish(computed, left.stored + left.missing - computed)
+
+
+def _claimed_one_by_one(units: ClaimedUnits, bar: Progress) -> Iterator[Any]:
+    """Each unit this run holds, then, while other runs hold some, those it takes over."""
+    while True:
+        got = units.next()
+        for unit in units.drain_stored():
+            bar.update(unit)
+        if got:
+            yield got[0]
+        elif units.waiting():
+            time.sleep(max(0.0, units.poll_s - (time.monotonic() - units.polled_at)))
+            units.poll()
+        else:
+            return

@@ -1,0 +1,93 @@
+"""Joining a Ray cluster by address: an address where no cluster answers is one clean line, soon.
+
+Real sockets and the real CLI in a subprocess; no Ray instance is started (the refusal comes first).
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tbn_ray.store.storage import Storage
+
+from .conftest import free_port
+from .helpers import tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+TBN_RAY = [sys.executable, "-c", "from tbn_ray.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = Storage.open(tmp_path_factory.mktemp("runs"))
+    return tiny_run(root).storage.uri
+
+
+def _serve(handle) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A loopback listener whose accepted connections ``handle`` takes; yields its address."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            handle(conn, held)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.fixture
+def address(request: pytest.FixtureRequest) -> Iterator[str]:
+    """closed: nothing listens; silent: a process accepts and never answers (a hung server);
+    http: a web server, as on the dashboard's port given instead of the GCS's."""
+    if request.param == "closed":
+        yield f"127.0.0.1:{free_port()}"
+    elif request.param == "silent":
+        yield from _serve(lambda conn, held: held.append(conn))
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.mark.parametrize("address", ["closed", "silent", "http"], indirect=True)
+def test_an_address_where_no_cluster_answers_is_one_clean_line_within_seconds(run_dir: str, address: str, tmp_path: Path) -> None:
+    """Ray's own client would retry for minutes and log every attempt to stderr from C++; the user
+    gets one line that names the address, a reason in whole words, and what to try."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_USE_TLS")} | {"OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [*TBN_RAY, "certify", run_dir, "--sigma", "0.25", "--max-images", "2", "--output", str(tmp_path / "out"), "--address", address],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )  # fmt: skip
+    took = time.perf_counter() - t0
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    (line,) = lines
+    assert line.startswith(f"tbn-ray: error: no Ray cluster reachable at {address} ("), line
+    assert line.endswith("or leave out --address for a local instance"), line
+    assert "ray start --head" in line and "RAY_ADDRES)" not in line
+    assert "dashboard" not in out.stdout  # refused before any Ray instance started
+    assert took < 40, took
