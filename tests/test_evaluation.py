@@ -186,7 +186,7 @@ def test_apgd_in_budget_and_at_least_as_strong_as_pgd(run: Run, test_batch, norm
 
 def test_adaptive_attack_on_test_batch_is_not_weaker_than_a_transferred_one(run: Run, test_batch) -> None:
     """Same images, seeds and budget: attacking through the batch statistics beats attacking the
-    clean-statistics model and then classifying with batch statistics (science.md, rule 3)."""
+    clean-statistics model and then classifying with batch statistics (docs/method.md, rule 3)."""
     model, _ = run.load_model()
     x, y = test_batch
     stats = run.bn_stats(CLEAN, model)

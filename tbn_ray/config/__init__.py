@@ -26,7 +26,7 @@ DataSource = Literal["auto", "official", "jpeg", "partial"]
 Norm = Literal["l2", "linf"]
 Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units")]
 
-#: Radii at which certified accuracy is tabulated (science.md: 0, 0.25, ..., 2.25).
+#: Radii at which certified accuracy is tabulated (docs/method.md: 0, 0.25, ..., 2.25).
 REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
 
 

@@ -3,7 +3,7 @@
 Every row names what produced it (model, data, BN statistics, n0, n, alpha, images).
 The best-sigma-per-radius envelope is drawn and labelled as what it is: sigma chosen
 after the fact for each radius, not the accuracy of any single smoothed classifier
-(science.md, soundness rule 4). Cohen et al.'s published rows are a different model
+(docs/method.md, rule 4). Cohen et al.'s published rows are a different model
 on all 10,000 test images, shown as a reference point only.
 
 Each row also states its radius cap: with n samples at level alpha no radius above
@@ -33,7 +33,7 @@ from tbn_ray.science.tbn import bn_key
 
 ENVELOPE_LABEL = "envelope: best sigma per radius (not a single classifier)"
 
-#: Cohen et al. 2019, CIFAR-10, ResNet-110 trained with Gaussian augmentation (science.md).
+#: Cohen et al. 2019, CIFAR-10, ResNet-110 trained with Gaussian augmentation (their Table 1 and Appendix).
 COHEN_PUBLISHED: tuple[dict[str, Any], ...] = tuple(
     {
         "label": f"Cohen et al. 2019, published (sigma={sigma}; ResNet-110, Gaussian aug.: a different model)",

@@ -18,7 +18,7 @@ from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.storage import Storage
 
 RADII = ("0.0", "0.25", "0.5", "0.75", "1.0")
-#: Salman et al. 2019 (SmoothAdv), CIFAR-10, all 10,000 test images, N=100,000 (science.md).
+#: Salman et al. 2019 (SmoothAdv), CIFAR-10, all 10,000 test images, N=100,000 (Salman et al. 2019, NeurIPS, their Table 1).
 SMOOTHADV_PUBLISHED = {"label": "SmoothAdv (Salman et al. 2019), published", "sigma": 0.5,
                        "certified_accuracy": {"0.0": 0.664, "0.25": 0.587, "0.5": 0.508, "0.75": 0.430, "1.0": 0.351},
                        "acr": 0.703}  # fmt: skip

@@ -20,7 +20,7 @@ and estimation:
    stage: draw it (planning only, like the first) and plan again on all pilot draws;
 3. n(x) FRESH estimation draws; pA_lower = Clopper-Pearson on those alone; radius as Cohen.
 
-Guarantee (science.md, soundness rule 5): conditional on the selection and pilot draws,
+Guarantee (docs/method.md, rule 5): conditional on the selection and pilot draws,
 c_A and n(x) are fixed numbers and the n(x) estimation votes are i.i.d. Bernoulli(p_cA),
 independent of how n(x) was chosen. So P(pA_lower > p_cA | selection, pilot) <= alpha,
 and averaging over the selection and pilot, P(pA_lower > p_cA) <= alpha: the certificate

@@ -9,7 +9,7 @@
   mean = N/(N+n) * mean_clean + n/(N+n) * mean_batch (the same for the variance), n the
   batch size. N = 0 is ``test-batch``; N -> infinity is ``clean``.
 
-Batch modes are legitimate for corruption accuracy only (science.md, rule 3); certification
+Batch modes are legitimate for corruption accuracy only (docs/method.md, rule 3); certification
 refuses them.
 """
 

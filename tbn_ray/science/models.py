@@ -1,7 +1,7 @@
 """CIFAR-10 classifiers (32x32 inputs) with the input normalisation inside the model.
 
 Every model is ``Classifier(Normalize(mean, std), body)``: it takes images in [0,1]
-pixel space, so PGD budgets and randomized-smoothing noise (science.md: noise is added
+pixel space, so PGD budgets and randomized-smoothing noise (docs/method.md: noise is added
 before the normalisation layer) are in the units users and papers state them in.
 
 Every BatchNorm is a plain ``nn.BatchNorm2d`` with running statistics: TBN swaps those

@@ -1,7 +1,7 @@
 """Accuracy of one model under a BN mode: on (corrupted) images, and under attack.
 
 Under attack a batch mode's statistics belong to the batch, which the attacker controls, so
-the ``adaptive`` variant attacks the whole batch through its statistics (science.md, rule 3);
+the ``adaptive`` variant attacks the whole batch through its statistics (docs/method.md, rule 3);
 the other variants (``ATTACK_VARIANTS``) say what the number means when the attacker controls
 less (one image alone, one image among fixed clean images) and what a non-adaptive attack
 would overstate.

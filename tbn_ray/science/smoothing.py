@@ -1,6 +1,6 @@
 """Randomized smoothing: Cohen, Rosenfeld & Kolter (ICML 2019), CERTIFY and PREDICT.
 
-``Smooth`` follows the paper's pseudocode (science.md, "Randomized smoothing, exactly")
+``Smooth`` follows the paper's pseudocode (docs/method.md, "CERTIFY")
 step by step. Differences from the reference ``core.py`` are deliberate: the device is
 explicit, every example draws its noise from its own seeded generator (any shard re-run
 gives the same counts), the model is never switched to eval mode behind the caller's back
@@ -48,7 +48,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def check_fixed_classifier(base: nn.Module) -> None:
     """Refuse a base classifier whose votes depend on the batch they are computed in.
 
-    Cohen's certificate needs i.i.d. votes of one fixed function f (science.md, soundness
+    Cohen's certificate needs i.i.d. votes of one fixed function f (docs/method.md,
     rule 1). A BatchNorm layer in training mode, or one without running statistics,
     normalises each noisy copy with statistics of the batch of noisy copies: that is the
     transductive mode, legitimate for corruption evaluation but never for a certificate.

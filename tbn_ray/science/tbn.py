@@ -4,7 +4,7 @@ An adversarially trained model's BN statistics describe clean inputs; under Gaus
 noise they are wrong and accuracy collapses. TBN re-estimates the running mean and
 variance (never gamma/beta, never the weights) on noisy inputs.
 
-Two forms, with different guarantees (science.md, soundness rules 2 and 3):
+Two forms, with different guarantees (docs/method.md, rules 2 and 3):
 
 * ``estimate_bn_stats``: statistics estimated ONCE per sigma on noisy held-out training
   images, then frozen. The model is a fixed function afterwards, so it is a valid base

@@ -2,7 +2,7 @@
 
 The released CIFAR-10-C cannot be downloaded on every machine, so it is rebuilt from the
 test set with the CIFAR parameters of Hendrycks & Dietterich's ``make_cifar_c.py``
-(science.md, "CIFAR-10-C"). Each algorithm is re-implemented here in numpy/scipy/PIL and
+(Hendrycks & Dietterich, ICLR 2019; the table ``_SPECS`` below holds each one's parameters per severity). Each algorithm is re-implemented here in numpy/scipy/PIL and
 vectorised over images; outputs end, as in the original, with ``np.uint8`` of a float in
 [0, 255] (truncation, not rounding).
 
