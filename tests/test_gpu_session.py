@@ -151,10 +151,13 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
     assert sizes["archive_bytes"] == (tmp_path / "ray.tar.xz").stat().st_size > 0
 
 
-TRIMMED = REPO / ".gpu-carry" / f"ray-cp{sys.version_info[0]}{sys.version_info[1]}.tar.xz"
+_TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+#: A trimmed Ray for this Python: made by ``gpu_session.py prepare`` (the GPU machine's) or ``ray_trim.py`` by hand.
+TRIMMED = next((p for p in (REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz", REPO / ".gpu-carry-build" / f"ray-{_TAG}.tar.xz") if p.is_file()),
+               REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz")  # fmt: skip
 
 
-@pytest.mark.skipif(not TRIMMED.is_file(), reason="no trimmed Ray for this Python (bench/gpu_session.py prepare --python-version X.Y)")
+@pytest.mark.skipif(not TRIMMED.is_file(), reason="no trimmed Ray for this Python (bench/ray_trim.py, see results/gpu/README.md)")
 def test_trimmed_ray_starts_with_dashboard_and_runs_an_actor_pool(tmp_path: Path) -> None:
     import ray_trim
 
