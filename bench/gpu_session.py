@@ -101,8 +101,10 @@ def prepare(args: argparse.Namespace) -> None:
     if data is None:
         raise SystemExit("no shared/data found: pass --shared-data")
     if not (carry / "data").exists():
-        shutil.copytree(data, carry / "data", ignore=shutil.ignore_patterns("*.npz", "__pycache__"))
-    if not args.no_ray:
+        shutil.copytree(data, carry / "data", ignore=shutil.ignore_patterns("__pycache__"))
+        for p in (carry / "data", *(carry / "data").rglob("*")):
+            p.chmod(p.stat().st_mode | 0o200)  # shared/ is read-only; the copy need not be
+    if not args.no_ray and not (carry / f"ray-{tag}.tar.xz").is_file():
         sys.path.insert(0, str(BENCH))
         import ray_trim
 
