@@ -50,23 +50,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 
-#: Pinned like the project's environment: pydantic and what it needs (the GPU machine has none of it).
-PYDANTIC_WHEELS = ("pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0", "typing-inspection==0.4.2",
-                   "typing-extensions==4.16.0")  # fmt: skip
+#: pydantic and what it needs (the GPU machine has none of it), at the versions installed here.
+PYDANTIC_WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 RAY_VERSION = "2.60.0"
 #: Ray's dependencies the GPU machine lacks: jsonschema for ray.init; the rest for the dashboard
-#: (``ray.dashboard.optional_deps``), which tbn-ray always starts. protobuf is pinned with them.
-RAY_EXTRA_WHEELS = ("jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
-                    "aiohttp-cors==0.8.1", "opencensus==0.11.4", "opencensus-context==0.1.3", "six==1.17.0",
-                    "opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2", "opentelemetry-proto==1.45.2",
-                    "opentelemetry-exporter-prometheus==0.66b2", "opentelemetry-semantic-conventions==0.66b2",
-                    "googleapis-common-protos==1.76.0", "protobuf==7.36.2")  # fmt: skip
+#: (``ray.dashboard.optional_deps``), which tbn-ray always starts; protobuf goes with them. At the
+#: versions installed here (the project's tested set).
+RAY_EXTRA_WHEELS = ("jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "aiohttp-cors", "opencensus",
+                    "opencensus-context", "six", "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",
+                    "opentelemetry-exporter-prometheus", "opentelemetry-semantic-conventions", "googleapis-common-protos",
+                    "protobuf")  # fmt: skip
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 #: What travels to the GPU machine must stay under this (the call's limit on the working tree).
 CARRY_LIMIT = 64 * 2**20
 
 #: Estimated seconds per stage on the GPU (one H200) and in the CPU rehearsal; ``--estimate`` overrides.
-GPU_ESTIMATES = {"engine": 240.0, "reproduce": 300.0, "report": 20.0, "ray": 90.0}
+GPU_ESTIMATES = {"engine": 240.0, "reproduce": 390.0, "report": 30.0, "ray": 90.0}
 TINY_ESTIMATES = {"engine": 30.0, "reproduce": 30.0, "report": 10.0, "ray": 60.0}
 
 
@@ -81,8 +80,23 @@ def python_tag() -> str:
 # --- prepare (here, with network) ------------------------------------------------------------------
 
 
+def pinned(names: Sequence[str]) -> list[str]:
+    """``name==version`` at the version installed in this environment (the one the project is tested with)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            raise SystemExit(f"{name} is not installed here: install the project's environment first (pip install -e '.[test]')") from None
+    return out
+
+
 def _download(names: Sequence[str], dest: Path, python_version: str) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)  # one version of each: two stop the install there
+    dest.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
            "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *names]  # fmt: skip
     subprocess.run(cmd, check=True)
@@ -96,7 +110,7 @@ def prepare(args: argparse.Namespace) -> None:
     """Fill the carry folder: pydantic wheels for the target Python, the offline data, the trimmed Ray."""
     carry: Path = args.carry
     tag = f"cp{args.python_version.replace('.', '')}"
-    _download(PYDANTIC_WHEELS, carry / "wheels", args.python_version)
+    _download(pinned(PYDANTIC_WHEELS), carry / "wheels", args.python_version)
     data = args.shared_data or _find_shared_data()
     if data is None:
         raise SystemExit("no shared/data found: pass --shared-data")
@@ -110,7 +124,7 @@ def prepare(args: argparse.Namespace) -> None:
 
         wheels = carry.parent / f"{carry.name}-build" / tag
         _download([f"ray=={RAY_VERSION}"], wheels / "ray", args.python_version)
-        _download(RAY_EXTRA_WHEELS, wheels / "extras", args.python_version)
+        _download(pinned(RAY_EXTRA_WHEELS), wheels / "extras", args.python_version)
         archive = carry / f"ray-{tag}.tar.xz"
         sizes = ray_trim.trim(next((wheels / "ray").glob("ray-*.whl")), archive, extras=tuple(sorted((wheels / "extras").glob("*.whl"))))
         (carry / f"ray-{tag}.json").write_text(json.dumps(sizes, indent=2) + "\n")
@@ -144,8 +158,22 @@ class Session:
     work: Path
     deadline: float
     env: dict[str, str] = field(default_factory=dict)
-    ray_path: str | None = None
+    ray_archive: Path | None = None
     ray_note: str = ""
+
+    def ray_path(self) -> str | None:
+        """The trimmed Ray's folder for PYTHONPATH, unpacked on first use (xz: seconds)."""
+        if self.ray_archive is None:
+            return None
+        sys.path.insert(0, str(BENCH))
+        import ray_trim
+
+        target = self.work / "ray"
+        if not (target / "site" / "ray").is_dir():
+            t0 = time.monotonic()
+            ray_trim.unpack(self.ray_archive, target)
+            log(f"trimmed Ray unpacked from {self.ray_archive.name} in {time.monotonic() - t0:.1f} s")
+        return str(target / "site")
 
     @property
     def cuda(self) -> bool:
@@ -218,15 +246,7 @@ def setup(args: argparse.Namespace) -> Session:
     s.env = env
     archive = carry / f"ray-{_target_tag(args.python)}.tar.xz" if carry else None
     if archive and archive.is_file() and not args.installed_ray:
-        sys.path.insert(0, str(BENCH))
-        import ray_trim
-
-        target = work / "ray"
-        if not (target / "site" / "ray").is_dir():
-            t0 = time.monotonic()
-            ray_trim.unpack(archive, target)
-            log(f"trimmed Ray unpacked from {archive.name} in {time.monotonic() - t0:.1f} s")
-        s.ray_path, s.ray_note = str(target / "site"), f"trimmed Ray from {archive.name}"
+        s.ray_archive, s.ray_note = archive, f"trimmed Ray from {archive.name}"
     elif not subprocess.run([args.python, "-c", "import importlib.util as u; raise SystemExit(u.find_spec('ray') is None)"],
                             env=env, capture_output=True).returncode:  # fmt: skip
         s.ray_note = "the installed Ray"
@@ -436,8 +456,9 @@ def ray_stage(s: Session, repro: Reproduction) -> tuple[int, float]:
     if rc:
         return rc, time.monotonic() - t0
     env = dict(s.env)
-    if s.ray_path:
-        env["PYTHONPATH"] = os.pathsep.join([s.ray_path, env["PYTHONPATH"]])
+    ray_site = s.ray_path()
+    if ray_site:
+        env["PYTHONPATH"] = os.pathsep.join([ray_site, env["PYTHONPATH"]])
     pool = ["--actors", "1", "--gpus-per-actor", "1" if s.cuda else "0", "--cpus-per-actor", str(a.ray_cpus_per_actor)]
     rc, ray_s = s.run("ray-actors", [*s.python(), "-m", "tbn_ray", *common, *pool, "--output", str(ray_out)], env=env)
     if rc:

@@ -153,7 +153,7 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
 
 _TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
 #: A trimmed Ray for this Python: made by ``gpu_session.py prepare`` (the GPU machine's) or ``ray_trim.py`` by hand.
-TRIMMED = next((p for p in (REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz", REPO / ".gpu-carry-build" / f"ray-{_TAG}.tar.xz") if p.is_file()),
+TRIMMED = next(iter([*(REPO / ".gpu-carry").glob(f"ray-{_TAG}.tar.xz"), *(REPO / ".gpu-carry-build").glob(f"**/ray-{_TAG}.tar.xz")]),
                REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz")  # fmt: skip
 
 
