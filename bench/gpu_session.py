@@ -230,6 +230,10 @@ def setup(args: argparse.Namespace) -> Session:
     results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     s = Session(args, results, work, time.monotonic() + args.budget)
+    if s.cuda:
+        probe = subprocess.run([args.python, "-c", "import torch; raise SystemExit(not torch.cuda.is_available())"], capture_output=True)
+        if probe.returncode:
+            raise SystemExit(f"--device {args.device}: {args.python} sees no CUDA device (use --device cpu for the rehearsal)")
     env = dict(os.environ)
     paths = [str(REPO)]
     carry = args.carry.resolve() if args.carry else None
@@ -293,6 +297,9 @@ def engine_stage(s: Session) -> tuple[int, float]:
         parts = ["--parts", "cpu,engine", "--arch", "tiny", "--images", str(a.engine_images), "--n", str(a.engine_n), "--n0", "10",
                  "--batch-size", "100", "--threads", "1", "--images-per-pass", "2", "--rounds", str(a.rounds)]  # fmt: skip
     rc, secs = s.run("engine", [*s.python(), str(BENCH / "certify_throughput.py"), *parts, "--out", str(out)])
+    if rc == 0 and not engine_rows(s.results):
+        log("engine: the bench wrote no rows (no CUDA device there?): not marked done")
+        rc = 1
     if rc == 0:
         _finish(out, "engine", secs, s, command=f"bench/certify_throughput.py {' '.join(parts)}")
     return rc, secs
