@@ -601,7 +601,7 @@ def run_session(args: argparse.Namespace) -> int:
 
 
 PAPER_FAST = REPO / "configs" / "paper-fast.yaml"
-TINY_CONFIG = REPO / "configs" / "gpu-tiny.yaml"
+TINY_CONFIG = BENCH / "gpu-tiny.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -614,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-ray", action="store_true", help="no trimmed Ray")
     r = sub.add_parser("run", help="run the stages not finished yet")
     r.add_argument("--device", default="cuda", help="cuda (the GPU machine) or cpu (the rehearsal)")
-    r.add_argument("--tiny", action="store_true", help="the rehearsal's sizes and configs/gpu-tiny.yaml")
+    r.add_argument("--tiny", action="store_true", help="the rehearsal's sizes and bench/gpu-tiny.yaml")
     r.add_argument("--budget", type=float, default=540.0, help="seconds this call may take; stages are started only if they fit")
     r.add_argument("--results", type=Path, default=REPO / "results" / "gpu")
     r.add_argument("--work", type=Path, default=Path("/tmp/tbn-gpu-session"), help="scratch (weights, caches); the same path every call")

@@ -177,3 +177,23 @@ def test_trimmed_ray_starts_with_dashboard_and_runs_an_actor_pool(tmp_path: Path
     assert out.returncode == 0, out.stdout + out.stderr
     assert "results [0, 1, 4, 9, 16]" in out.stdout
     assert "dashboard 127.0.0.1:" in out.stdout
+
+
+def test_paper_fast_config_is_the_gpu_reproduction_and_the_tiny_one_mirrors_it() -> None:
+    from tbn_ray.config import load_reproduce_config
+
+    fast = load_reproduce_config(REPO / "configs" / "paper-fast.yaml")
+    tiny = load_reproduce_config(REPO / "bench" / "gpu-tiny.yaml")
+    attacks = {m.name: fast.train_config(m).attack for m in fast.models}
+    assert {k: (a.norm, round(a.eps, 6)) for k, a in attacks.items()} == {"l2_eps1.0": ("l2", 1.0), "linf_8": ("linf", round(8 / 255, 6))}
+    train = fast.train_config(fast.models[0])
+    assert train.model.arch == "preact_resnet18" and 20 <= train.optim.epochs <= 30 and train.data.source == "jpeg"
+    c = fast.certify
+    assert (c.sigmas, c.n, c.skip, c.max_images, c.adaptive, fast.certify_clean) == ((0.25, 0.5), 100_000, 20, 500, True, True)
+    assert fast.calibrate.sigmas == (0.25, 0.5) and set(fast.evaluate.attacks) == {"pgd", "apgd-ce"}
+    # the rehearsal takes the same paths: the same models, sigmas, engine options and evaluations, smaller
+    assert [m.name for m in tiny.models] == [m.name for m in fast.models]
+    assert tiny.certify.sigmas == c.sigmas and tiny.certify_clean
+    assert set(tiny.certify.engine_options("cuda")) == set(c.engine_options("cuda"))
+    assert (tiny.certify.amp, tiny.certify.channels_last, tiny.certify.fold_bn) == (c.amp, c.channels_last, c.fold_bn)
+    assert tiny.robustness.corruption_modes == fast.robustness.corruption_modes and tiny.evaluate.attacks == fast.evaluate.attacks
