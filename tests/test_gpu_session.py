@@ -165,7 +165,7 @@ def test_trimmed_ray_starts_with_dashboard_and_runs_an_actor_pool(tmp_path: Path
     probe = (
         "import os, ray\nfrom ray.util import ActorPool\n"
         "assert ray.__file__.startswith(os.environ['TRIMMED'])\n"
-        f"ray.init(num_cpus=2, include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port={free_port()})\n"
+        f"ray.init(address='local', num_cpus=2, include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port={free_port()})\n"
         "@ray.remote(num_cpus=1)\nclass Sq:\n    def f(self, x): return x * x\n"
         "pool = ActorPool([Sq.remote() for _ in range(2)])\n"
         "print('dashboard', ray._private.worker.get_dashboard_url(), 'results', list(pool.map(lambda a, v: a.f.remote(v), range(5))))\n"
