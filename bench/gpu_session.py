@@ -65,8 +65,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 CARRY_LIMIT = 64 * 2**20
 
 #: Estimated seconds per stage on the GPU (one H200) and in the CPU rehearsal; ``--estimate`` overrides.
-GPU_ESTIMATES = {"engine": 240.0, "reproduce": 390.0, "report": 30.0, "ray": 90.0}
-TINY_ESTIMATES = {"engine": 30.0, "reproduce": 30.0, "report": 10.0, "ray": 60.0}
+GPU_ESTIMATES = {"engine": 240.0, "engine-tuned": 150.0, "reproduce": 390.0, "report": 30.0, "ray": 90.0}
+TINY_ESTIMATES = {"engine": 30.0, "engine-tuned": 20.0, "reproduce": 30.0, "report": 10.0, "ray": 60.0}
 
 
 def log(msg: str) -> None:
@@ -310,14 +310,81 @@ def engine_rows(results: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     report = json.loads(path.read_text())
+    tuned = results / "engine-tuned" / "tuned.json"
+    if tuned.is_file():
+        report["tuned"] = json.loads(tuned.read_text())
     rows = []
-    for section in ("gpu", "cpu", "engine"):
+    for section in ("gpu", "cpu", "engine", "tuned"):
         for r in report.get(section, {}).get("rows", []):
             spi = r.get("seconds_per_image") or (1 / r["images_per_s"] if r.get("images_per_s") else None)
             rows.append({"section": section, "config": r["config"], "seconds_per_image": spi,
                          "forward_passes_per_image": r.get("forward_passes_per_image"),
                          "gpu_hours_10k_images_per_sigma": r.get("gpu_hours_10k_images_per_sigma")})  # fmt: skip
     return rows
+
+
+def tuned_rows(args: argparse.Namespace) -> None:
+    """The tuned engine through tbn-ray's own in-process certification (what ``tbn-ray certify --local``
+    runs): packed, bf16, channels-last, BN folded, cuDNN autotuning; then with torch.compile; then
+    with the adaptive sample size. The bench's engine rows are fp32 without these options."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from certify_throughput import make_run
+
+    from tbn_ray.config import CertifyConfig
+    from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
+    from tbn_ray.store.storage import Storage
+
+    device = torch.device(args.device)
+    run = make_run(args.root / "run", args.arch)
+    tuned = {"images_per_pass": args.images_per_pass, "cudnn_autotune": True}
+    configs = {
+        "tuned fixed n (packed, bf16, channels-last, BN folded, cuDNN autotuning)": tuned,
+        f"tuned fixed n + torch.compile ({args.compile})": {**tuned, "compile": args.compile},
+        "tuned + adaptive sample size": {**tuned, "adaptive": True, **({"adaptive_sampling": {"pilot": 20, "extra_pilots": [40]}} if args.n < 10_000 else {})},
+    }
+    rows = []
+    for i, (name, options) in enumerate(configs.items()):
+        cfg = CertifyConfig(sigmas=(0.25,), n0=args.n0, n=args.n, batch_size=args.batch_size, max_images=args.images, **options)
+        plan = plan_certify(run, cfg, Storage.open(args.root / f"out-{i}"), shards=1, device_type=device.type,
+                            channels_last=True, fold_bn=True, amp="bf16")  # fmt: skip
+        t0 = time.perf_counter()
+        location = run_plan_in_process(plan, device, progress=False).outputs[0].location
+        wall = time.perf_counter() - t0
+        summary = Storage.open(location).read_json("summary.json")
+        spi = summary["params"]["compute_seconds"] / summary["images"]
+        rows.append({"config": name, "seconds_per_image": spi, "wall_seconds": wall,
+                     "forward_passes_per_image": summary.get("forward_passes_per_image", args.n0 + args.n),
+                     "gpu_hours_10k_images_per_sigma": spi * 10_000 / 3600 if device.type == "cuda" else None,
+                     "certified_accuracy": summary["certified_accuracy"], "images": summary["images"], "amp": summary["params"]["amp"],
+                     "run_id": summary["params"]["run_id"]})  # fmt: skip
+        print(f"{name}: {spi:.3f} s/image, {rows[-1]['forward_passes_per_image']:,.0f} passes/image ({wall:.1f} s in all)", flush=True)
+    body = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "model": f"{args.arch} (untrained)",
+            "n0": args.n0, "n": args.n, "images": args.images, "rows": rows,
+            "note": "seconds per image: compute time of the certification (first shard included: compilation, cuDNN search)"}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tuned.json").write_text(json.dumps(body, indent=2) + "\n")
+    lines = [f"# Tuned engine ({body['device']}, {body['model']}, {args.images} images, n0={args.n0}, n={args.n})", "",
+             "| config | s / image | forward passes / image | GPU-hours, 10k images per sigma |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        gh = r["gpu_hours_10k_images_per_sigma"]
+        lines.append(f"| {r['config']} | {r['seconds_per_image']:.3f} | {r['forward_passes_per_image']:,.0f} | {'-' if gh is None else f'{gh:.2f}'} |")
+    (args.out / "tuned.md").write_text("\n".join(lines) + "\n")
+
+
+def tuned_stage(s: Session) -> tuple[int, float]:
+    out = s.results / "engine-tuned"
+    a = s.args
+    sizes = ["--arch", "resnet110", "--n0", "100", "--batch-size", "4000", "--compile", "inductor"] if s.cuda else \
+        ["--arch", "tiny", "--n0", "10", "--batch-size", "100", "--compile", "eager"]  # fmt: skip
+    cmd = [*s.python(), str(Path(__file__).resolve()), "engine-tuned", "--device", a.device, "--images", str(a.engine_images),
+           "--n", str(a.engine_n), "--images-per-pass", str(a.images_per_pass if s.cuda else 2), *sizes,
+           "--root", str(s.work / "engine-tuned"), "--out", str(out)]  # fmt: skip
+    rc, secs = s.run("engine-tuned", cmd)
+    if rc == 0:
+        _finish(out, "engine-tuned", secs, s)
+    return rc, secs
 
 
 # --- stage: the fast reproduction ----------------------------------------------------------------
@@ -507,7 +574,7 @@ def ray_stage(s: Session, repro: Reproduction) -> tuple[int, float]:
 
 def plan(s: Session, repro: Reproduction) -> list[tuple[str, str, Any]]:
     """(stage, estimate kind, function) in the order they run."""
-    stages: list[tuple[str, str, Any]] = [("engine", "engine", lambda: engine_stage(s))]
+    stages: list[tuple[str, str, Any]] = [("engine", "engine", lambda: engine_stage(s)), ("engine-tuned", "engine-tuned", lambda: tuned_stage(s))]
     stages += [(f"reproduce-{m}", "reproduce", (lambda m=m: repro.model_stage(m))) for m in repro.models()]
     stages += [("report", "report", repro.report_stage), ("ray", "ray", lambda: ray_stage(s, repro))]
     return stages
@@ -634,12 +701,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--ray-shards", type=int, default=None)
     r.add_argument("--ray-batch-size", type=int, default=None)
     r.add_argument("--ray-cpus-per-actor", type=int, default=None)
+    t = sub.add_parser("engine-tuned", help=argparse.SUPPRESS)
+    t.add_argument("--device", required=True)
+    t.add_argument("--arch", required=True)
+    t.add_argument("--images", type=int, required=True)
+    t.add_argument("--n0", type=int, required=True)
+    t.add_argument("--n", type=int, required=True)
+    t.add_argument("--batch-size", type=int, required=True)
+    t.add_argument("--images-per-pass", type=int, required=True)
+    t.add_argument("--compile", required=True)
+    t.add_argument("--root", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
     m = sub.add_parser("make-run", help=argparse.SUPPRESS)
     m.add_argument("--root", type=Path, required=True)
     m.add_argument("--arch", required=True)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args)
+        return 0
+    if args.command == "engine-tuned":
+        tuned_rows(args)
         return 0
     if args.command == "make-run":
         make_untrained_run(args.root, args.arch)

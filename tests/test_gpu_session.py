@@ -50,8 +50,8 @@ def test_first_call_runs_only_its_stages(rehearsal: dict[str, object]) -> None:
     assert (rehearsal["root"] / "out1" / "gpu-results.tar.gz").is_file()  # type: ignore[operator]
     # the second call's summary: what the first did is "done earlier", the rest done now
     status = json.loads((rehearsal["results"] / "summary.json").read_text())["status"]  # type: ignore[operator]
-    assert status == {"engine": "done earlier", "reproduce-l2_eps1.0": "done earlier", "reproduce-linf_8": "done",
-                      "report": "done", "ray": "done"}  # fmt: skip
+    assert status == {"engine": "done earlier", "engine-tuned": "done", "reproduce-l2_eps1.0": "done earlier",
+                      "reproduce-linf_8": "done", "report": "done", "ray": "done"}  # fmt: skip
     first = rehearsal["first"].stdout  # type: ignore[attr-defined]
     assert "| engine | done |" in first and "| reproduce-l2_eps1.0 | done |" in first
     assert "reproduce-linf_8" not in first  # not asked for in that call
@@ -69,6 +69,12 @@ def test_engine_table_has_the_reference_loop_and_engine_rows(rehearsal: dict[str
     assert all(r["seconds_per_image"] > 0 for r in rows.values())
     summary = (rehearsal["results"] / "summary.md").read_text()  # type: ignore[operator]
     assert "| engine | fixed n, one image at a time |" in summary
+    tuned = json.loads((rehearsal["results"] / "engine-tuned" / "tuned.json").read_text())  # type: ignore[operator]
+    names = [r["config"] for r in tuned["rows"]]
+    assert len(names) == 3 and "torch.compile (eager)" in names[1] and "adaptive" in names[2]
+    assert [r["forward_passes_per_image"] for r in tuned["rows"][:2]] == [110, 110]
+    assert len({r["run_id"] for r in tuned["rows"]}) == 3 and all(r["images"] == 2 for r in tuned["rows"])
+    assert "| tuned | tuned fixed n" in summary
 
 
 def test_reproduction_report_reads_both_models_across_calls(rehearsal: dict[str, object]) -> None:
@@ -119,7 +125,7 @@ def test_budget_too_small_starts_nothing(tmp_path: Path) -> None:
     out = _session("--budget", "5", "--results", tmp_path / "results", "--work", tmp_path / "work", "--carry", tmp_path / "none", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     status = json.loads((tmp_path / "results" / "summary.json").read_text())["status"]
-    assert status["engine"].startswith("left for the next call")
+    assert status["engine"].startswith("left for the next call") and status["engine-tuned"].startswith("left for the next call")
     assert status["report"] == "waits for the models"
     assert not (tmp_path / "results" / "engine").exists()
 
