@@ -208,7 +208,10 @@ class Session:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=max(1.0, left))
-            except subprocess.TimeoutExpired:
+            except BaseException as e:  # a stop of this driver stops the command (its own process group) too
+                if not isinstance(e, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    raise
                 log(f"{name}: budget reached, stopping it (SIGTERM); the next call does it again")
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -628,7 +631,12 @@ def pack(s: Session, dest: Path) -> Path:
     return archive
 
 
+def _stop(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_session(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     if args.tiny and args.config == PAPER_FAST:
         args.config = TINY_CONFIG
     s = setup(args)

@@ -25,9 +25,14 @@ SCRIPT = REPO / "bench" / "gpu_session.py"
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def _session(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+#: The script's own budget: on a machine busy enough to overrun it, the script stops its commands
+#: cleanly (the test's timeout would kill the script alone and leave them running).
+BUDGET_S = 1200
+
+
+def _session(*args: str | Path, timeout: float = BUDGET_S + 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TBN_CACHE", "RAY_ADDRESS")}
-    return subprocess.run([sys.executable, str(SCRIPT), "run", "--device", "cpu", "--tiny", *map(str, args)],
+    return subprocess.run([sys.executable, str(SCRIPT), "run", "--device", "cpu", "--tiny", "--budget", str(BUDGET_S), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)  # fmt: skip
 
 
