@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbn_ray.config import REPORT_RADII
+from tbn_ray.config import REPORT_RADII, AdaptiveConfig, CertifyConfig
 from tbn_ray.jobs.certify import CertifyPlan
-from tbn_ray.science.adaptive import AdaptiveSampling
 from tbn_ray.science.smoothing import certify_examples, summarize
 from tbn_ray.science.tbn import set_bn_stats
 from timing import interleaved
@@ -23,13 +22,14 @@ SIGMA = 0.25
 
 
 def engine_configs(args: argparse.Namespace, n: int, *, gpu: bool) -> dict[str, dict[str, Any]]:
-    """certify_examples options per row; the first row is the baseline of the ratios."""
-    pilot = min(AdaptiveSampling().pilot, max(1, n // 10))  # the default pilot, scaled down at small n
+    """CertifyConfig settings per row; the first row is the baseline of the ratios."""
+    pilot = min(AdaptiveConfig().pilot, max(1, n // 10))  # the default pilot, scaled down at small n
     packed = {"images_per_pass": args.images_per_pass}
     rows = {"fixed n, one image at a time": {}, f"fixed n, packed ({args.images_per_pass} images per pass)": packed}
     if gpu:
-        rows["fixed n, packed, torch.compile + cuDNN autotuning"] = {**packed, "compile_backend": "inductor", "cudnn_autotune": True}
-    rows[f"adaptive (pilot {pilot}), packed"] = {**packed, "adaptive": AdaptiveSampling(pilot=pilot)}
+        rows["fixed n, packed, torch.compile + cuDNN autotuning"] = {**packed, "compile": "inductor", "cudnn_autotune": True}
+    rows[f"adaptive (pilot {pilot}), packed"] = {**packed, "adaptive": True, "adaptive_design": "pilot", "adaptive_sampling": AdaptiveConfig(pilot=pilot)}
+    rows["adaptive (sequential), packed"] = {**packed, "adaptive": True, "adaptive_design": "sequential"}
     return rows
 
 
@@ -39,12 +39,14 @@ def engine_rows(plan: CertifyPlan, device: torch.device, args: argparse.Namespac
     net = plan.build_model(device)
     set_bn_stats(net, plan.stats[SIGMA])
     images, labels, indices = plan.test.images, plan.test.labels, plan.indices
-    common = dict(sigma=SIGMA, n0=plan.cfg.n0, n=n, alpha=plan.cfg.alpha, batch_size=batch_size, seed=plan.cfg.seed, device=device)
+    base_cfg = plan.cfg.model_copy(update={"n": n, "batch_size": batch_size})
     configs = engine_configs(args, n, gpu=gpu)
 
-    def call(options: dict[str, Any]) -> Callable[[int], Any]:
+    def call(settings: dict[str, Any]) -> Callable[[int], Any]:
+        cfg = CertifyConfig.model_validate({**base_cfg.model_dump(), **settings})
+
         def go(_: int) -> list[dict[str, Any]]:
-            records = certify_examples(net, images, labels, indices, **common, **options)
+            records = certify_examples(net, images, labels, indices, cfg, sigma=SIGMA, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return records

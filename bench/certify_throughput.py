@@ -141,9 +141,12 @@ def make_run(root: Path, arch: str) -> Run:
     return run
 
 
-def make_plan(run: Run, out: Path, args: argparse.Namespace, images: int, *, batch_size: int, shards: int = 1, **options: Any) -> CertifyPlan:
-    cfg = CertifyConfig(sigmas=(SIGMA,), n0=args.n0, n=args.n, alpha=0.001, batch_size=batch_size, max_images=images)
-    return plan_certify(run, cfg, Storage.open(out), shards=shards, **options)
+def make_plan(
+    run: Run, out: Path, args: argparse.Namespace, images: int, *, batch_size: int, shards: int = 1, device_type: str = "cpu", **settings: Any
+) -> CertifyPlan:
+    """A plan of ``images`` test images; ``settings`` are further CertifyConfig fields."""
+    cfg = CertifyConfig(sigmas=(SIGMA,), n0=args.n0, n=args.n, alpha=0.001, batch_size=batch_size, max_images=images, shards=shards, **settings)
+    return plan_certify(run, cfg, Storage.open(out), device_type=device_type)
 
 
 def machine() -> dict[str, Any]:

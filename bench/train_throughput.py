@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import TrainConfig
 from tbn_ray.science.models import build_model
@@ -64,7 +65,7 @@ def config(args: argparse.Namespace, name: str, device: str) -> TrainConfig:
 def in_process(cfg: TrainConfig, device: torch.device, threads: int) -> dict[str, Any]:
     """training.train_epoch directly, as ``fit`` drives it: the reference for the Ray overhead."""
     torch.set_num_threads(threads)
-    d = data_mod.load_from_config(cfg.data)
+    d = load_from_config(cfg.data)
     x, y = data_mod.as_tensors(d.train)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)

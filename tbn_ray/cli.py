@@ -17,8 +17,9 @@ import typer
 import tbn_ray
 from tbn_ray.cli_evaluate import data_app, evaluate_app
 from tbn_ray.cli_options import (
-    Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, check_local,
-    data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root, where_options,
+    Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, Settings, StorageOpt, Where, about, about_run,
+    check_local, config_options, data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root,
+    where_options,
 )  # fmt: skip
 from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, RuntimeConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError, log
@@ -143,61 +144,35 @@ def calibrate(
 
 @app.command(cls=Command)
 @where_options("certify in this process, without Ray")
+@config_options("certify", CertifyConfig, skip=("data", "stop"), rename={"sigmas": "--sigma", "compile": "--compile"})
 def certify(
     run: RunArg,
-    sigma: Annotated[Optional[list[float]], typer.Option("--sigma", help=about("noise level, repeatable", CertifyConfig, "sigmas"))] = None,
     config: ConfigOpt = None,
-    n0: Annotated[Optional[int], typer.Option(help=about("selection samples", CertifyConfig, "n0"))] = None,
-    n: Annotated[Optional[int], typer.Option(help=about("estimation samples", CertifyConfig, "n"))] = None,
-    alpha: Annotated[Optional[float], typer.Option(help=about("failure probability", CertifyConfig, "alpha"))] = None,
-    skip: Annotated[Optional[int], typer.Option(help=about("certify every skip-th test image; Cohen et al.: 20", CertifyConfig, "skip"))] = None,
-    start: Annotated[Optional[int], typer.Option(help=about("first test index", CertifyConfig, "start"))] = None,
     indices: Annotated[Optional[str], typer.Option(help="test indices START:STOP, STOP excluded; with --skip, every skip-th (default: from --start to the end)")] = None,
-    max_images: Annotated[Optional[int], typer.Option(help="stop after this many images (default: no limit)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=about("noisy copies per forward pass", CertifyConfig, "batch_size"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=about("run seed; per-example seeds derive from (seed, index)", CertifyConfig, "seed"))] = None,
-    bn: Annotated[Optional[str], typer.Option(help=about("tbn (statistics calibrated at the same sigma) | clean", CertifyConfig, "bn"))] = None,
     output: Annotated[Optional[str], typer.Option(help="results root; results go to <output>/<run-id> (default: RUN/certify)")] = None,
-    shards: Annotated[Optional[int], typer.Option(help=about("fixed shards the images are split into; unset: at most one per image", CertifyConfig, "shards"))] = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help=about("channels-last memory format: faster convolutions (its own run id)", CertifyConfig, "channels_last"), show_default=False)] = None,
-    fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help=about("fold the frozen BN statistics into the convolutions: faster (its own run id)", CertifyConfig, "fold_bn"), show_default=False)] = None,
-    amp: Annotated[Optional[str], typer.Option(help=about("forward passes in off | bf16 | fp16, on CUDA (its own run id)", CertifyConfig, "amp"))] = None,
-    images_per_pass: Annotated[Optional[int], typer.Option(help=about("images sharing each forward pass (its own run id)", CertifyConfig, "images_per_pass"))] = None,
-    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--no-adaptive", help=about("input-adaptive sample size, at most --n, planned from pilot draws the bound never reuses (its own run id)", CertifyConfig, "adaptive"), show_default=False)] = None,
-    cudnn_autotune: Annotated[Optional[bool], typer.Option("--cudnn-autotune/--no-cudnn-autotune", help=about("cuDNN algorithm search, CUDA only (its own run id)", CertifyConfig, "cudnn_autotune"), show_default=False)] = None,
-    compile_backend: Annotated[Optional[str], typer.Option("--compile", help="torch.compile backend for the base classifier, e.g. inductor (its own run id) (default: none)")] = None,
     data: DataOpt = None,
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
+    settings: Settings = None,  # type: ignore[assignment]  (one flag per field of CertifyConfig)
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
     from tbn_ray.jobs.certify import plan_certify
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
+    from tbn_ray.store.certify_layout import certify_output
     from tbn_ray.store.runs import Run
-    from tbn_ray.store.storage import Storage
 
-    stop = None
+    given = dict(settings)
     if indices is not None:
-        if start is not None:
+        if given["--start"][1] is not None:
             raise TbnError("--indices and --start both set the first test index: give one of them")
         start, stop = index_range(indices)
-    given = {"--sigma": ("sigmas", sigma or None), "--n0": ("n0", n0), "--n": ("n", n), "--alpha": ("alpha", alpha), "--skip": ("skip", skip),
-             "--start": ("start", start), "--max-images": ("max_images", max_images), "--batch-size": ("batch_size", batch_size),
-             "--seed": ("seed", seed), "--bn": ("bn", bn), "--shards": ("shards", shards), "--channels-last": ("channels_last", channels_last),
-             "--fold-bn": ("fold_bn", fold_bn), "--amp": ("amp", amp), "--images-per-pass": ("images_per_pass", images_per_pass),
-             "--adaptive": ("adaptive", adaptive), "--cudnn-autotune": ("cudnn_autotune", cudnn_autotune), "--compile": ("compile", compile_backend)}  # fmt: skip
-    flags = {flag: (f"certify.{field}", value) for flag, (field, value) in given.items()}
-    cfg = load_flags(config, {**flags, **where.flags()})
-    c = cfg.certify
+        given.update({"--start": ("certify.start", start), "--indices": ("certify.stop", stop)})
+    cfg = load_flags(config, {**given, "--data": ("certify.data.source", data), **where.flags()})
     with about_run(run):
         r = Run.open(run)
-        out = Storage.open(output) if output else r.storage.child("certify")
         dev = resolve_device(cfg.train.device) if where.local else None
         # Everything is checked here, before Ray starts; on Ray the device follows the actors' GPUs.
-        plan = plan_certify(
-            r, c, out, data_cfg=data_override(data), shards=c.shards if "shards" in c.model_fields_set else None, stop=stop,
-            device_type=dev.type if dev is not None else "cpu", channels_last=c.channels_last, fold_bn=c.fold_bn, amp=c.amp,
-        )  # fmt: skip
+        plan = plan_certify(r, cfg.certify, certify_output(r, output), device_type=dev.type if dev is not None else "cpu")
     _run_certification(plan, dev, cfg, where)
 
 
@@ -331,12 +306,30 @@ def main() -> None:
 
     signals.stop_on_sigterm()
     try:
-        app(prog_name="tbn-ray")
+        code = app(prog_name="tbn-ray", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        print("tbn-ray: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:
+        if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):  # not click's usage error
+            _one_line_or_raise(e)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see tbn-ray {ctx.command_path.removeprefix('tbn-ray').strip()} -h)".replace("  ", " ") if ctx is not None else ""
+        print(f"tbn-ray: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(2)
     except BaseException as e:
-        if signals.received():
-            print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
-            sys.exit(signals.EXIT_STATUS)
-        if isinstance(e, TbnError):
-            print(f"tbn-ray: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        _one_line_or_raise(e)
+
+
+def _one_line_or_raise(e: BaseException) -> None:
+    """SIGTERM and user errors end in one line; anything else is a bug and keeps its traceback."""
+    from tbn_ray import signals
+
+    if signals.received():
+        print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+        sys.exit(signals.EXIT_STATUS)
+    if isinstance(e, TbnError):
+        print(f"tbn-ray: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    raise e

@@ -76,7 +76,7 @@ def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type:
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
     from tbn_ray.jobs.evaluate import run_in_process
     from tbn_ray.reports.evaluation import evaluation_section
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
     from tbn_ray.store.storage import Storage
 
     if where.local:
@@ -107,7 +107,7 @@ def data_cifar10c(
     from tbn_ray.jobs.evaluate import select_test
     from tbn_ray.science.corruptions import parse_corruptions, parse_severities
     from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
-    from tbn_ray.science.data import load_from_config
+    from tbn_ray.store.cifar10 import load_from_config
 
     ev = load_flags(None, cifar10c.flags()).evaluate
     names, levels = parse_corruptions(ev.corruptions), parse_severities(ev.severities)

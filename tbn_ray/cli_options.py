@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from pydantic import BaseModel
@@ -70,6 +72,9 @@ IndicesOpt = Annotated[
     Optional[str], typer.Option(help="test indices START:STOP, STOP excluded (default: every test image of the source)")
 ]
 
+#: The flags of a ``config_options`` group as the command receives them: flag -> (dotted field, value or None).
+Settings = dict[str, tuple[str, Any]]
+
 #: Ray placement flags of certify and evaluate: flag -> config field.
 POOL_FLAGS = {"--actors": "ray.actors", "--gpus-per-actor": "ray.gpus_per_actor", "--cpus-per-actor": "ray.cpus_per_actor"}
 
@@ -77,7 +82,8 @@ POOL_FLAGS = {"--actors": "ray.actors", "--gpus-per-actor": "ray.gpus_per_actor"
 def load_flags(config: Path | None, flags: dict[str, tuple[str, Any]]) -> ExperimentConfig:
     """The experiment config with the flags given applied: ``{flag: (dotted field, value or None)}``.
     A bad value is a one-line error that names its flag."""
-    return load_config(config, flags={field: flag for flag, (field, _) in flags.items()}, **dict(flags.values()))
+    given = {field: flag for flag, (field, value) in flags.items() if value is not None}  # a YAML value is named by its file and key
+    return load_config(config, flags=given, **dict(flags.values()))
 
 
 def check_local(local: bool, device: str | None, gpu_flag: str, ray_flags: dict[str, Any]) -> None:
@@ -121,13 +127,17 @@ def storage_root(storage: str | None):  # type: ignore[no-untyped-def]
     return Storage.open(storage or default_storage_uri())
 
 
+#: Errors about what a run holds, where ``tbn-ray show RUN`` helps (not credentials, not the data's range).
+_ABOUT_THE_RUN = ("no checkpoint", "no TBN statistics", "no certification", "no evaluation", "nothing stored")
+
+
 @contextmanager
 def about_run(run: str) -> Iterator[None]:
     """A missing checkpoint, statistics set or result in ``run`` points the user at ``tbn-ray show``."""
     try:
         yield
     except TbnError as e:
-        if str(e).startswith("no ") and "tbn-ray show" not in str(e):
+        if str(e).startswith(_ABOUT_THE_RUN) and "tbn-ray show" not in str(e):
             raise type(e)(f"{e} (tbn-ray show {run} lists what the run holds)") from None
         raise
 
@@ -180,6 +190,52 @@ def option_group(param: str, make: Callable[..., Any], options: dict[str, tuple[
         return run
 
     return decorate
+
+
+def _flag_type(annotation: Any) -> tuple[Any, bool]:
+    """The CLI type of a config field's annotation, and whether it is a repeatable list."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        inner = typing.get_args(args[0])[0] if typing.get_origin(args[0]) is Annotated else args[0]
+        return list[inner], True  # type: ignore[valid-type]
+    if origin is Literal:
+        return str, False
+    if origin in (typing.Union, types.UnionType):
+        return _flag_type(args[0])
+    return annotation, False
+
+
+def config_options(section: str, model: type[BaseModel], *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One flag per field of ``model`` (the ``section`` of the experiment config), named, typed and
+    described by the field itself, so a field added to the config is a flag at once. The command
+    receives them as one argument ``settings``: ``{flag: (dotted field, value or None)}``, as
+    ``load_flags`` takes it."""
+    rename = rename or {}
+    options: dict[str, tuple[Any, Any, Any]] = {}
+    flags: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        if name in skip or isinstance(info.default, BaseModel):
+            continue
+        kind, repeated = _flag_type(info.annotation)
+        flag = rename.get(name, "--" + name.replace("_", "-"))
+        text = (info.description or name) + ("; repeatable" if repeated else "")
+        if typing.get_origin(info.annotation) is Literal:
+            text = f"{text}: {' | '.join(typing.get_args(info.annotation))}"
+        if info.default is not None:
+            text = f"{text} (default: {shown_default(model, name)})"
+        elif "(default: " not in text:
+            text = f"{text} (default: none)"
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        param = f"opt_{name}"
+        options[param] = (Optional[kind], typer.Option(*decls, help=text, show_default=False), None)
+        flags[param] = flag
+
+    def make(**values: Any) -> dict[str, tuple[str, Any]]:
+        fields = {f"opt_{name}": name for name in model.model_fields}
+        return {flags[p]: (f"{section}.{fields[p]}", v if v != [] else None) for p, v in values.items()}
+
+    return option_group("settings", make, options)
 
 
 def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

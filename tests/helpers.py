@@ -80,3 +80,22 @@ def tiny_run(root, sigmas: tuple[float, ...] = (0.25,)):  # type: ignore[no-unty
     sets.update({bn_key(s): {"stats": stats, "meta": {"sigma": s}} for s in sigmas})
     run.save_bn_sets(sets)
     return run
+
+
+def certify_with(model, images, labels, indices, *, sigma: float, device="cpu", adaptive=None, compile_backend=None, **fields):  # type: ignore[no-untyped-def]
+    """``smoothing.certify_examples`` with the certify settings given as keywords, made into the
+    ``CertifyConfig`` that carries them (a bad value is the config's one-line error)."""
+    from tbn_ray.config import AdaptiveConfig, CertifyConfig, parse_config
+    from tbn_ray.science.smoothing import certify_examples
+
+    if adaptive is not None:  # an AdaptiveSampling or a SequentialSampling: its config fields
+        from tbn_ray.config import SequentialConfig
+
+        if type(adaptive).__name__ == "SequentialSampling":
+            fields.update(adaptive=True, adaptive_design="sequential", sequential={k: getattr(adaptive, k) for k in SequentialConfig.model_fields})
+        else:
+            fields.update(adaptive=True, adaptive_design="pilot", adaptive_sampling={k: getattr(adaptive, k) for k in AdaptiveConfig.model_fields})
+    if compile_backend is not None:
+        fields["compile"] = compile_backend
+    cfg = parse_config(CertifyConfig, {"sigmas": [sigma], **fields}, "test settings")
+    return certify_examples(model, images, labels, indices, cfg, sigma=sigma, device=device)

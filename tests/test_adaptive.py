@@ -13,13 +13,12 @@ from tbn_ray.science.smoothing import (
     ABSTAIN,
     Certificate,
     bound_certificate,
-    certify_examples,
     lower_confidence_bound,
     run_alone,
     summarize,
 )
 
-from .helpers import SHARED_DATA, partial_test_images
+from .helpers import SHARED_DATA, partial_test_images, certify_with
 from .test_report import nearest_class_mean
 from .test_smoothing import one_thread  # noqa: F401 (autouse fixture: one torch thread)
 
@@ -112,8 +111,8 @@ def test_adaptive_on_cifar_matches_fixed_n_with_fewer_draws() -> None:
     with np.load(SHARED_DATA / "cifar10-partial" / "cifar10_train_prefix.npz") as train:
         model = nearest_class_mean(train["images"], train["labels"]).float()
     kw = dict(sigma=0.12, n0=50, n=2000, alpha=0.001, batch_size=1000, seed=0, device="cpu", images_per_pass=8)
-    fixed = certify_examples(model, images, labels, range(20), **kw)
-    adaptive = certify_examples(model, images, labels, range(20), **kw, adaptive=AdaptiveSampling(pilot=200, max_loss=0.1))
+    fixed = certify_with(model, images, labels, range(20), **kw)
+    adaptive = certify_with(model, images, labels, range(20), **kw, adaptive=AdaptiveSampling(pilot=200, max_loss=0.1))
     assert [r["counts_selection"] for r in adaptive] == [r["counts_selection"] for r in fixed]
     for r in adaptive:
         assert r["samples"] == 50 + 200 + r["n_bound"] and sum(r["counts"]) == r["n_bound"] <= 2000

@@ -221,3 +221,4 @@ def test_a_local_ray_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     [line] = [x for x in p.stderr.splitlines() if x.startswith("tbn-ray: error:")]
     assert "could not start a local Ray instance" in line and "--address" in line
+

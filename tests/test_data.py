@@ -14,6 +14,7 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from tbn_ray.science import data as D
+from tbn_ray.store import cifar10 as S
 from tbn_ray.config import DataConfig
 from tbn_ray.errors import TbnError
 
@@ -42,7 +43,7 @@ def _internet_reachable() -> bool:
 def partial() -> D.Cifar10:
     if not (SHARED / "cifar10-partial").is_dir():
         pytest.skip(f"byte-exact subset not found at {SHARED}/cifar10-partial")
-    return D.load_cifar10("partial", shared_dir=SHARED)
+    return S.load_cifar10("partial", shared_dir=SHARED)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def jpeg_first_load(tmp_path_factory: pytest.TempPathFactory) -> tuple[D.Cifar10
         pytest.skip(f"JPEG mirror not found at {SHARED}/cifar10-jpeg")
     cache = tmp_path_factory.mktemp("tbn-cache")
     t0 = time.perf_counter()
-    d = D.load_cifar10("jpeg", shared_dir=SHARED, cache_dir=cache)
+    d = S.load_cifar10("jpeg", shared_dir=SHARED, cache_dir=cache)
     return d, cache, time.perf_counter() - t0
 
 
@@ -90,7 +91,7 @@ def test_partial_md5_mismatch_is_refused(tmp_path: Path) -> None:
     arrays["images"][0, 0, 0, 0] ^= 1  # one flipped bit
     np.savez(folder / "cifar10_test_prefix.npz", **arrays)
     with pytest.raises(TbnError, match="md5"):
-        D.load_cifar10("partial", shared_dir=tmp_path)
+        S.load_cifar10("partial", shared_dir=tmp_path)
 
 
 def test_by_index_selects_in_order_and_names_missing(partial: D.Cifar10) -> None:
@@ -105,14 +106,14 @@ def test_by_index_selects_in_order_and_names_missing(partial: D.Cifar10) -> None
 
 
 def test_train_limit_and_config(partial: D.Cifar10) -> None:
-    d = D.load_from_config(DataConfig(source="partial", shared_dir=str(SHARED), train_limit=100))
+    d = S.load_from_config(DataConfig(source="partial", shared_dir=str(SHARED), train_limit=100))
     assert len(d.train) == 100 and np.array_equal(d.train.index, partial.train.index[:100])
     assert len(d.heldout) == len(partial.heldout)  # calibration data does not shrink with the training budget
 
 
 def test_partial_loads_fast(partial: D.Cifar10) -> None:
     t0 = time.perf_counter()
-    D.load_cifar10("partial", shared_dir=SHARED)
+    S.load_cifar10("partial", shared_dir=SHARED)
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -142,10 +143,10 @@ def test_jpeg_full_set_in_official_order(jpeg_first_load: tuple[D.Cifar10, Path,
 def test_jpeg_second_load_hits_the_cache(jpeg_first_load: tuple[D.Cifar10, Path, float]) -> None:
     first, cache, first_s = jpeg_first_load
     files = list(cache.glob("*.npz"))
-    assert files == [D.jpeg_cache_path(SHARED, cache)]
+    assert files == [S.jpeg_cache_path(SHARED, cache)]
     mtime = files[0].stat().st_mtime_ns
     t0 = time.perf_counter()
-    again = D.load_cifar10("jpeg", shared_dir=SHARED, cache_dir=cache)
+    again = S.load_cifar10("jpeg", shared_dir=SHARED, cache_dir=cache)
     again_s = time.perf_counter() - t0
     assert files[0].stat().st_mtime_ns == mtime and list(cache.iterdir()) == files  # not decoded or written again
     assert again_s < first_s / 3, (again_s, first_s)
@@ -160,7 +161,7 @@ def test_official_offline_fails_fast_with_advice(tmp_path: Path) -> None:
         pytest.skip("the CIFAR-10 host is reachable; this test covers machines without internet")
     t0 = time.perf_counter()
     with pytest.raises(TbnError, match="could not download CIFAR-10.*--data jpeg or partial"):
-        D.load_cifar10("official", root=tmp_path / "empty")
+        S.load_cifar10("official", root=tmp_path / "empty")
     assert time.perf_counter() - t0 < 20
 
 
@@ -168,15 +169,15 @@ def test_auto_with_nothing_names_every_option(tmp_path: Path) -> None:
     if _internet_reachable():
         pytest.skip("the CIFAR-10 host is reachable: auto would download 170 MB")
     with pytest.raises(TbnError, match="no CIFAR-10 found.*no official files.*no offline copies.*could not download"):
-        D.load_cifar10(root=tmp_path / "root", shared_dir=tmp_path / "no-shared")
+        S.load_cifar10(root=tmp_path / "root", shared_dir=tmp_path / "no-shared")
 
 
 @needs_partial
 def test_missing_shared_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(TbnError, match="byte-exact subset.*TBN_SHARED_DATA"):
-        D.load_cifar10("partial", shared_dir=tmp_path / "nowhere")
+        S.load_cifar10("partial", shared_dir=tmp_path / "nowhere")
     with pytest.raises(TbnError, match="JPEG mirror"):
-        D.load_cifar10("jpeg", shared_dir=tmp_path / "nowhere")
+        S.load_cifar10("jpeg", shared_dir=tmp_path / "nowhere")
 
 
 @needs_partial
@@ -186,13 +187,13 @@ def test_env_var_overrides_auto_but_not_an_explicit_source(
     _, cache, _ = jpeg_first_load
     root = tmp_path / "root"
     monkeypatch.setenv("TBN_DATA", "partial")
-    assert D.load_cifar10(root=root, shared_dir=SHARED).source == "partial"
+    assert S.load_cifar10(root=root, shared_dir=SHARED).source == "partial"
     monkeypatch.setenv("TBN_DATA", "jpeg")
-    assert D.load_cifar10("auto", root=root, shared_dir=SHARED, cache_dir=cache).source == "jpeg"
-    assert D.load_cifar10("partial", root=root, shared_dir=SHARED).source == "partial"
+    assert S.load_cifar10("auto", root=root, shared_dir=SHARED, cache_dir=cache).source == "jpeg"
+    assert S.load_cifar10("partial", root=root, shared_dir=SHARED).source == "partial"
     monkeypatch.setenv("TBN_DATA", "imagenet")
     with pytest.raises(TbnError, match="TBN_DATA must be one of"):
-        D.load_cifar10(root=root, shared_dir=SHARED)
+        S.load_cifar10(root=root, shared_dir=SHARED)
 
 
 @needs_partial
@@ -200,11 +201,11 @@ def test_auto_detection_order(tmp_path: Path, jpeg_first_load: tuple[D.Cifar10, 
     _, cache, _ = jpeg_first_load
     root = tmp_path / "root"
     # official files absent: the full JPEG mirror beats the subset
-    assert D.load_cifar10(root=root, shared_dir=SHARED, cache_dir=cache).source == "jpeg"
+    assert S.load_cifar10(root=root, shared_dir=SHARED, cache_dir=cache).source == "jpeg"
     only_partial = tmp_path / "shared"
     only_partial.mkdir()
     (only_partial / "cifar10-partial").symlink_to(SHARED / "cifar10-partial")
-    assert D.load_cifar10(root=root, shared_dir=only_partial).source == "partial"
+    assert S.load_cifar10(root=root, shared_dir=only_partial).source == "partial"
 
 
 @needs_partial
@@ -213,10 +214,10 @@ def test_shared_dir_found_from_the_package_location(monkeypatch: pytest.MonkeyPa
     if Path("/shared/data").is_dir():
         pytest.skip("/shared/data exists, so the working directory would win")
     monkeypatch.chdir("/")
-    found = D.find_shared_dir()
+    found = S.find_shared_dir()
     assert found is not None and found.resolve() == SHARED.resolve()
     monkeypatch.setenv("TBN_SHARED_DATA", str(tmp_path))
-    assert D.find_shared_dir() == tmp_path
+    assert S.find_shared_dir() == tmp_path
 
 
 # --- tensors and augmentation -------------------------------------------------------------

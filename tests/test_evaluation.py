@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from tbn_ray.store.cifar10 import load_cifar10
 from tbn_ray.science import corruptions as C
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.attacks import apgd_ce, pgd
@@ -59,7 +60,7 @@ def cifar() -> Iterator[data_mod.Cifar10]:
         pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two shared cores
-    yield data_mod.load_cifar10("partial", shared_dir=SHARED_DATA)
+    yield load_cifar10("partial", shared_dir=SHARED_DATA)
     torch.set_num_threads(threads)
 
 

@@ -117,7 +117,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def certified(run: Run) -> Storage:
     """A finished certification (two shards of real test images) under <output>/<run-id>."""
     cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=50, batch_size=50, max_images=4)
-    (output,) = certify_run(run, cfg, run.storage.child("certify"), device="cpu", shards=2, progress=False)
+    (output,) = certify_run(run, cfg.model_copy(update={"shards": 2}), run.storage.child("certify"), device="cpu", progress=False)
     return Storage.open(output.location.rpartition("/")[0])
 
 
@@ -314,7 +314,7 @@ def test_released_cifar10c_fed_junk(tmp_path: Path) -> None:
 def test_cached_cifar10c_array_fed_junk(tmp_path: Path) -> None:
     """An unusable array in the cache is made again, whatever its bytes: never an error."""
     from tbn_ray.store.cifar10c import regenerated_cifar10c
-    from tbn_ray.science.data import load_from_config
+    from tbn_ray.store.cifar10 import load_from_config
 
     d = load_from_config(DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
     c10c = regenerated_cifar10c(Storage.open(tmp_path), d.test.by_index(d.test.index[:2]), seed=0, data_description=d.description)

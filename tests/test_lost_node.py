@@ -117,7 +117,7 @@ def certify_scenario(root: str) -> None:
     from tbn_ray.distributed.certify import run_plan_on_ray
     from tbn_ray.distributed.runtime import connected
 
-    plan = plan_certify(Run.open(f"{root}/tiny"), CFG, Storage.open(f"{root}/ray"), shards=SHARDS)
+    plan = plan_certify(Run.open(f"{root}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(f"{root}/ray"))
     seen: list[dict[str, str]] = []
     with two_nodes(num_cpus=1) as (cluster, worker):
         head = cluster.head_node.node_id
@@ -144,7 +144,7 @@ def test_a_node_lost_mid_certification(tmp_path: Path) -> None:
     assert {w["node"] for w in outcome["seen"]} <= {outcome["head"], outcome["lost"]}
 
     records = read_records(Storage.open(outcome["location"]), 0.25)
-    plan = plan_certify(Run.open(f"{tmp_path}/tiny"), CFG, Storage.open(tmp_path / "local"), shards=SHARDS)
+    plan = plan_certify(Run.open(f"{tmp_path}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(tmp_path / "local"))
     undisturbed = run_plan_in_process(plan, torch.device("cpu"), progress=False)
     assert undisturbed.run_id == outcome["location"].rpartition("/")[2]  # the same certification
     assert [r["idx"] for r in records] == plan.indices.tolist()  # every index exactly once

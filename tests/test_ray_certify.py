@@ -80,8 +80,8 @@ def last_modified(out: Storage) -> dict[str, float]:
 
 def test_shard_plan_is_fixed_and_run_id_tracks_what_changes_numbers(run: Run, tmp_path: Path) -> None:
     out = Storage.open(tmp_path)
-    plan = plan_certify(run, certify_cfg(30), out, shards=8)
-    again = plan_certify(run, certify_cfg(30), out, shards=8)
+    plan = plan_certify(run, certify_cfg(30, shards=8), out)
+    again = plan_certify(run, certify_cfg(30, shards=8), out)
     shards = [plan.shard_indices(k) for k in range(8)]
     # a partition of the selection into contiguous near-equal shards, identical on every re-plan
     assert np.array_equal(np.concatenate(shards), plan.indices)
@@ -92,15 +92,15 @@ def test_shard_plan_is_fixed_and_run_id_tracks_what_changes_numbers(run: Run, tm
     # the default number of shards is capped at the number of images
     assert plan_certify(run, certify_cfg(5), out).shards == 5
     # anything that changes a certificate changes the run id; the shard count does not
-    assert plan_certify(run, certify_cfg(30), out, shards=3).run_id == plan.run_id
+    assert plan_certify(run, certify_cfg(30, shards=3), out).run_id == plan.run_id
     for other in (
-        plan_certify(run, certify_cfg(30, n=201), out, shards=8),
-        plan_certify(run, certify_cfg(30, seed=1), out, shards=8),
-        plan_certify(run, certify_cfg(30, batch_size=50), out, shards=8),
-        plan_certify(run, certify_cfg(30, sigmas=(0.25,)), out, shards=8),
-        plan_certify(run, certify_cfg(31), out, shards=8),
-        plan_certify(run, certify_cfg(30), out, shards=8, channels_last=True),
-        plan_certify(run, certify_cfg(30), out, shards=8, fold_bn=True),
+        plan_certify(run, certify_cfg(30, n=201, shards=8), out),
+        plan_certify(run, certify_cfg(30, seed=1, shards=8), out),
+        plan_certify(run, certify_cfg(30, batch_size=50, shards=8), out),
+        plan_certify(run, certify_cfg(30, sigmas=(0.25,), shards=8), out),
+        plan_certify(run, certify_cfg(31, shards=8), out),
+        plan_certify(run, certify_cfg(30, shards=8, channels_last=True), out),
+        plan_certify(run, certify_cfg(30, shards=8, fold_bn=True), out),
     ):
         assert other.run_id != plan.run_id
 
@@ -108,7 +108,7 @@ def test_shard_plan_is_fixed_and_run_id_tracks_what_changes_numbers(run: Run, tm
 def test_bad_plans_fail_before_any_work(run: Run, tmp_path: Path) -> None:
     out = Storage.open(tmp_path / "out")
     with pytest.raises(TbnError, match="--shards 31"):
-        plan_certify(run, certify_cfg(30), out, shards=31)
+        plan_certify(run, certify_cfg(30, shards=31), out)
     with pytest.raises(TbnError, match="no TBN statistics 'sigma=0.33'"):
         plan_certify(run, certify_cfg(30, sigmas=(0.25, 0.33)), out)
     with pytest.raises(TbnError, match="no test images selected"):
@@ -125,7 +125,7 @@ def test_counts_of_an_image_do_not_depend_on_its_shard(run: Run, tmp_path: Path)
     by_shards = {}
     for shards in (3, 8):
         out = Storage.open(tmp_path / f"s{shards}")
-        outputs = certify_run(run, cfg, out, device="cpu", shards=shards, progress=False)
+        outputs = certify_run(run, cfg.model_copy(update={"shards": shards}), out, device="cpu", progress=False)
         by_shards[shards] = read_records(Storage.open(outputs[0].location.rpartition("/")[0]), 0.5)
     assert exact(by_shards[3]) == exact(by_shards[8])
     plan = plan_certify(run, cfg, Storage.open(tmp_path / "direct"))
@@ -133,10 +133,7 @@ def test_counts_of_an_image_do_not_depend_on_its_shard(run: Run, tmp_path: Path)
     from tbn_ray.science.tbn import set_bn_stats
 
     set_bn_stats(model, plan.stats[0.5])
-    direct = certify_examples(
-        model, plan.test.images, plan.test.labels, plan.indices,
-        sigma=0.5, n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.batch_size, seed=cfg.seed, device="cpu",
-    )
+    direct = certify_examples(model, plan.test.images, plan.test.labels, plan.indices, cfg, sigma=0.5, device="cpu")
     assert exact(direct) == exact(by_shards[3])
     assert len({r["predict"] for r in direct}) > 1  # not a degenerate constant classifier
 
@@ -218,13 +215,13 @@ def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_buc
     from tbn_ray.distributed.certify import run_plan_on_ray
 
     cfg = certify_cfg(16)
-    fast = {"channels_last": True, "fold_bn": True}  # the fast base classifier, built alike in every process
-    plan = plan_certify(run, cfg, Storage.open(f"{s3_bucket}/certify"), shards=8, **fast)
+    cfg = cfg.model_copy(update={"shards": 8, "channels_last": True, "fold_bn": True})  # the fast base classifier, built alike in every process
+    plan = plan_certify(run, cfg, Storage.open(f"{s3_bucket}/certify"))
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)
     assert (result.shards_computed, result.shards_skipped) == (16, 0)
     out = Storage.open(result.location)
     assert len(shard_keys(out)) == 16
-    local = run_plan_in_process(plan_certify(run, cfg, Storage.open(tmp_path), shards=8, **fast), torch.device("cpu"), progress=False)
+    local = run_plan_in_process(plan_certify(run, cfg, Storage.open(tmp_path)), torch.device("cpu"), progress=False)
     assert local.run_id == result.run_id  # same parameters, same device type: the same certification
     for sigma in SIGMAS:
         records = read_records(out, sigma)
@@ -260,7 +257,7 @@ def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_buc
 def test_actor_killed_mid_shard_run_completes(run: Run, ray_local, s3_bucket: str) -> None:
     from tbn_ray.distributed.certify import run_plan_on_ray
 
-    plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,), n=600), Storage.open(f"{s3_bucket}/certify"), shards=8)
+    plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,), n=600, shards=8), Storage.open(f"{s3_bucket}/certify"))
     results: list[ShardResult] = []
     killed: list[str] = []
 
@@ -287,7 +284,7 @@ def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_
     s3_run = Run(Storage.open(f"{s3_bucket}/runs/tiny"))
     s3_run.save_checkpoint(run.load_checkpoint())
     s3_run.save_bn_sets(run.load_bn_sets())
-    plan = plan_certify(s3_run, certify_cfg(16, sigmas=(0.25,)), Storage.open(f"{s3_bucket}/certify"), shards=8)
+    plan = plan_certify(s3_run, certify_cfg(16, sigmas=(0.25,), shards=8), Storage.open(f"{s3_bucket}/certify"))
 
     seen: list[int] = []
 
@@ -315,7 +312,7 @@ def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_
 def test_s3_outage_fails_clearly_and_rerun_finishes(run: Run, ray_local, s3_bucket: str, restartable_s3) -> None:
     from tbn_ray.distributed.certify import run_plan_on_ray
 
-    plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,)), Storage.open(f"{s3_bucket}/certify"), shards=8)
+    plan = plan_certify(run, certify_cfg(16, sigmas=(0.25,), shards=8), Storage.open(f"{s3_bucket}/certify"))
 
     seen: list[int] = []
 

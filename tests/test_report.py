@@ -13,11 +13,11 @@ from torch import nn
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.errors import TbnError
 from tbn_ray.reports.certify import ENVELOPE_LABEL, load_summaries, write_report
-from tbn_ray.science.smoothing import certify_examples, summarize
+from tbn_ray.science.smoothing import summarize
 from tbn_ray.store.results import read_results, write_results
 from tbn_ray.store.storage import Storage
 
-from .helpers import SHARED_DATA, partial_test_images
+from .helpers import SHARED_DATA, partial_test_images, certify_with
 
 PARTIAL = SHARED_DATA / "cifar10-partial"
 SIGMAS = (0.25, 0.5)
@@ -46,7 +46,7 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         params = dict(sigma=sigma, n0=20, n=300, alpha=0.001, seed=0, batch_size=320, bn="clean",
                       model="nearest class mean (linear)", data_source="CIFAR-10 test, exact subset (cifar10-partial)")  # fmt: skip
         sampling = {k: params[k] for k in ("sigma", "n0", "n", "alpha", "seed", "batch_size")}
-        records = certify_examples(model, images, labels, range(40), **sampling, device="cpu")
+        records = certify_with(model, images, labels, range(40), **sampling, device="cpu")
         write_results(records, summarize(records), out / "certify" / f"sigma={sigma}", params)
     torch.set_num_threads(threads)
     return out

@@ -32,8 +32,7 @@ TINY = {
         {"name": "linf", "train": {"attack": {"norm": "linf", "eps": "8/255", "steps": 2}}},
     ],
     "calibrate": {"sigmas": [0.25], "samples": 256, "batch_size": 128},
-    "certify": {"sigmas": [0.25], "n0": 10, "n": 60, "skip": 1, "max_images": 4, "batch_size": 60},
-    "shards": 2,
+    "certify": {"sigmas": [0.25], "n0": 10, "n": 60, "skip": 1, "max_images": 4, "batch_size": 60, "shards": 2},
     "noise": {"images": 32, "draws": 1},
     "evaluate": {"batch_size": 16, "attack_steps": 2, "restarts": 1, "attacks": ["pgd"]},
     "robustness": {"corruptions": "gaussian_noise", "severities": "1", "corruption_modes": ["clean", "test-batch"],
@@ -105,3 +104,42 @@ def test_cli_reproduce_report_stage_and_bad_config(tiny: tuple[Path, Path], tmp_
     out = subprocess.run([sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(config), "--storage", str(tmp_path / "empty"), "--stage", "report"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "stage train has not finished" in out.stderr, out.stderr[-1500:]
+
+
+def test_the_certify_section_of_the_config_is_what_is_certified(tiny: tuple[Path, Path]) -> None:
+    """certify: {fold_bn: true, images_per_pass: 2} in the reproduction's YAML makes another base
+    classifier: another run id, and the stored parameters say so (nothing of the section is dropped)."""
+    from tbn_ray.jobs.reproduce import certify_stage
+
+    config, results = tiny
+    cfg = load_reproduce_config(config)
+    storage = Storage.open(results)
+    reproduce(cfg, storage, stages=["train", "calibrate"], progress=False)
+    raw = yaml.safe_load(config.read_text())
+    raw["certify"] = {**raw["certify"], "fold_bn": True, "images_per_pass": 2}
+    raw["certify_clean"] = False
+    tuned_path = config.with_name("tuned.yaml")
+    tuned_path.write_text(yaml.safe_dump(raw))
+    tuned = load_reproduce_config(tuned_path)
+    spec = cfg.models[0]
+    plain = certify_stage(Reproduction.open(cfg, storage), spec, progress=False)["certify"]["tbn"]["0.25"]
+    fast = certify_stage(Reproduction.open(tuned, storage), spec, progress=False)["certify"]["tbn"]["0.25"]
+    assert plain != fast  # another run id, so another folder
+    params = json.loads(Path(fast, "summary.json").read_text())["params"]
+    assert params["fold_bn"] is True and params["images_per_pass"] == 2
+    assert json.loads(Path(plain, "summary.json").read_text())["params"]["fold_bn"] is False
+
+
+def test_the_quickstart_certifies_what_its_config_says(tmp_path: Path) -> None:
+    from tbn_ray.jobs.pipeline import quickstart_run
+
+    quick = {
+        "train": {**TINY["train"], "name": "quick"},
+        "calibrate": TINY["calibrate"],
+        "certify": {**TINY["certify"], "fold_bn": True, "images_per_pass": 2},
+    }
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(quick))
+    out = quickstart_run(config, Storage.open(tmp_path / "results"))
+    (summary,) = out["certify"]
+    assert summary["fold_bn"] is True and summary["images_per_pass"] == 2 and summary["n"] == TINY["certify"]["n"]

@@ -12,13 +12,12 @@ from tbn_ray.science.sampling import PackedSampler, compiled
 from tbn_ray.science.smoothing import (
     ABSTAIN,
     Smooth,
-    certify_examples,
     cohen_certify,
     example_generator,
     lower_confidence_bound,
 )
 
-from .helpers import partial_test_images
+from .helpers import partial_test_images, certify_with
 from .test_smoothing import LinearTwoClass, one_thread, tiny_bn_net  # noqa: F401 (one_thread: autouse fixture)
 
 CPU = torch.device("cpu")
@@ -38,7 +37,7 @@ def test_unpacked_path_is_cohens_certify_as_before(cifar8) -> None:
     """images_per_pass=1 (the default) is Cohen's CERTIFY, one image at a time, as written out here."""
     images, labels = cifar8
     net = tiny_bn_net(0.25)
-    records = certify_examples(net, images, labels, range(8), **KW)
+    records = certify_with(net, images, labels, range(8), **KW)
     smooth = Smooth(net, 10, 0.25, batch_size=128)
     for r, image in zip(records, images):
         x = torch.tensor(image).permute(2, 0, 1).float().div(255)
@@ -57,10 +56,10 @@ def test_unpacked_path_is_cohens_certify_as_before(cifar8) -> None:
 def test_packed_counts_do_not_depend_on_companions_or_order(cifar8) -> None:
     images, labels = cifar8
     net = tiny_bn_net(0.25)
-    alone = _numbers(certify_examples(net, images, labels, range(8), **KW))
-    packed = certify_examples(net, images, labels, range(8), **KW, images_per_pass=3)
+    alone = _numbers(certify_with(net, images, labels, range(8), **KW))
+    packed = certify_with(net, images, labels, range(8), **KW, images_per_pass=3)
     order = [5, 2, 7, 0, 3]
-    other_group = certify_examples(net, images[order], labels[order], order, **KW, images_per_pass=4)
+    other_group = certify_with(net, images[order], labels[order], order, **KW, images_per_pass=4)
     assert _numbers(packed) == alone
     assert _numbers(other_group) == {i: alone[i] for i in order}
     # the comparison is not vacuous: votes split, and packing changed the passes' composition
@@ -116,14 +115,14 @@ def test_packed_fixed_n_is_sound_at_rate_alpha() -> None:
 def test_gpu_settings_are_ignored_or_exact_on_cpu(cifar8) -> None:
     images, labels = cifar8
     net = tiny_bn_net(0.25)
-    plain = _numbers(certify_examples(net, images[:3], labels[:3], range(3), **KW, images_per_pass=2))
-    tuned = certify_examples(net, images[:3], labels[:3], range(3), **KW, images_per_pass=2, cudnn_autotune=True)
+    plain = _numbers(certify_with(net, images[:3], labels[:3], range(3), **KW, images_per_pass=2))
+    tuned = certify_with(net, images[:3], labels[:3], range(3), **KW, images_per_pass=2, cudnn_autotune=True)
     assert _numbers(tuned) == plain and torch.backends.cudnn.benchmark is False
     # no backend named, no torch.compile (importing its machinery alone takes ~25 s on a loaded 2-core machine)
     assert compiled(net, None) is net
     with pytest.raises(TbnError, match="compile backend"):
-        certify_examples(net, images[:1], labels[:1], [0], **KW, compile_backend="")
+        certify_with(net, images[:1], labels[:1], [0], **KW, compile_backend="")
     with pytest.raises(TbnError, match="images_per_pass"):
-        certify_examples(net, images[:1], labels[:1], [0], **KW, images_per_pass=0)
+        certify_with(net, images[:1], labels[:1], [0], **KW, images_per_pass=0)
     with pytest.raises(SoundnessError):  # the model is validated before anything runs, packed too
-        certify_examples(net.train(), images[:1], labels[:1], [0], **KW, images_per_pass=2)
+        certify_with(net.train(), images[:1], labels[:1], [0], **KW, images_per_pass=2)

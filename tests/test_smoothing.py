@@ -20,14 +20,13 @@ from tbn_ray.errors import SoundnessError, TbnError
 from tbn_ray.science.smoothing import (
     ABSTAIN,
     Smooth,
-    certify_examples,
     example_generator,
     lower_confidence_bound,
     summarize,
 )
 from tbn_ray.store.results import TSV_HEADER, read_results, write_results
 
-from .helpers import SHARED_DATA, partial_test_images
+from .helpers import SHARED_DATA, partial_test_images, certify_with
 
 PARTIAL = SHARED_DATA / "cifar10-partial"
 CPU = torch.device("cpu")
@@ -233,9 +232,9 @@ def test_shards_give_the_same_records(cifar_test) -> None:
     images, labels = cifar_test
     net = tiny_bn_net(0.25)
     kw = dict(sigma=0.25, n0=20, n=300, alpha=0.001, batch_size=128, seed=3, device="cpu")
-    whole = certify_examples(net, images[:10], labels[:10], list(range(10)), **kw)
-    again = certify_examples(net, images[:10], labels[:10], list(range(10)), **kw)
-    shard = certify_examples(net, images[5:10], labels[5:10], list(range(5, 10)), **kw)
+    whole = certify_with(net, images[:10], labels[:10], list(range(10)), **kw)
+    again = certify_with(net, images[:10], labels[:10], list(range(10)), **kw)
+    shard = certify_with(net, images[5:10], labels[5:10], list(range(5, 10)), **kw)
 
     def without_time(records: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "time"} for r in records]
@@ -252,7 +251,7 @@ def test_shards_give_the_same_records(cifar_test) -> None:
 def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> None:
     images, labels = cifar_test
     sigma = 0.25
-    records = certify_examples(
+    records = certify_with(
         tiny_bn_net(sigma), images[:10], labels[:10], np.arange(10),
         sigma=sigma, n0=20, n=300, alpha=0.001, batch_size=128, seed=0, device="cpu",
     )  # fmt: skip
@@ -300,5 +299,5 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
     with pytest.raises(TbnError, match="no certification results"):
         read_results(tmp_path / "missing")
     with pytest.raises(TbnError, match="uint8"):
-        certify_examples(tiny_bn_net(sigma), images[:2].astype(np.float32), labels[:2], [0, 1],
+        certify_with(tiny_bn_net(sigma), images[:2].astype(np.float32), labels[:2], [0, 1],
                          sigma=sigma, n0=1, n=1, alpha=0.01, batch_size=1, seed=0, device="cpu")  # fmt: skip

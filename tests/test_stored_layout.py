@@ -93,7 +93,7 @@ def _run_all(bucket: Storage) -> dict[str, Any]:
             CPU, progress=False,
         )  # fmt: skip
         cfg = CertifyConfig(sigmas=(0.25, 0.5), n0=20, n=50, batch_size=50, skip=3, max_images=8)
-        certify = run_plan_in_process(plan_certify(run, cfg, run.storage.child("certify"), data_cfg=data, shards=2), CPU, progress=False)
+        certify = run_plan_in_process(plan_certify(run, cfg.model_copy(update={"data": data, "shards": 2}), run.storage.child("certify")), CPU, progress=False)
     finally:
         torch.set_num_threads(threads)
     assert (certify.run_id, corruptions.eval_id, attack.eval_id) == (RUN_ID, CORRUPTIONS_ID, ATTACK_ID)

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.engine import pending, run_in_process
 from tbn_ray.jobs.pipeline import train_run
 from tbn_ray.jobs.sweep_pairs import ROW, SPLIT_KEYS, PairsJob, evaluate_pair, pair_key, split_heldout, train_config
-from tbn_ray.science import data as data_mod
 from tbn_ray.store.results import read_results
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.runs import Run
@@ -56,7 +56,7 @@ def test_a_pair_is_evaluated_on_validation_images_with_tbn_from_the_disjoint_res
     assert first.read_json(ROW) == row
     records, summary = read_results(first)
     # the row reports the stored certification, of exactly the last VALIDATION held-out images
-    heldout = data_mod.load_from_config(cfg.train.data).heldout
+    heldout = load_from_config(cfg.train.data).heldout
     calibration, validation = split_heldout(heldout, VALIDATION)
     assert [r["idx"] for r in records] == validation.index.tolist()
     assert (row["acr"], row["certified_accuracy"]) == (summary["acr"], summary["certified_accuracy"])

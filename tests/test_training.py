@@ -14,10 +14,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from tbn_ray.store.cifar10 import load_cifar10
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import OptimConfig, TrainConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.models import build_model
+from tbn_ray.devices import resolve_device
 from tbn_ray.science.training import (
     DataParallel,
     evaluate,
@@ -26,7 +28,6 @@ from tbn_ray.science.training import (
     make_loader,
     make_optimizer,
     make_scheduler,
-    resolve_device,
     train_epoch,
 )
 
@@ -49,7 +50,7 @@ def cifar() -> Iterator[data_mod.Cifar10]:
     """The exact subset with 512 training images; one torch thread meanwhile (two shared cores contend)."""
     if not (SHARED / "cifar10-partial").is_dir():
         pytest.skip(f"exact CIFAR-10 subset not found at {SHARED / 'cifar10-partial'}")
-    d = data_mod.load_cifar10("partial", shared_dir=SHARED)
+    d = load_cifar10("partial", shared_dir=SHARED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield data_mod.Cifar10(d.source, d.description, d.train.subset(slice(0, 512)), d.heldout, d.test, d.classes)

@@ -8,16 +8,17 @@ in one place. No field accepts NaN or infinity.
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import math
 from collections.abc import Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from tbn_ray.config.base import _number, _Strict
+from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError
 
 Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn", "imported"]
@@ -27,25 +28,6 @@ Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pi
 
 #: Radii at which certified accuracy is tabulated (science.md: 0, 0.25, ..., 2.25).
 REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
-
-
-def _number(v: Any) -> Any:
-    """Accept ``8/255``-style strings, the way l-inf budgets are usually written."""
-    if isinstance(v, str):
-        try:
-            return float(Fraction(v.strip()))
-        except (ValueError, ZeroDivisionError):
-            pass
-        try:
-            return float(v)  # "inf" and "nan" are numbers here, refused as not finite by the model
-        except ValueError as e:
-            raise ValueError(f"not a number: {v!r}") from e
-    return v
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: a sigma of inf or an alpha of NaN must fail here, not store NaN statistics.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -206,40 +188,71 @@ class AdaptiveConfig(_Strict):
         return self
 
 
-class CertifyConfig(_Strict):
-    """Cohen et al.'s CERTIFY on the test set (science.md)."""
+#: Shards a certification is cut into when ``certify.shards`` is not set (at most one per image).
+DEFAULT_SHARDS = 64
 
-    sigmas: tuple[Sigma, ...] = Field((0.25,), min_length=1)
-    n0: int = Field(100, ge=1)
-    n: int = Field(100000, ge=1)
-    alpha: float = Field(0.001, gt=0, lt=1)
+
+class CertifyConfig(_Strict):
+    """Cohen et al.'s CERTIFY on the test set (docs/method.md): the one carrier of every setting of
+    a certification. A plan is made from this config, a run and an output, nothing else; its run id
+    and the parameters stored with every result are ``identity`` of this config (plus what the run
+    and the data fix), so a new field changes the run id when set and leaves stored ids alone."""
+
+    sigmas: tuple[Sigma, ...] = Field((0.25,), min_length=1, description="noise levels, each certified with its own statistics")
+    n0: int = Field(100, ge=1, description="selection draws (guess the top class)")
+    n: int = Field(100000, ge=1, description="estimation draws (at most, with adaptive)")
+    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each certificate")
     batch_size: int = Field(1000, ge=1, description="noisy copies per forward pass")
-    skip: int = Field(1, ge=1, description="certify every skip-th test image")
-    start: int = Field(0, ge=0)
-    max_images: int | None = Field(None, ge=1)
-    seed: int = 0
-    bn: str = Field("tbn", description="'tbn' (BN statistics calibrated at the same sigma) or 'clean'")
-    shards: int = Field(64, ge=1, description="fixed shards the images are split into; when not set, at most one per image")
+    skip: int = Field(1, ge=1, description="certify every skip-th test image (Cohen et al.: 20)")
+    start: int = Field(0, ge=0, description="first test index")
+    stop: int | None = Field(None, ge=1, description="test indices below this only (default: to the end)")
+    max_images: int | None = Field(None, ge=1, description="at most this many images (default: no limit)")
+    seed: int = Field(0, ge=0, description="run seed; each example's noise derives from (seed, index)")
+    bn: str = Field("tbn", description="tbn (BN statistics calibrated at the same sigma) or clean")
+    data: DataConfig | None = Field(None, description="CIFAR-10 source (default: the run's own)")
+    shards: int | None = Field(None, ge=1, description=f"fixed shards the images are split into (default: {DEFAULT_SHARDS}, at most one per image)")
     channels_last: bool = Field(False, description="channels-last memory format: faster convolutions (its own run id)")
     fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
     images_per_pass: int = Field(1, ge=1, description="images sharing each forward pass: fills the batch with several images' noise (its own run id)")
-    adaptive: bool = Field(False, description="input-adaptive sample size, at most n, from pilot draws not reused in the bound (its own run id)")
+    adaptive: bool = Field(False, description="a sample size per image, at most n, chosen while sampling with the 1 - alpha guarantee kept (its own run id)")
+    adaptive_design: Literal["sequential", "pilot"] = Field(
+        "sequential", description="with adaptive: an anytime-valid bound on every vote at a fixed schedule of looks, or the pilot-planned size (its own run id)"
+    )
+    sequential: SequentialConfig = SequentialConfig()
     adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
     cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
     compile: str | None = Field(None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)")
+    clip: bool = Field(False, description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)")
 
-    def engine_options(self, device_type: str) -> dict[str, Any]:
-        """The sampling-engine options that differ from plain Cohen: part of the run id and of every
-        result's parameters only when set, so results stored without them keep their ids."""
-        cuda = device_type == "cuda"
-        options = {
-            "images_per_pass": self.images_per_pass if self.images_per_pass != 1 else None,
-            "adaptive": self.adaptive_sampling.model_dump(mode="json") if self.adaptive else None,
-            "cudnn_autotune": True if self.cudnn_autotune and cuda else None,
-            "compile": self.compile,
-        }
-        return {k: v for k, v in options.items() if v is not None}
+    #: Fields the plan records itself (sigma per result, the statistics set, the resolved data and shards).
+    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "adaptive_design", "sequential", "adaptive_sampling"})
+    #: Fields stored with every result whatever their value (so results of before keep their ids).
+    _ALWAYS: ClassVar[tuple[str, ...]] = (
+        "n0", "n", "alpha", "seed", "batch_size", "start", "skip", "stop", "max_images", "channels_last", "fold_bn", "amp",
+    )  # fmt: skip
+    #: Fields that change nothing off CUDA: recorded at their default elsewhere.
+    _CUDA_ONLY: ClassVar[frozenset[str]] = frozenset({"amp", "cudnn_autotune"})
+
+    def identity(self, device_type: str) -> dict[str, Any]:
+        """Every setting that changes a certificate, for the run id and every result's parameters.
+
+        A field outside ``_ALWAYS`` is recorded only when it differs from its default, so adding a
+        field leaves the ids of stored results unchanged; the device type is recorded too (a CUDA
+        generator draws other noise)."""
+        out: dict[str, Any] = {"device": device_type}
+        for name, info in type(self).model_fields.items():
+            if name in self._PLANNED:
+                continue
+            value = getattr(self, name)
+            if name in self._CUDA_ONLY and device_type != "cuda":
+                value = info.default
+            if name == "adaptive" and value:  # the design's settings; the pilot's as before designs existed
+                value = self.adaptive_sampling.model_dump(mode="json") if self.adaptive_design == "pilot" else {
+                    "design": "sequential", **self.sequential.model_dump(mode="json")}  # fmt: skip
+            if name in self._ALWAYS or value != info.default:
+                out[name] = value
+        return out
 
     @field_validator("bn")
     @classmethod
@@ -247,6 +260,31 @@ class CertifyConfig(_Strict):
         if v not in ("tbn", "clean"):
             raise ValueError(f"bn must be 'tbn' or 'clean' (a certificate needs frozen statistics), got {v!r}")
         return v
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_backend(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("compile backend must be a torch.compile backend name (e.g. inductor), or unset")
+        import torch._dynamo  # the backend list, checked here rather than inside a worker an hour later
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if v not in known:
+            raise ValueError(f"unknown torch.compile backend {v!r}; use one of {', '.join(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> CertifyConfig:
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop ({self.stop}) must be above start ({self.start})")
+        return self
+
+    @property
+    def unique_sigmas(self) -> tuple[float, ...]:
+        """The sigmas in the order given, each once."""
+        return tuple(dict.fromkeys(float(s) for s in self.sigmas))
 
 
 class EvaluateConfig(_Strict):

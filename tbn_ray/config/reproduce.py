@@ -56,7 +56,6 @@ class ReproduceConfig(_Strict):
     calibrate: CalibrateConfig = CalibrateConfig()
     certify: CertifyConfig = CertifyConfig(sigmas=(0.12, 0.25, 0.5, 1.0), skip=20)
     certify_clean: bool = Field(True, description="also certify with the clean statistics: the contrast of claim (a)")
-    shards: int | None = Field(None, ge=1)
     noise: NoiseAccuracyConfig = NoiseAccuracyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     robustness: ReproduceEvaluateConfig = ReproduceEvaluateConfig()

@@ -93,7 +93,7 @@ class SweepConfig(_Strict):
             "calibrate.sigmas": "sigmas" in self.calibrate.model_fields_set,
             **{f"certify.{k}": k in self.certify.model_fields_set for k in ("sigmas", "skip", "start", "max_images", "bn")},
         }
-        certify_only = [f"certify.{k}" for k in ("shards", "channels_last", "fold_bn", "amp") if k in self.certify.model_fields_set]
+        certify_only = [f"certify.{k}" for k in ("shards", "stop", "data") if k in self.certify.model_fields_set]
         if certify_only:
             raise ValueError(f"{', '.join(certify_only)}: settings of tbn-ray certify, not used by a sweep; remove from the config")
         set_here = [k for k, v in owned.items() if v]

@@ -30,7 +30,7 @@ import ray
 import torch
 
 from tbn_ray.errors import TbnError, log
-from tbn_ray.science.training import resolve_device
+from tbn_ray.devices import resolve_device
 
 #: Restarts of a dead actor, and retries of the unit it was running, before the driver gives
 #: that unit to another actor. Finite: a crash on every start must not loop forever.

@@ -48,6 +48,7 @@ from typing import Any
 import ray
 import yaml
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, parse_config, parse_yaml
 from tbn_ray.distributed.jobs import JobActor, run_job_on_ray
 from tbn_ray.distributed.pool import MAX_RESTARTS
@@ -58,7 +59,6 @@ from tbn_ray.jobs.sweep_pairs import (
     PairsJob, eps_key, find_run, install_bn_stats, pair_key, split_heldout, train_config, trained_epochs, training_record,
 )  # fmt: skip
 from tbn_ray.reports.sweep import best_pair, table_rows, write_outputs
-from tbn_ray.science import data as data_mod
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
@@ -195,7 +195,7 @@ def prepare(cfg: SweepConfig, storage: Storage, *, resume: bool, say: Callable[[
         say(f"continuing sweep {root.uri}")
     elif resume:
         raise TbnError(f"nothing to resume: no sweep {cfg.name!r} in {storage.uri} (run without --resume to start it)")
-    d = data_mod.load_from_config(cfg.train.data)
+    d = load_from_config(cfg.train.data)
     calibration, validation = split_heldout(d.heldout, cfg.validation.images)
     batch = cfg.train.optim.batch_size
     if batch % cfg.resources.workers:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import RayConfig, TrainConfig
 from tbn_ray.science.data import data_meta
@@ -280,7 +281,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     _quiet_console()
 
-    d = data_mod.load_from_config(cfg.data)
+    d = load_from_config(cfg.data)
     resumed = _latest_checkpoint(run)
     meta = dict(resumed.meta) if resumed is not None else {}
     start = resumed.epoch if resumed is not None else 0

@@ -11,6 +11,7 @@ path (``certify_run``) and the Ray actors (``distributed.certify``) run the same
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -23,36 +24,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.fx.experimental.optimization import fuse as fold_conv_bn
 
 from tbn_ray.science import data as data_mod
-from tbn_ray.config import CertifyConfig, DataConfig, ModelConfig, check_sigma
+from tbn_ray.config import DEFAULT_SHARDS, CertifyConfig
 from tbn_ray.errors import TbnError, log
-from tbn_ray.jobs.certify_shards import SHARD_FORMAT, CertifyOutput, UnusableShard, merge_shards, read_shard, shard_key, write_shard
+from tbn_ray.store.certify_shards import SHARD_FORMAT, CertifyOutput, UnusableShard, merge_shards, read_shard, shard_key, write_shard
 from tbn_ray.jobs.engine import Metric, pending, run_in_process
-from tbn_ray.jobs.layout import refuse_other_shard_count
+from tbn_ray.store.certify_layout import refuse_other_shard_count
 from tbn_ray.reports.certify import write_certification_report
-from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
-from tbn_ray.science.adaptive import AdaptiveSampling
+from tbn_ray.science.base_classifier import base_classifier
 from tbn_ray.science.smoothing import certify_examples
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
-from tbn_ray.science.training import autocast, resolve_device
+from tbn_ray.devices import resolve_device
 
 
 
-def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig, stop: int | None = None) -> np.ndarray:
+def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig) -> np.ndarray:
     """Cohen's selection (every ``skip``-th test image from ``start``, below ``stop``), among the images this source has."""
     index = d.test.index
     chosen = (index >= cfg.start) & ((index - cfg.start) % cfg.skip == 0)
-    if stop is not None:
-        chosen &= index < stop
+    if cfg.stop is not None:
+        chosen &= index < cfg.stop
     idx = index[chosen]
     if cfg.max_images is not None:
         idx = idx[: cfg.max_images]
     if len(idx) == 0:
-        below = "" if stop is None else f", below {stop}"
+        below = "" if cfg.stop is None else f", below {cfg.stop}"
         raise TbnError(f"no test images selected (start {cfg.start}, skip {cfg.skip}{below}) from {d.description}")
     return np.asarray(idx, dtype=np.int64)
 
@@ -61,35 +60,42 @@ def bn_set_for(cfg: CertifyConfig, sigma: float) -> str:
     return bn_key(sigma) if cfg.bn == "tbn" else CLEAN
 
 
+#: The order of a result's parameters as stored since the first certification (summary.json keeps it).
+_PARAMS_ORDER = (
+    "sigma", "n0", "n", "alpha", "seed", "batch_size", "bn", "model", "run", "epoch", "data_source", "data",
+    "start", "skip", "stop", "max_images", "device", "channels_last", "fold_bn", "amp",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, eq=False)
 class CertifyPlan:
     """One certification, fixed and validated before any work starts (``plan_certify``).
 
-    Picklable and self-contained (weights, statistics, the selected images): the Ray layer
-    ships it to the actors once, so they need neither the run's storage nor the dataset.
+    Everything that decides a number comes from ``cfg`` (the only carrier of settings), the
+    run's weights and statistics, and the selected images. Picklable and self-contained: the
+    Ray layer ships it to the actors once, so they need neither the run's storage nor the dataset.
     """
 
     run_uri: str
     cfg: CertifyConfig
-    sigmas: tuple[float, ...]
-    model_config: ModelConfig
-    model_state: dict[str, torch.Tensor]  # clean statistics; each sigma's set is applied per shard
+    network: torch.nn.Module  # on CPU, eval mode, clean statistics; each sigma's set is applied per shard
+    model_label: str  # how results name the model (architecture, or an imported model's source)
     epoch: int
     stats: dict[float, BNStats]
     data_source: str
     data_description: str
     test: data_mod.Split  # the selected test images, in selection order
-    stop: int | None
     shards: int
     output: Storage  # results root: this certification writes under output/<run_id>
     device_type: str = "cpu"  # changes the noise stream (a CUDA generator draws other numbers)
-    channels_last: bool = False  # changes the float rounding of the votes
-    fold_bn: bool = False  # BN folded into the preceding convolutions: the same f up to float rounding
-    amp: str = "off"  # autocast dtype of the forward passes on CUDA (bf16, fp16): another fixed base classifier
 
     @property
-    def effective_amp(self) -> str:
-        return self.amp if self.device_type == "cuda" else "off"  # training.autocast: CUDA only
+    def sigmas(self) -> tuple[float, ...]:
+        return self.cfg.unique_sigmas
+
+    @cached_property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
 
     @cached_property
     def run_id(self) -> str:
@@ -104,32 +110,8 @@ class CertifyPlan:
         for array in (self.test.index, self.test.labels, self.test.images):
             h.update(np.ascontiguousarray(array).tobytes())
         cfg = self.cfg
-        h.update(
-            json.dumps(
-                {
-                    "run": self.run_uri,
-                    "sigmas": sorted(self.sigmas),
-                    "bn": cfg.bn,
-                    "n0": cfg.n0,
-                    "n": cfg.n,
-                    "alpha": cfg.alpha,
-                    "seed": cfg.seed,
-                    "batch_size": cfg.batch_size,
-                    "data_source": self.data_source,
-                    "start": cfg.start,
-                    "skip": cfg.skip,
-                    "stop": self.stop,
-                    "max_images": cfg.max_images,
-                    "epoch": self.epoch,
-                    "device": self.device_type,
-                    "channels_last": self.channels_last,
-                    "fold_bn": self.fold_bn,
-                    "amp": self.effective_amp,
-                    **cfg.engine_options(self.device_type),
-                },
-                sort_keys=True,
-            ).encode()
-        )
+        facts = {"run": self.run_uri, "sigmas": sorted(self.sigmas), "bn": cfg.bn, "data_source": self.data_source, "epoch": self.epoch}
+        h.update(json.dumps({**facts, **cfg.identity(self.device_type)}, sort_keys=True).encode())
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_uri.rstrip("/").rpartition("/")[2]).strip(".-") or "run"
         return f"{name}-n{cfg.n}-{h.hexdigest()[:16]}"
 
@@ -150,47 +132,19 @@ class CertifyPlan:
         return shard_key(sigma, shard, self.shards)
 
     def params(self, sigma: float) -> dict[str, Any]:
-        """What produced a result (stored with every shard and summary)."""
-        cfg = self.cfg
-        return {
-            "sigma": float(sigma),
-            "n0": cfg.n0,
-            "n": cfg.n,
-            "alpha": cfg.alpha,
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-            "bn": bn_set_for(cfg, sigma),
-            "model": self.model_config.arch,
-            "run": self.run_uri,
-            "epoch": self.epoch,
-            "data_source": self.data_source,
-            "data": self.data_description,
-            "start": cfg.start,
-            "skip": cfg.skip,
-            "stop": self.stop,
-            "max_images": cfg.max_images,
-            "device": self.device_type,
-            "channels_last": self.channels_last,
-            "fold_bn": self.fold_bn,
-            "amp": self.effective_amp,
-            **cfg.engine_options(self.device_type),
-            "run_id": self.run_id,
-            "shards": self.shards,
-        }
+        """What produced a result (stored with every shard and summary): the config's identity and
+        what the run and the data fixed."""
+        facts = {
+            "sigma": float(sigma), "bn": bn_set_for(self.cfg, sigma), "model": self.model_label, "run": self.run_uri,
+            "epoch": self.epoch, "data_source": self.data_source, "data": self.data_description,
+        }  # fmt: skip
+        merged = {**facts, **self.cfg.identity(self.device_type)}
+        ordered = {k: merged.pop(k) for k in _PARAMS_ORDER}
+        return {**ordered, **merged, "run_id": self.run_id, "shards": self.shards}
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
-        """The trained network in eval mode (BN statistics frozen; set a sigma's with set_bn_stats)."""
-        model = build_model(self.model_config)
-        model.load_state_dict(self.model_state)
-        return model.to(device).eval()
-
-    def base_classifier(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """The function f whose votes are counted, for the statistics now in ``net``: the network,
-        with BN folded into its convolutions (a copy), channels-last, under autocast, as the plan asks."""
-        f = fold_conv_bn(net) if self.fold_bn else net
-        if self.channels_last:
-            f = f.to(memory_format=torch.channels_last)
-        return _Autocast(f, self.amp, device) if self.effective_amp != "off" else f
+        """The network in eval mode (BN statistics frozen; set a sigma's with set_bn_stats)."""
+        return copy.deepcopy(self.network).to(device).eval()
 
     # --- the job (``jobs.engine.Job``): a unit is one (sigma, shard), stored as one Parquet object
 
@@ -258,67 +212,30 @@ class CertifyPlan:
         return CertifyResult(self.run_id, self.out.uri, outputs, self.out.object_uri("report.md"), computed, skipped)
 
 
-class _Autocast(torch.nn.Module):
-    """f under mixed precision: still one fixed function (so a valid base classifier), with fp32 logits."""
-
-    def __init__(self, model: torch.nn.Module, amp: str, device: torch.device) -> None:
-        super().__init__()
-        self.model, self.amp, self.device = model, amp, device
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.amp, self.device):
-            return self.model(x).float()
-
-
-def plan_certify(
-    run: Run,
-    cfg: CertifyConfig,
-    output: Storage,
-    *,
-    data_cfg: DataConfig | None = None,
-    shards: int | None = None,
-    stop: int | None = None,
-    device_type: str = "cpu",
-    channels_last: bool = False,
-    fold_bn: bool = False,
-    amp: str = "off",
-) -> CertifyPlan:
+def plan_certify(run: Run, cfg: CertifyConfig, output: Storage, *, device_type: str = "cpu") -> CertifyPlan:
     """Check everything a certification needs (checkpoint, every sigma's statistics, images,
-    shards, a writable output) so that a bad input fails in seconds, not after hours."""
-    sigmas = tuple(dict.fromkeys(check_sigma(s) for s in cfg.sigmas))
-    if amp not in ("off", "bf16", "fp16"):
-        raise TbnError(f"amp must be off, bf16 or fp16, got {amp!r}")
+    shards, a writable output) so that a bad input fails in seconds, not after hours.
+
+    ``device_type`` is where the shards will run (a CUDA generator draws other noise), not a setting."""
     model, ckpt = run.load_model("cpu")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    stats = {sigma: run.bn_stats(bn_set_for(cfg, sigma), model) for sigma in sigmas}
-    for sigma in sigmas:
+    trained = copy.deepcopy(model.state_dict())
+    stats = {sigma: run.bn_stats(bn_set_for(cfg, sigma), model) for sigma in cfg.unique_sigmas}
+    for sigma in cfg.unique_sigmas:
         set_bn_stats(model, stats[sigma])  # a set that does not fit the model fails here
-    d = load_data_for(ckpt, data_cfg)
-    test = d.test.by_index(select_test_indices(d, cfg, stop))
-    if shards is None:
-        shards = min(cfg.shards, len(test))  # the config's default, capped at one shard per image
-    elif not 1 <= shards <= len(test):
-        raise TbnError(f"--shards {shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer")
+    model.load_state_dict(trained)
+    d = load_data_for(ckpt, cfg.data)
+    test = d.test.by_index(select_test_indices(d, cfg))
+    if cfg.shards is None:
+        shards = min(DEFAULT_SHARDS, len(test))
+    elif cfg.shards > len(test):
+        raise TbnError(f"--shards {cfg.shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer")
+    else:
+        shards = cfg.shards
     output.check()
     plan = CertifyPlan(
-        run_uri=run.uri,
-        cfg=cfg,
-        sigmas=sigmas,
-        model_config=ckpt.config.model,
-        model_state=state,
-        epoch=ckpt.epoch,
-        stats=stats,
-        data_source=d.source,
-        data_description=d.description,
-        test=test,
-        stop=stop,
-        shards=shards,
-        output=output,
-        device_type=device_type,
-        channels_last=channels_last,
-        fold_bn=fold_bn,
-        amp=amp,
-    )
+        run_uri=run.uri, cfg=cfg, network=model, model_label=ckpt.config.model.label, epoch=ckpt.epoch, stats=stats,
+        data_source=d.source, data_description=d.description, test=test, shards=shards, output=output, device_type=device_type,
+    )  # fmt: skip
     refuse_other_shard_count(plan.out, plan.shards)  # one shard set per folder: `report` never has to pick
     return plan
 
@@ -361,25 +278,10 @@ class ShardCertifier:
         rows = np.array([self._row[int(i)] for i in idx], dtype=np.int64)
         set_bn_stats(self.net, plan.stats[sigma])
         if sigma not in self._classifiers:
-            self._classifiers[sigma] = plan.base_classifier(self.net, self.device)
+            self._classifiers[sigma] = base_classifier(self.net, cfg, self.device)
         started, t0 = time.time(), time.perf_counter()
         records = certify_examples(
-            self._classifiers[sigma],
-            plan.test.images[rows],
-            plan.test.labels[rows],
-            idx,
-            sigma=sigma,
-            n0=cfg.n0,
-            n=cfg.n,
-            alpha=cfg.alpha,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            device=self.device,
-            channels_last=plan.channels_last,
-            images_per_pass=cfg.images_per_pass,
-            adaptive=AdaptiveSampling.from_config(cfg.adaptive_sampling) if cfg.adaptive else None,
-            cudnn_autotune=cfg.cudnn_autotune,
-            compile_backend=cfg.compile,
+            self._classifiers[sigma], plan.test.images[rows], plan.test.labels[rows], idx, cfg, sigma=sigma, device=self.device
         )
         seconds = time.perf_counter() - t0
         meta = {
@@ -424,7 +326,7 @@ def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyO
     uses its complete set of shards and incomplete sigmas are left out (and named).
     """
     outputs = merge_shards(out, plan)
-    write_certification_report([{**o.summary, "params": o.summary} for o in outputs], out)
+    write_certification_report([{**o.summary, "params": o.summary, "location": f"{o.location}/summary.json"} for o in outputs], out)
     for o in outputs:  # the numbers themselves are printed once, as a table, by the command
         log(f"sigma={o.sigma:g}: {o.summary['images']} images -> {o.location}")
     return outputs
@@ -437,27 +339,8 @@ def run_plan_in_process(
     return run_in_process(plan, device, progress=progress, on_unit=on_shard)
 
 
-def certify_run(
-    run: Run,
-    cfg: CertifyConfig,
-    output: Storage,
-    *,
-    data_cfg: DataConfig | None = None,
-    device: str = "auto",
-    shards: int | None = None,
-    stop: int | None = None,
-    channels_last: bool = False,
-    fold_bn: bool = False,
-    amp: str = "off",
-    progress: bool = True,
-) -> list[CertifyOutput]:
+def certify_run(run: Run, cfg: CertifyConfig, output: Storage, *, device: str = "auto", progress: bool = True) -> list[CertifyOutput]:
     """CERTIFY every selected test image at each sigma with that sigma's frozen TBN statistics,
-    in this process, into ``output/<run-id>`` (resuming from the shards already there)."""
+    in this process on ``device``, into ``output/<run-id>`` (resuming from the shards already there)."""
     dev = resolve_device(device)
-    plan = plan_certify(
-        run, cfg, output, data_cfg=data_cfg, shards=shards, stop=stop, device_type=dev.type,
-        channels_last=channels_last, fold_bn=fold_bn, amp=amp,
-    )
-    return run_plan_in_process(plan, dev, progress=progress).outputs
-
-
+    return run_plan_in_process(plan_certify(run, cfg, output, device_type=dev.type), dev, progress=progress).outputs

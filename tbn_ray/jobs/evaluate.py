@@ -15,6 +15,7 @@ modes are ``science.bn_modes``; the report is ``reports.evaluation``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -28,14 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbn_ray.config import DataConfig, EvaluateConfig, ModelConfig, default
+from tbn_ray.config import DataConfig, EvaluateConfig, default
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs import engine
 from tbn_ray.jobs.engine import Metric, pending
 from tbn_ray.reports.evaluation import EVALUATE_DIR, RESULT_FORMAT, write_evaluation_report
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.bn_modes import BNMode, parse_bn_modes
-from tbn_ray.science.models import build_model
 from tbn_ray.science.tbn import CLEAN, BNStats, use_bn_stats
 from tbn_ray.store.cifar10c import index_text
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
@@ -95,8 +95,8 @@ class EvalPlan:
     ``plan_attack``); picklable and self-contained (weights, statistics, images) for Ray actors."""
 
     run_uri: str
-    model_config: ModelConfig
-    model_state: dict[str, torch.Tensor]
+    network: nn.Module  # on CPU, eval mode, clean statistics
+    model_label: str  # how results name the model
     epoch: int
     modes: tuple[BNMode, ...]
     stats: dict[str, BNStats]  # by stats name; always holds "clean"
@@ -107,6 +107,10 @@ class EvalPlan:
     root: Storage  # <run>/evaluate/<kind>
 
     kind = ""
+
+    @cached_property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
 
     # --- what each evaluation defines
 
@@ -151,9 +155,7 @@ class EvalPlan:
         return next(m for m in self.modes if m.spec == spec)
 
     def build_model(self, device: torch.device) -> nn.Module:
-        model = build_model(self.model_config)
-        model.load_state_dict(self.model_state)
-        return model.to(device).eval()
+        return copy.deepcopy(self.network).to(device).eval()
 
     def item_params(self, mode: BNMode, part: tuple[str, int]) -> dict[str, Any]:
         return {
@@ -298,8 +300,8 @@ def base_plan(
     test = select_test(d, start, stop)
     return {
         "run_uri": run.uri,
-        "model_config": ckpt.config.model,
-        "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "network": model,
+        "model_label": ckpt.config.model.label,
         "epoch": ckpt.epoch,
         "modes": parsed,
         "stats": stats,
@@ -342,7 +344,7 @@ def aggregate(plan: EvalPlan) -> dict[str, Any]:
         "eval_id": plan.eval_id,
         "run": plan.run_uri,
         "epoch": plan.epoch,
-        "model": plan.model_config.arch,
+        "model": plan.model_label,
         "data": plan.data_description,
         "data_source": plan.data_source,
         "test_images": len(plan.test),

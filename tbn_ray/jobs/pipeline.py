@@ -14,16 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.jobs.certify import certify_run
 from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
 from tbn_ray.science.data import data_meta
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError, log
 from tbn_ray.reports.training import write_metrics, write_metrics_plot
 from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, set_bn_stats, stats_distance
-from tbn_ray.science.training import Resume, fit, resolve_device
+from tbn_ray.science.noise_accuracy import accuracy_under_noise
+from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, stats_distance
+from tbn_ray.devices import resolve_device
+from tbn_ray.science.training import Resume, fit
 
 
 # --- train ------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def resume_from(ckpt: Checkpoint, cfg: TrainConfig, where: str) -> Resume:
 def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool = True) -> Checkpoint:
     """Adversarial training in this process, checkpointing every epoch; resumes unless ``fresh``."""
     device = resolve_device(cfg.device)
-    d = data_mod.load_from_config(cfg.data)
+    d = load_from_config(cfg.data)
     if fresh and (deleted := run.clear()):
         log(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
     log(f"training {cfg.model.arch} on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}")
@@ -147,34 +151,15 @@ def calibrate_run(
 # --- the paper's central effect, and the quickstart --------------------------------------
 
 
-@torch.no_grad()
 def noise_accuracy(
     run: Run, sigmas: tuple[float, ...], images: np.ndarray, labels: np.ndarray, *, draws: int = 4, seed: int = 0,
     batch_size: int = 500, device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Base-classifier accuracy under N(0, sigma^2 I) noise with clean vs TBN statistics, same noisy images."""
+    """The run's base-classifier accuracy under N(0, sigma^2 I) noise with clean vs TBN statistics."""
     dev = resolve_device(device)
     model, _ = run.load_model("cpu")
-    clean = get_bn_stats(model)
-    model = model.to(dev).eval()
-    x = data_mod.to_float(images)
-    y = torch.as_tensor(labels, dtype=torch.int64)
-    rows = []
-    for sigma in sigmas:
-        row: dict[str, Any] = {"sigma": float(sigma), "images": len(x), "draws": draws}
-        for label, stats in (("clean_bn", clean), ("tbn", run.bn_stats(bn_key(sigma), model))):
-            set_bn_stats(model, stats)
-            gen = torch.Generator().manual_seed(seed)  # the same noise for both statistics sets
-            correct = 0
-            for _ in range(draws):
-                for i in range(0, len(x), batch_size):
-                    xb = x[i : i + batch_size]
-                    noisy = (xb + sigma * torch.randn(xb.shape, generator=gen)).to(dev)
-                    correct += int((model(noisy).argmax(1).cpu() == y[i : i + batch_size]).sum())
-            row[f"accuracy_{label}"] = correct / (draws * len(x))
-        rows.append(row)
-    set_bn_stats(model, clean)
-    return rows
+    sets = {sigma: {"clean_bn": get_bn_stats(model), "tbn": run.bn_stats(bn_key(sigma), model)} for sigma in sigmas}
+    return accuracy_under_noise(model.to(dev), sets, images, labels, draws=draws, seed=seed, batch_size=batch_size, device=dev)
 
 
 def quickstart_run(config_path, root: Storage, *, data: str | None = None, device: str | None = None) -> dict[str, Any]:
@@ -190,11 +175,11 @@ def quickstart_run(config_path, root: Storage, *, data: str | None = None, devic
     ckpt = train_run(cfg.train, run)
     t_train = time.perf_counter() - t0
     calibrate_run(run, cfg.calibrate, device=cfg.train.device)
-    d = data_mod.load_from_config(ckpt.config.data)
+    d = load_from_config(ckpt.config.data)
     test = d.test.subset(np.arange(min(1000, len(d.test))))
     effect = noise_accuracy(run, cfg.calibrate.sigmas, test.images, test.labels, device=cfg.train.device)
     run.storage.write_json("noise_accuracy.json", {"rows": effect, **data_meta(d), "test_images": len(test)})
-    out = run.storage.child("certify")
+    out = certify_output(run)
     outputs = certify_run(run, cfg.certify, out, device=cfg.train.device)
     summaries = load_summaries(out)
     files = write_report(summaries, out, title=f"tbn-ray quickstart ({cfg.train.model.arch}, {d.description})")

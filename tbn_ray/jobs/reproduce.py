@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import ModelSpec, ReproduceConfig
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError, log
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key
-from tbn_ray.science.training import resolve_device
+from tbn_ray.devices import resolve_device
 from tbn_ray.store.reproduction import STAGES, Reproduction
 from tbn_ray.store.storage import Storage
 
@@ -67,11 +69,11 @@ def calibrate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[
 def certify_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
     from tbn_ray.jobs.certify import certify_run
 
-    run, out = rep.run(spec), rep.run(spec).storage.child("certify")
+    run = rep.run(spec)
+    out = certify_output(run)
     locations = {}
     for bn in ("tbn", "clean") if rep.cfg.certify_clean else ("tbn",):
-        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device,
-                              shards=rep.cfg.shards, progress=progress)  # fmt: skip
+        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device, progress=progress)
         locations[bn] = {f"{o.sigma:g}": o.location for o in outputs}
     return {"certify": locations}
 
@@ -85,7 +87,7 @@ def _noise(rep: Reproduction, spec: ModelSpec) -> str:
     params = {**n.model_dump(), "sigmas": list(rep.cfg.certify.sigmas)}
     if run.storage.exists(key) and run.storage.read_json(key).get("params") == params:
         return run.storage.object_uri(key)
-    d = data_mod.load_from_config(run.load_checkpoint().config.data)
+    d = load_from_config(run.load_checkpoint().config.data)
     test = d.test.subset(np.arange(min(n.images, len(d.test))))
     t0 = time.perf_counter()
     rows = noise_accuracy(run, rep.cfg.certify.sigmas, test.images, test.labels, draws=n.draws, seed=n.seed,

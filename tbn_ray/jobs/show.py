@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError
 from tbn_ray.reports.certify import radius_cap
 from tbn_ray.store.runs import BN_STATS, Run
@@ -95,7 +96,7 @@ def _sigma_line(store: Storage, sigma: str, files: list[str]) -> str:
 
 
 def _certifications(run: Run) -> Iterator[str]:
-    store = run.storage.child("certify")
+    store = certify_output(run)
     found: dict[str, dict[str, list[str]]] = {}
     for key in store.list():
         m = _SIGMA_FILE.match(key)

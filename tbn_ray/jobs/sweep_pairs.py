@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.engine import Metric
@@ -34,6 +35,7 @@ from tbn_ray.jobs.pipeline import calibrate_sigma
 from tbn_ray.reports.sweep import SPLIT_KEYS  # noqa: F401  (the row fields a split writes; read back by the report)
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.data import data_meta
+from tbn_ray.science.base_classifier import base_classifier
 from tbn_ray.science.smoothing import certify_examples, summarize
 from tbn_ray.store.results import write_results
 from tbn_ray.science.tbn import bn_key, use_bn_stats
@@ -149,14 +151,12 @@ def _trained_model(cfg: SweepConfig, run: Run, device: torch.device) -> tuple[nn
 
 
 def _certify_params(
-    cfg: SweepConfig, run: Run, ckpt: Checkpoint, eps: float, sigma: float, d: data_mod.Cifar10, split: dict[str, Any]
+    cfg: SweepConfig, run: Run, ckpt: Checkpoint, eps: float, sigma: float, d: data_mod.Cifar10, split: dict[str, Any], device: torch.device
 ) -> dict[str, Any]:
-    """What produced a pair's certification (``write_results``' params)."""
-    c = cfg.certify
+    """What produced a pair's certification (``write_results``' params): the certify config's identity and the pair."""
     return {
-        "sigma": float(sigma), "n0": c.n0, "n": c.n, "alpha": c.alpha, "seed": c.seed, "batch_size": c.batch_size,
-        "bn": bn_key(sigma), "model": ckpt.config.model.arch, "run": run.uri, "epoch": ckpt.epoch, "epsilon": eps,
-        "images": "held-out validation (not the test set)", **data_meta(d), **split,
+        "sigma": float(sigma), "bn": bn_key(sigma), "model": ckpt.config.model.label, "run": run.uri, "epoch": ckpt.epoch, "epsilon": eps,
+        "images": "held-out validation (not the test set)", **cfg.certify.identity(device.type), **data_meta(d), **split,
     }  # fmt: skip
 
 
@@ -167,7 +167,7 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
     set) and, last, row.json, whose presence marks the pair finished.
     """
     model, ckpt = _trained_model(cfg, run, device)
-    d = data_mod.load_from_config(ckpt.config.data)
+    d = load_from_config(ckpt.config.data)
     calibration, validation = split_heldout(d.heldout, cfg.validation.images)
     split = split_record(calibration, validation)
     # Clean and PGD accuracy with the trained (clean) BN statistics, under the sweep's one attack.
@@ -179,16 +179,13 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
         model, data_mod.to_float(calibration.images), sigma, cfg.calibrate, d, rule=SPLIT_RULE + " (calibration part)", device=device
     )
     calibrate_seconds = meta["seconds"]
-    c = cfg.certify
     t0 = time.perf_counter()
     with use_bn_stats(model, stats):
-        records = certify_examples(
-            model, validation.images, validation.labels, validation.index, sigma=sigma, n0=c.n0, n=c.n,
-            alpha=c.alpha, batch_size=c.batch_size, seed=c.seed, device=device,
-        )  # fmt: skip
+        f = base_classifier(model, cfg.certify, device)
+        records = certify_examples(f, validation.images, validation.labels, validation.index, cfg.certify, sigma=sigma, device=device)
     certify_seconds = time.perf_counter() - t0
     summary = summarize(records)
-    write_results(records, summary, out, _certify_params(cfg, run, ckpt, eps, sigma, d, split))
+    write_results(records, summary, out, _certify_params(cfg, run, ckpt, eps, sigma, d, split, device))
     Run(out).save_bn_sets({bn_key(sigma): {"stats": stats, "meta": meta}})
     row = {
         "epsilon": eps, "sigma": float(sigma), "run": run.uri, "checkpoint": run.storage.object_uri(CHECKPOINT),

@@ -13,6 +13,7 @@ a zero beyond it says "not certifiable at this n", not "the model fails there".
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from tbn_ray.errors import TbnError, log
@@ -249,8 +252,20 @@ def _plot(title: str, radii: list[str], rows, envelopes, reference) -> Figure:
         # steps-pre: between two tabulated radii the value of the larger one, a lower bound of the true curve
         return ax.plot(*zip(*points), drawstyle="steps-pre", marker="o", markersize=3, **style)[0]
 
+    def exact(row: dict[str, Any], **style: Any) -> Any:
+        """Certified accuracy at every radius from the per-image radii (Cohen et al.'s analysis):
+        it falls where images stop being certified, not only at the tabulated radii."""
+        r = np.asarray(row["radii_correct"], dtype=np.float64)
+        grid = np.linspace(0.0, float(radii[-1]), 451)
+        acc = 100 * (r[None, :] >= grid[:, None]).sum(axis=1) / row["images"]
+        drawn = ax.plot(grid, acc, **style)[0]
+        table = [(float(k), 100 * row["certified_accuracy"][k]) for k in radii if k in row["certified_accuracy"]]
+        ax.plot(*zip(*table), linestyle="none", marker="o", markersize=3, color=drawn.get_color())
+        return drawn
+
     for row in rows:
-        drawn = curve(row["certified_accuracy"], label=f"sigma={row['sigma']} ({row['bn']}, {row['model']})")
+        label = f"sigma={row['sigma']} ({row['bn']}, {row['model']})"
+        drawn = exact(row, label=label) if row.get("radii_correct") is not None else curve(row["certified_accuracy"], label=label)
         cap = row.get("radius_cap")
         if cap is not None and cap <= float(radii[-1]):
             ax.axvline(cap, color=drawn.get_color(), linestyle=":", linewidth=1, label=f"max certifiable r at sigma={row['sigma']}, n={row['n']}")
@@ -289,17 +304,34 @@ def write_report(
         raise TbnError("no certification summaries to report; run certification first")
     rows = sorted((_row(s) for s in summaries), key=lambda r: (*(str(r[k]) for k in SETUP_KEYS), r["sigma"]))
     envelopes = _envelopes(rows)
+    curves = [_radii_correct(s) for s in sorted(summaries, key=lambda s: (*(str(_row(s)[k]) for k in SETUP_KEYS), s["params"]["sigma"]))]
     reference = [{**ref, "radius_cap": _cap_of(ref)} for ref in COHEN_PUBLISHED]
     radii = sorted({r for row in (*rows, *reference) for r in row["certified_accuracy"]}, key=float)
     store = as_storage(out)
     report = {"title": title, "rows": rows, "envelopes": envelopes, "reference": reference}
+    plotted = [{**row, "radii_correct": c} for row, c in zip(rows, curves)]
     with store.writer("certified_accuracy.png") as f:
-        _plot(_plot_title(title, summaries), radii, rows, envelopes, reference).savefig(f, format="png")
+        _plot(_plot_title(title, summaries), radii, plotted, envelopes, reference).savefig(f, format="png")
     return {
         "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference) + (f"\n{extra}" if extra else "")),
         "certified_accuracy.png": store.object_uri("certified_accuracy.png"),
         "report.json": store.write_text("report.json", json.dumps(report, indent=2) + "\n"),
     }
+
+
+def _radii_correct(summary: dict[str, Any]) -> list[float] | None:
+    """The radius of every correctly certified image, from the radii.parquet beside the summary
+    (``location``); None where it cannot be read, and the curve then steps between report radii."""
+    where = summary.get("location")
+    if not where:
+        return None
+    try:
+        store = Storage.open(where.rpartition("/")[0])
+        table = pq.read_table(io.BytesIO(store.read_bytes("radii.parquet")), columns=["radius", "correct"]).to_pydict()
+    except (TbnError, OSError, ValueError, KeyError) as e:
+        log(f"report: per-image radii of {where} not read ({type(e).__name__}); its curve steps between report radii")
+        return None
+    return [r for r, c in zip(table["radius"], table["correct"]) if c]
 
 
 def write_certification_report(summaries: Sequence[dict[str, Any]], out: Storage) -> dict[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +29,9 @@ import torch
 from scipy.special import betaincinv, ndtri
 from torch import Tensor, nn
 
-from tbn_ray.config import REPORT_RADII, check_sigma
+from tbn_ray.config import REPORT_RADII, CertifyConfig, check_sigma
 from tbn_ray.errors import SoundnessError, TbnError
 from tbn_ray.science.sampling import PackedSampler, Procedure, check_logits, compiled, cudnn_benchmark
-
-if TYPE_CHECKING:
-    from tbn_ray.science.adaptive import AdaptiveSampling
 
 #: The prediction recorded when the smoothed classifier abstains.
 ABSTAIN = -1
@@ -296,61 +293,72 @@ def certify_examples(
     images: np.ndarray,
     labels: Sequence[int] | np.ndarray,
     indices: Sequence[int] | np.ndarray,
+    cfg: CertifyConfig,
     *,
     sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    batch_size: int,
-    seed: int,
     device: str | torch.device,
     num_classes: int = 10,
-    channels_last: bool = False,
     progress: bool = False,
-    images_per_pass: int = 1,
-    adaptive: AdaptiveSampling | None = None,
-    cudnn_autotune: bool = False,
-    compile_backend: str | None = None,
 ) -> list[dict[str, Any]]:
-    """CERTIFY each image with its own generator ``example_generator(seed, indices[i], device)``.
+    """CERTIFY each image at ``sigma`` with its own generator ``example_generator(cfg.seed, indices[i], device)``.
 
     ``images`` are uint8 NHWC arrays (the CIFAR-10 / CIFAR-10-C storage format: exact,
     and a quarter of the bytes of float32 when shipped to workers); ``images[i]`` is the
     dataset example ``indices[i]`` with label ``labels[i]``, so any shard of a run is
     certified by passing the matching rows and their dataset indices. Pixels become x/255.
+    ``model`` is the base classifier as it runs (``base_classifier.base_classifier``).
 
     One record per image: idx, label, predict (ABSTAIN = -1), radius, correct (0/1),
-    p_a_lower, count (votes for c_a_hat among the n draws), c_a_hat, n0, n, counts and
-    counts_selection (per-class votes of the n and n0 draws), time (seconds).
+    p_a_lower, count (votes for c_a_hat among the estimation draws), c_a_hat, n0, n, counts and
+    counts_selection (per-class votes of the estimation and the n0 selection draws), time
+    (seconds). With an adaptive design the estimation draws number at most n and the record says
+    how many (``samples``, ``n_bound``); p_a_lower is then the design's bound, not
+    Clopper-Pearson of count out of sum(counts).
 
-    Options, each changing the run's numbers (so each belongs in its run id):
-    ``images_per_pass`` > 1 packs that many images into each forward pass (``PackedSampler``:
-    same noise per image, other batch composition; a pass's time is shared out by rows);
-    ``adaptive`` plans each image's sample size, at most n (``adaptive.AdaptiveSampling``;
-    records add n_bound, samples, counts_pilot, planned_radius). On CUDA only,
-    ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
-    ``compile_backend`` (e.g. "inductor") runs the base classifier through torch.compile.
+    The sampling settings come from ``cfg`` (each changes the run's numbers, so each is part of
+    ``cfg.identity``): ``images_per_pass`` > 1 packs that many images into each forward pass
+    (``PackedSampler``: same noise per image, other batch composition; a pass's time is shared
+    out by rows); ``adaptive`` chooses each image's sample size, at most n: the sequential design
+    (``sequential.SequentialSampling``; records add n_bound, samples, looks, stopped) or the
+    pilot-planned one (``adaptive.AdaptiveSampling``; records add n_bound, samples,
+    counts_pilot, planned_radius).
+    On CUDA only, ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
+    ``compile`` (e.g. "inductor") runs the base classifier through torch.compile.
     """
     _check_images(images, labels, indices)
-    _check_sampling(alpha, n0=n0, n=n, images_per_pass=images_per_pass)
     device = _resolve_device(device)
-    smooth = Smooth(model, num_classes, sigma, batch_size=batch_size, device=device, channels_last=channels_last)
-    smooth.base = compiled(model, compile_backend)  # validated above, as the model itself
+    smooth = Smooth(model, num_classes, sigma, batch_size=cfg.batch_size, device=device, channels_last=cfg.channels_last)
+    smooth.base = compiled(model, cfg.compile)  # validated above, as the model itself
+    n0, n = cfg.n0, cfg.n
 
     def procedure() -> Procedure:
-        return adaptive.procedure(smooth.sigma, n0, n, alpha) if adaptive else cohen_certify(smooth.sigma, n0, n, alpha)
+        return make_procedure(cfg, smooth.sigma)
 
     def image(row: int) -> Tensor:
         # torch.tensor copies: arrays shipped between processes are often read-only
         return torch.tensor(images[row], device=device).permute(2, 0, 1).float().div(255)
 
-    generators = [example_generator(seed, int(i), device) for i in indices]
-    with cudnn_benchmark(device, cudnn_autotune):
-        if images_per_pass == 1:
+    generators = [example_generator(cfg.seed, int(i), device) for i in indices]
+    with cudnn_benchmark(device, cfg.cudnn_autotune):
+        if cfg.images_per_pass == 1:
             certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None)
         else:
-            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure() for _ in generators], images_per_pass)
+            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure() for _ in generators], cfg.images_per_pass)
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
+
+
+def make_procedure(cfg: CertifyConfig, sigma: float) -> Procedure:
+    """The certification procedure ``cfg`` asks for, for one image: Cohen's CERTIFY at fixed n, or
+    with an input-adaptive sample size."""
+    if cfg.adaptive and cfg.adaptive_design == "sequential":
+        from tbn_ray.science.sequential import SequentialSampling
+
+        return SequentialSampling.from_config(cfg.sequential).procedure(sigma, cfg.n0, cfg.n, cfg.alpha)
+    if cfg.adaptive:
+        from tbn_ray.science.adaptive import AdaptiveSampling
+
+        return AdaptiveSampling.from_config(cfg.adaptive_sampling).procedure(sigma, cfg.n0, cfg.n, cfg.alpha)
+    return cohen_certify(sigma, cfg.n0, cfg.n, cfg.alpha)
 
 
 def _certify_alone(

@@ -51,27 +51,6 @@ EpochCallback = Callable[[int, dict[str, Any], nn.Module, torch.optim.Optimizer,
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an explicit device must exist here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TbnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TbnError(f"device {name!r} requested but CUDA is not available here; use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TbnError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise TbnError(f"device {name!r} requested but MPS is not available here; use --device cpu (or auto)")
-    elif device.type != "cpu":
-        raise TbnError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed per (run seed, epoch, purpose), so a resumed epoch draws what it would have."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -22,7 +22,7 @@ def device_name(device: str) -> str:
     """What the report names as the hardware: the GPU's marketing name, else the CPU's."""
     import torch
 
-    from tbn_ray.science.training import resolve_device
+    from tbn_ray.devices import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda":

@@ -15,6 +15,7 @@ Everything is written as whole objects through ``storage.Storage`` and loaded wi
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -23,11 +24,12 @@ import torch
 import yaml
 from torch import nn
 
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.science import data as data_mod
 from tbn_ray.config import DataConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.science.models import build_model
-from tbn_ray.store.storage import Storage
+from tbn_ray.store.storage import Storage, default_storage_uri
 from tbn_ray.science.tbn import CLEAN, BNStats, get_bn_stats
 
 CHECKPOINT = "checkpoint.pt"
@@ -187,8 +189,14 @@ class Run:
 
     @staticmethod
     def open(uri: str) -> Run:
-        """A run directory, or a checkpoint file inside one (``.../run/checkpoint.pt``)."""
+        """A run directory, or a checkpoint file inside one (``.../run/checkpoint.pt``). A relative
+        path that names nothing here is looked up under the storage root (``$TBN_STORAGE``, else
+        ``./tbn-results``), where commands put runs: ``tbn-ray show quickstart`` finds the quickstart."""
         text = str(uri).rstrip("/")
+        if "://" not in text and not Path(text).is_absolute() and not Path(text).exists():
+            root = default_storage_uri().rstrip("/")
+            if root not in (".", "") and Storage.open(root).exists(text if text.endswith(".pt") else f"{text}/{CHECKPOINT}"):
+                text = f"{root}/{text}"
         if text.endswith(".pt"):
             parent, _, name = text.rpartition("/")
             return Run(Storage.open(parent or "."), name)
@@ -264,4 +272,4 @@ class Run:
 
 def load_data_for(ckpt: Checkpoint, override: DataConfig | None) -> data_mod.Cifar10:
     """The data the run was trained on, unless the user names another source."""
-    return data_mod.load_from_config(override if override is not None else ckpt.config.data)
+    return load_from_config(override if override is not None else ckpt.config.data)

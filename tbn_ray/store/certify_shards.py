@@ -11,19 +11,29 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tbn_ray.errors import TbnError, log
-from tbn_ray.jobs.layout import SHARD_KEY, refuse_two_shard_sets, shard_problem, shard_sets
+from tbn_ray.store.certify_layout import SHARD_KEY, refuse_two_shard_sets, shard_problem, shard_sets
 from tbn_ray.science.smoothing import summarize
 from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage, map_concurrently
 
-if TYPE_CHECKING:
-    from tbn_ray.jobs.certify import CertifyPlan
+
+
+class CertifyPlan(Protocol):
+    """What merging needs of a plan (``jobs.certify.CertifyPlan``): its sigmas and shards."""
+
+    sigmas: tuple[float, ...]
+    shards: int
+    indices: np.ndarray
+
+    def shard_indices(self, shard: int) -> np.ndarray: ...
 
 SHARD_FORMAT = "tbn-ray/certify-shard-v1"
 _SHARD_META = b"tbn_ray.shard"

@@ -85,3 +85,12 @@ def shard_problem(table: pa.Table, meta: Any) -> str | None:
             if column is None or not is_kind(column.type) or table.column(name).null_count:
                 return f"has no valid column {name!r}"
     return None
+
+
+#: Where a run's certifications go when no output is given: ``<run>/certify``.
+CERTIFY_DIR = "certify"
+
+
+def certify_output(run: Any, output: str | None = None) -> Storage:
+    """The results root of a certification: ``output`` if given, else the run's ``certify/`` folder."""
+    return Storage.open(output) if output else run.storage.child(CERTIFY_DIR)
