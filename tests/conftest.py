@@ -126,7 +126,7 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
 #: its own in a child process, mostly waiting on Ray's node and worker starts, so it runs beside them.
 RAY_FILES = frozenset({
     "test_cli.py", "test_ray_certify.py", "test_ray_evaluate.py", "test_ray_sweep.py", "test_ray_train.py", "test_signals.py",
-    "test_engine_claims.py",
+    "test_ray_claims.py",
 })  # fmt: skip
 
 
