@@ -83,7 +83,8 @@ class AttackPlan(EvalPlan):
         return [(a, k) for a in self.attacks for k in range(self.batches)]
 
     def describe_work(self) -> str:
-        return f"{', '.join(self.attacks)} ({self.threat.norm}, eps={self.threat.eps:g}, {self.threat.steps} steps) on {self.batches} batch(es)"
+        steps = f", {self.threat.steps} steps" if set(self.attacks) - {autoattack.NAME} else ""  # AutoAttack's are its own
+        return f"{', '.join(self.attacks)} ({self.threat.norm}, eps={self.threat.eps:g}{steps}) on {self.batches} batch(es)"
 
     def item_key(self, mode: BNMode, part: tuple[str, int]) -> str:
         return f"{mode.key(self.batch_size)}/{part[0]}/batch-{part[1]:05d}-of-{self.batches:05d}.json"

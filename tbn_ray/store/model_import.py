@@ -23,7 +23,7 @@ from torch import nn
 
 from tbn_ray.config import DataConfig, ModelConfig, ModelSource, TrainConfig
 from tbn_ray.errors import SoundnessError, TbnError, log
-from tbn_ray.science.external import Normalized, build_architecture, import_robustbench, split_callable, zoo_threat_models
+from tbn_ray.science.external import Normalized, build_architecture, import_robustbench, split_callable, zoo_constructor, zoo_threat_models
 from tbn_ray.science.smoothing import check_fixed_classifier
 from tbn_ray.science.tbn import _batch_norms, describe_bn, normalization_layers
 from tbn_ray.store.runs import Checkpoint, Run, make_checkpoint
@@ -221,12 +221,12 @@ def imported_model(
         if weights is not None:  # a zoo architecture with weights of the user's own
             source = ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset)
             model = build_architecture(source, NUM_CLASSES)
-            path = Path(weights)
+            path = Path(weights).resolve()
             load_weights(model, read_state_dict(path), str(path), source.label)
             files = [path]
         else:
-            build_architecture(ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset))  # names checked first
-            model, files = robustbench_weights(rest, threat_model, Path(model_dir or ROBUSTBENCH_MODEL_DIR), dataset)
+            zoo_constructor(rest, threat_model, dataset)  # the name and threat model checked before any download
+            model, files = robustbench_weights(rest, threat_model, Path(model_dir or ROBUSTBENCH_MODEL_DIR).resolve(), dataset)
         source = ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset,
                              weights=str(files[0] if len(files) == 1 else files[0].parent), weights_sha256=file_sha256(files))  # fmt: skip
     else:
@@ -235,7 +235,7 @@ def imported_model(
             raise TbnError("--threat-model and --model-dir are for robustbench:<name>; a module:callable takes --weights")
         if weights is None:
             raise TbnError(f"{spec} needs its weights: --weights FILE (a state_dict saved with torch.save(model.state_dict(), FILE))")
-        path = Path(weights)
+        path = Path(weights).resolve()
         state = read_state_dict(path)
         source = ModelSource(kind="callable", name=spec, dataset=dataset, normalize=normalize, weights=str(path), weights_sha256=file_sha256([path]))
         model = build_architecture(source, NUM_CLASSES)
