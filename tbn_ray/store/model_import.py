@@ -176,23 +176,31 @@ def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: 
 
 
 def check_importable(model: nn.Module, what: str) -> None:
-    """What every tbn-ray command assumes of a model, checked on two [0, 1] images: eval mode runs,
-    logits are (N, 10) and finite, every BatchNorm keeps running statistics."""
+    """What every tbn-ray command assumes of a model, checked on three [0, 1] images: eval mode runs,
+    logits are (N, 10), finite, and the same for an image alone as in a batch; every BatchNorm
+    keeps running statistics."""
     for name, bn in _batch_norms(model):
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
             raise TbnError(f"{what}: BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False); it always "
                            "normalises with the batch's statistics, so it has no fixed form to certify or to adapt")  # fmt: skip
-    x = torch.rand(2, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(3, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
             out = model.eval()(x)
+            alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))]) if isinstance(out, torch.Tensor) else out
     except Exception as e:  # noqa: BLE001 - the user's forward: whatever it raises is its failure
-        raise TbnError(f"{what} fails on CIFAR-10 images (2, 3, 32, 32): {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
-    if not isinstance(out, torch.Tensor) or out.shape != (2, NUM_CLASSES):
+        raise TbnError(f"{what} fails on CIFAR-10 images (3, 3, 32, 32): {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (3, NUM_CLASSES):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TbnError(f"{what} returns {shape} for 2 images; a CIFAR-10 classifier returns logits of shape (2, {NUM_CLASSES})")
+        raise TbnError(f"{what} returns {shape} for 3 images; a CIFAR-10 classifier returns logits of shape (3, {NUM_CLASSES})")
     if not bool(out.isfinite().all()):
         raise TbnError(f"{what} returns non-finite logits on [0, 1] images")
+    # randomized smoothing votes with a fixed function of each image (science.md, rule 1)
+    if not torch.allclose(out, alone, rtol=1e-3, atol=1e-4):
+        raise TbnError(
+            f"{what} in eval mode gives an image other logits in a batch than alone (max difference "
+            f"{float((out - alone).abs().max()):.3g}): its output depends on the batch, so it is no fixed classifier to certify or evaluate"
+        )
 
 
 def default_name(source: ModelSource) -> str:
