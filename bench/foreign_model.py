@@ -76,7 +76,8 @@ def markdown(f: dict[str, Any]) -> str:
                   "| sigma | BN | images | " + " | ".join(f"r={r}" for r in radii) + " | ACR | seconds |", "|" + "---|" * (5 + len(radii))]  # fmt: skip
         for row in c["rows"]:
             cells = " | ".join(pct(row["certified"].get(r)) for r in radii)
-            lines.append(f"| {row['sigma']:g} | {row['bn']} | {row['images']} | {cells} | {row['acr']:.3f} | {row['seconds']:.0f} |")
+            images = f"{row['images']} of {row['images_planned']}" if row.get("images_planned", row["images"]) != row["images"] else str(row["images"])
+            lines.append(f"| {row['sigma']:g} | {row['bn']} | {images} | {cells} | {row['acr']:.3f} | {row['seconds']:.0f} |")
         lines.append("")
     if "autoattack" in f:
         lines += ["## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics", "", "| threat | images | clean | AutoAttack | seconds |", "|---|---|---|---|---|"]
@@ -85,6 +86,42 @@ def markdown(f: dict[str, Any]) -> str:
     if f.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in f["notes"]], ""]
     return "\n".join(lines)
+
+
+def summarize_stored(run_dir: Path, figures: dict[str, Any], radii: tuple[str, ...] = ("0.0", "0.25", "0.5")) -> None:
+    """``--summarize``: certified accuracy from the shards stored so far (a run stopped for time),
+    each certification marked with how many of its planned images it holds."""
+    import pyarrow.parquet as pq
+
+    from tbn_ray.science.smoothing import summarize
+
+    found = []
+    for folder in sorted(run_dir.glob("certify/*/sigma=*")):
+        shards = sorted(folder.glob("shard-*.parquet"))
+        if shards:
+            meta = json.loads(pq.read_metadata(shards[0]).metadata[b"tbn_ray.shard"])
+            found.append((folder, meta, [r for f in shards for r in pq.read_table(f).to_pylist()]))
+    common = set.intersection(*({r["idx"] for r in records} for _, _, records in found)) if found else set()
+    rows, first = [], None
+    for folder, meta, records in found:  # every row on the same images: those all certifications hold
+        first = first or meta["params"]
+        s = summarize([r for r in records if r["idx"] in common])
+        records = [r for r in records if r["idx"] in common]
+        rows.append({
+            "sigma": meta["sigma"], "bn": "tbn" if meta["params"]["bn"].startswith("sigma=") else "clean", "images": s["images"],
+            "images_planned": meta["images_total"], "acr": s["acr"], "seconds": round(sum(r["time"] for r in records), 1),
+            "certified": {r: s["certified_accuracy"].get(r) for r in radii}, "location": str(folder),
+        })  # fmt: skip
+    if first is not None:
+        from scipy.special import ndtri
+
+        max_r = first["sigma"] * float(ndtri(first["alpha"] ** (1 / first["n"])))
+        figures["certify"] = {"n0": first["n0"], "n": first["n"], "alpha": first["alpha"], "radii": list(radii), "max_radius": max_r, "rows": rows}
+        if any(r["images"] < r["images_planned"] for r in rows):
+            figures.setdefault("notes", []).append(
+                "certification stopped for time: every row is on the same first test images, those all its certifications "
+                "finished (contiguous shards, in index order); 'seconds' is the sum of their per-image certification times"
+            )
 
 
 def main() -> None:
@@ -99,7 +136,16 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--aa-images", type=int, default=100)
     ap.add_argument("--aa-batch", type=int, default=25)
+    ap.add_argument("--summarize", action="store_true", help="only rewrite the figures from what the run holds (e.g. after stopping it)")
+    ap.add_argument("--note", action="append", default=[], help="a note for the figures (with --summarize)")
     args = ap.parse_args()
+    if args.summarize:
+        figures = json.loads((RESULTS / "foreign_model.json").read_text())
+        summarize_stored(Path(args.work) / "aa-example-resnet18", figures)
+        figures.setdefault("notes", []).extend(args.note)
+        write(figures)
+        print(markdown(figures))
+        return
 
     import pyautoattack
 
