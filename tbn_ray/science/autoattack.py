@@ -68,11 +68,11 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Attac
     if threat.norm not in _NORMS:
         raise TbnError(f"autoattack supports l2 and linf, got {threat.norm!r}")
     frozen = [p for p in model.parameters() if p.requires_grad]
-    devices = [x.device] if x.device.type == "cuda" else []
+    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.device.type == "cuda" else []
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
             adversary = aa.AutoAttack(model, norm=_NORMS[threat.norm], eps=threat.eps, version="standard", device=x.device, seed=int(seed))
             adversary.verbose = False
             # contiguous NCHW: its attacks .view() the inputs (channels-last or permuted ones fail)
