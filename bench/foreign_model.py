@@ -81,7 +81,8 @@ def markdown(f: dict[str, Any]) -> str:
         lines.append("")
     if "autoattack" in f:
         lines += ["## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics", "", "| threat | images | clean | AutoAttack | seconds |", "|---|---|---|---|---|"]
-        lines += [f"| {r['norm']} {r['eps_text']} | {r['images']} | {pct(r['clean'])} | {pct(r['autoattack'])} | {r['seconds']:.0f} |" for r in f["autoattack"]]
+        lines += [f"| {r['norm']} {r['eps_text']} | {r['images']}{'' if r.get('images_planned', r['images']) == r['images'] else ' of ' + str(r['images_planned'])} "
+                  f"| {pct(r['clean'])} | {pct(r['autoattack'])} | {r['seconds']:.0f} |" for r in f["autoattack"]]
         lines.append("")
     if f.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in f["notes"]], ""]
@@ -124,6 +125,26 @@ def summarize_stored(run_dir: Path, figures: dict[str, Any], radii: tuple[str, .
             )
 
 
+AA_THREATS = (("linf", "8/255", "8/255"), ("l2", "0.5", "0.5"))
+
+
+def summarize_autoattack(run: Run, figures: dict[str, Any], images: int, batch: int) -> None:
+    """``--summarize``: AutoAttack accuracy from the batches stored so far, per threat model."""
+    rows = []
+    for norm, eps, text in AA_THREATS:
+        plan = plan_attack(run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=batch, start=0, stop=images)
+        items = [json.loads(p.read_text()) for p in sorted(plan.out.local_path().glob("clean/autoattack/batch-*.json"))]
+        items = [i for i in items if i["params"] == plan.item_params(plan.modes[0], ("autoattack", i["params"]["batch"]))]
+        if not items:
+            continue
+        clean = [c for i in items for c in i["variants"]["standard"]["clean"]]
+        adv = [a for i in items for a in i["variants"]["standard"]["adversarial"]]
+        rows.append({"norm": norm, "eps_text": text, "images": len(clean), "images_planned": len(plan.test), "clean": sum(clean) / len(clean),
+                     "autoattack": sum(adv) / len(adv), "seconds": round(sum(i["seconds"] for i in items), 1)})  # fmt: skip
+    if rows:
+        figures["autoattack"] = rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/tbn-foreign-model", help="storage root of the imported run")
@@ -142,6 +163,7 @@ def main() -> None:
     if args.summarize:
         figures = json.loads((RESULTS / "foreign_model.json").read_text())
         summarize_stored(Path(args.work) / "aa-example-resnet18", figures)
+        summarize_autoattack(Run.open(str(Path(args.work) / "aa-example-resnet18")), figures, args.aa_images, args.aa_batch)
         figures.setdefault("notes", []).extend(args.note)
         write(figures)
         print(markdown(figures))
@@ -204,7 +226,7 @@ def main() -> None:
     write(figures)
 
     aa_rows = []
-    for norm, eps, text in (("linf", "8/255", "8/255"), ("l2", "0.5", "0.5")):
+    for norm, eps, text in AA_THREATS:
         t0 = time.perf_counter()
         plan = plan_attack(run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=args.aa_batch, start=0, stop=args.aa_images)
         res = run_in_process(plan, torch.device("cpu"), progress=False).result["modes"]["clean"]["variants"]["standard"]
