@@ -73,14 +73,14 @@ def markdown(f: dict[str, Any]) -> str:
         c = f["certify"]
         radii = c["radii"]
         lines += [f"## Certified accuracy (Cohen CERTIFY, n0={c['n0']}, n={c['n']}, alpha={c['alpha']}: radii above {c['max_radius']:.3f} cannot be certified at this n)", "",
-                  "| sigma | BN | images | " + " | ".join(f"r={r}" for r in radii) + " | ACR | seconds |", "|" + "---|" * (5 + len(radii))]  # fmt: skip
+                  "| sigma | BN | images | " + " | ".join(f"r={r}" for r in radii) + " | ACR | wall s |", "|" + "---|" * (5 + len(radii))]  # fmt: skip
         for row in c["rows"]:
             cells = " | ".join(pct(row["certified"].get(r)) for r in radii)
             images = f"{row['images']} of {row['images_planned']}" if row.get("images_planned", row["images"]) != row["images"] else str(row["images"])
             lines.append(f"| {row['sigma']:g} | {row['bn']} | {images} | {cells} | {row['acr']:.3f} | {row['seconds']:.0f} |")
         lines.append("")
     if "autoattack" in f:
-        lines += ["## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics", "", "| threat | images | clean | AutoAttack | seconds |", "|---|---|---|---|---|"]
+        lines += ["## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics", "", "| threat | images | clean | AutoAttack | wall s |", "|---|---|---|---|---|"]
         lines += [f"| {r['norm']} {r['eps_text']} | {r['images']}{'' if r.get('images_planned', r['images']) == r['images'] else ' of ' + str(r['images_planned'])} "
                   f"| {pct(r['clean'])} | {pct(r['autoattack'])} | {r['seconds']:.0f} |" for r in f["autoattack"]]
         lines.append("")
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--note", action="append", default=[], help="a note for the figures (with --summarize)")
     args = ap.parse_args()
     if args.summarize:
-        figures = json.loads((RESULTS / "foreign_model.json").read_text())
+        figures = {**json.loads((RESULTS / "foreign_model.json").read_text()), "notes": []}  # notes: this call's
         summarize_stored(Path(args.work) / "aa-example-resnet18", figures)
         summarize_autoattack(Run.open(str(Path(args.work) / "aa-example-resnet18")), figures, args.aa_images, args.aa_batch)
         figures.setdefault("notes", []).extend(args.note)
