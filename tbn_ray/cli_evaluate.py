@@ -165,7 +165,7 @@ def evaluate_attack(
     norm: Annotated[Optional[str], typer.Option(help=about("l2 | linf", EvaluateConfig, "norm"))] = None,
     eps: Annotated[Optional[str], typer.Option(help=about("budget in [0,1] pixel units, e.g. 0.5 or 8/255", EvaluateConfig, "eps"))] = None,
     config: ConfigOpt = None,
-    attack: Annotated[Optional[list[str]], typer.Option("--attack", help=about("pgd | apgd-ce, repeatable", EvaluateConfig, "attacks"))] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help=about("pgd | apgd-ce | autoattack (standard AutoAttack, frozen BN modes only; needs tbn-ray[zoo]), repeatable", EvaluateConfig, "attacks"))] = None,
     steps: Annotated[Optional[int], typer.Option(help=about("iterations per attack run", EvaluateConfig, "attack_steps"))] = None,
     restarts: Annotated[Optional[int], typer.Option(help=about("random restarts", EvaluateConfig, "restarts"))] = None,
     step_size: Annotated[Optional[float], typer.Option(help="PGD step size; APGD sets its own (default: 2.5 eps / steps)")] = None,
@@ -175,8 +175,8 @@ def evaluate_attack(
     data: DataOpt = None,
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
-    """Empirical robustness (PGD, APGD-CE) for each BN mode; test-batch modes are attacked through
-    their batch statistics. Into RUN/evaluate/; resumable like certify."""
+    """Empirical robustness (PGD, APGD-CE, AutoAttack) for each BN mode; test-batch modes are attacked through
+    their batch statistics (not by AutoAttack). Into RUN/evaluate/; resumable like certify."""
     from tbn_ray.jobs.evaluate_attack import plan_attack
     from tbn_ray.store.runs import Run
 

@@ -22,8 +22,9 @@ from torch import nn
 from tbn_ray.config import AttackConfig, DataConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.evaluate import ATTACKS, DEFAULT_ATTACK_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_RESTARTS, EvalPlan, Task, base_plan
+from tbn_ray.science import autoattack
 from tbn_ray.science import data as data_mod
-from tbn_ray.science.bn_modes import BNMode
+from tbn_ray.science.bn_modes import BNMode, parse_bn_modes
 from tbn_ray.science.robustness import ATTACK_VARIANTS, COUPLED_VARIANTS, attack_variants
 from tbn_ray.science.tbn import CLEAN
 from tbn_ray.store.runs import Run
@@ -32,12 +33,16 @@ from tbn_ray.store.runs import Run
 APGD = "APGD-CE, Croce & Hein 2020: momentum 0.75, rho 0.75, initial step 2 eps, checkpoints p_1=0.22"
 
 
+#: Every attack name; the default set (``ATTACKS``) is smaller, so stored evaluations keep their items.
+KNOWN_ATTACKS: tuple[str, ...] = (*ATTACKS, autoattack.NAME)
+
+
 def parse_attacks(names: Sequence[str]) -> tuple[str, ...]:
     if not names:
-        raise TbnError(f"no attack given (--attack); use {' or '.join(ATTACKS)}")
+        raise TbnError(f"no attack given (--attack); use {', '.join(KNOWN_ATTACKS)}")
     for name in names:
-        if name not in ATTACKS:
-            raise TbnError(f"unknown attack {name!r}; use {', '.join(ATTACKS)}")
+        if name not in KNOWN_ATTACKS:
+            raise TbnError(f"unknown attack {name!r}; use {', '.join(KNOWN_ATTACKS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -78,14 +83,18 @@ class AttackPlan(EvalPlan):
         return [(a, k) for a in self.attacks for k in range(self.batches)]
 
     def describe_work(self) -> str:
-        return f"{', '.join(self.attacks)} ({self.threat.norm}, eps={self.threat.eps:g}, {self.threat.steps} steps) on {self.batches} batch(es)"
+        steps = f", {self.threat.steps} steps" if set(self.attacks) - {autoattack.NAME} else ""  # AutoAttack's are its own
+        return f"{', '.join(self.attacks)} ({self.threat.norm}, eps={self.threat.eps:g}{steps}) on {self.batches} batch(es)"
 
     def item_key(self, mode: BNMode, part: tuple[str, int]) -> str:
         return f"{mode.key(self.batch_size)}/{part[0]}/batch-{part[1]:05d}-of-{self.batches:05d}.json"
 
     def item_params(self, mode: BNMode, part: tuple[str, int]) -> dict[str, Any]:
         # the batch size fixes which images an item holds, in every mode
-        return {**super().item_params(mode, part), "attack": part[0], "batch": part[1], "batches": self.batches, "batch_size": self.batch_size}
+        params = {**super().item_params(mode, part), "attack": part[0], "batch": part[1], "batches": self.batches, "batch_size": self.batch_size}
+        if part[0] == autoattack.NAME:  # another AutoAttack release is another attack
+            params["autoattack"] = autoattack.version()
+        return params
 
     def item_seed(self, part: tuple[str, int]) -> int:
         """Per (run seed, attack, batch): the same random starts for every mode and variant."""
@@ -112,7 +121,10 @@ class AttackPlan(EvalPlan):
 
     def result_fields(self, items: dict[BNMode, list[dict[str, Any]]]) -> dict[str, Any]:
         return {
-            "attack": {**self.threat_params(), "attacks": list(self.attacks), "apgd": APGD},
+            "attack": {
+                **self.threat_params(), "attacks": list(self.attacks), "apgd": APGD,
+                **({"autoattack": f"{autoattack.DESCRIPTION}, {autoattack.version()}"} if autoattack.NAME in self.attacks else {}),
+            },
             "source": self.data_description,
             "modes": {mode.key(self.batch_size): _mode_result(its, mode) for mode, its in items.items()},
         }
@@ -171,6 +183,10 @@ def plan_attack(
     threat = parse_config(
         AttackConfig, {"norm": norm, "eps": eps_value, "steps": steps, "restarts": restarts, "step_size": step_size}, "attack options"
     )
+    if autoattack.NAME in attacks:
+        for mode in parse_bn_modes(modes):
+            autoattack.check_frozen_bn(mode.batch, mode.spec)
+        autoattack.require_pyautoattack()  # installed: before any work
     base = base_plan(run, modes, batch_size=batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=AttackPlan.kind)
     run.storage.check()
     return AttackPlan(**base, attacks=attacks, threat=threat, seed=seed)

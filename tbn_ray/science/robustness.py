@@ -19,6 +19,7 @@ from torch import nn
 from tbn_ray.config import AttackConfig
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.attacks import apgd_ce, pgd
+from tbn_ray.science.autoattack import NAME as AUTOATTACK, autoattack, check_frozen_bn
 from tbn_ray.science.bn_modes import BNMode, bn_mode, used_bn_stats
 from tbn_ray.science.tbn import CLEAN, BNStats
 
@@ -71,12 +72,16 @@ def run_attack(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, threat: AttackConfig, *,
     seed: int, coupled: bool,
 ) -> torch.Tensor:
-    """``pgd`` or ``apgd-ce`` on the model as it is (its BN mode decides what is attacked).
+    """``pgd``, ``apgd-ce`` or ``autoattack`` on the model as it is (its BN mode decides what is attacked).
 
     ``coupled``: the model's prediction of one image depends on the batch, so restarts and
-    iterates are compared and kept as whole batches, never spliced per image. Random starts
-    come from a CPU generator seeded with ``seed``: the same starts on every device and mode.
+    iterates are compared and kept as whole batches, never spliced per image (AutoAttack
+    cannot do that and is refused). Random starts come from a CPU generator seeded with
+    ``seed``: the same starts on every device and mode; AutoAttack is seeded with ``seed``.
     """
+    if name == AUTOATTACK:
+        check_frozen_bn(coupled, "with batch statistics")
+        return autoattack(model, x, y, threat, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     if name == "apgd-ce":
         return apgd_ce(model, x, y, threat, generator=generator, per_example=not coupled)
@@ -104,7 +109,7 @@ def attack_variants(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Clean and adversarial correctness of one batch ``x`` (float NCHW in [0,1]) per variant.
 
-    Frozen modes: ``standard``. Batch modes: ``adaptive``, ``batch-1``, ``fixed-clean-batch``,
+    Frozen modes: ``standard``. Batch modes (not for ``autoattack``, refused): ``adaptive``, ``batch-1``, ``fixed-clean-batch``,
     ``non-adaptive`` (``ATTACK_VARIANTS``). Every variant draws the same random starts (``seed``).
     """
     def attacked(per_sample: bool = False, frozen: BNStats | None = None, coupled: bool = False) -> dict[str, np.ndarray]:
@@ -116,6 +121,8 @@ def attack_variants(
 
     if not mode.batch:
         return {"standard": attacked()}
+    if name == AUTOATTACK:
+        check_frozen_bn(True, mode.spec)
     out = {
         "adaptive": attacked(coupled=True),
         "batch-1": attacked(per_sample=True),

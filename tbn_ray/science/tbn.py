@@ -43,17 +43,48 @@ def bn_key(sigma: float) -> str:
     return f"sigma={float(sigma):g}"
 
 
+def _batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """Every ``_BatchNorm`` layer (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def normalization_layers(model: nn.Module) -> dict[str, int]:
+    """Normalization layer types and how many of each (``BatchNorm2d``, ``LayerNorm``, ``GroupNorm``...),
+    to say what a model normalises with when TBN refuses it or reports what it adapted."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, norms) or type(m).__name__.endswith("Norm"):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+def describe_bn(model: nn.Module) -> str:
+    """``20 BatchNorm layers (BatchNorm2d x 20)``: what TBN adapts in this model."""
+    kinds: dict[str, int] = {}
+    for _, m in _batch_norms(model):
+        kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    total = sum(kinds.values())
+    return f"{total} BatchNorm layer{'s' if total != 1 else ''} (" + ", ".join(f"{k} x {v}" for k, v in kinds.items()) + ")"
+
+
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """The layers TBN re-estimates; a model without any is refused, naming what it normalises with."""
+    layers = _batch_norms(model)
     if not layers:
-        raise TbnError("the model has no BatchNorm layers: test-time adaptive BN does not apply")
+        found = ", ".join(f"{k} x {v}" for k, v in normalization_layers(model).items()) or "no normalization layers at all"
+        raise TbnError(
+            f"the model has no BatchNorm layers ({found}): test-time adaptive BN has nothing to re-estimate; "
+            "use its own statistics (--bn clean) instead"
+        )
     return layers
 
 
 def get_bn_stats(model: nn.Module) -> BNStats:
-    """A detached CPU copy of the model's running statistics."""
+    """A detached CPU copy of the model's running statistics; empty for a model without BatchNorm
+    (its clean set: such a model is still a fixed classifier, only TBN does not apply to it)."""
     out: BNStats = {}
-    for name, bn in bn_layers(model):
+    for name, bn in _batch_norms(model):
         if bn.running_mean is None or bn.running_var is None:
             raise TbnError(f"BatchNorm layer {name!r} keeps no running statistics")
         out[name] = {
@@ -65,7 +96,7 @@ def get_bn_stats(model: nn.Module) -> BNStats:
 
 def set_bn_stats(model: nn.Module, stats: BNStats) -> None:
     """Copy a statistics set into the model's BN buffers (in place, same dtype/device)."""
-    layers = dict(bn_layers(model))
+    layers = dict(_batch_norms(model))
     if set(layers) != set(stats):
         missing = sorted(set(layers) - set(stats))[:3]
         extra = sorted(set(stats) - set(layers))[:3]
