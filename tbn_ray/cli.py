@@ -16,6 +16,7 @@ import typer
 
 import tbn_ray
 from tbn_ray.cli_evaluate import data_app, evaluate_app
+from tbn_ray.cli_import import import_model
 from tbn_ray.cli_options import (
     Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, Settings, StorageOpt, Where, about, about_run,
     check_local, config_options, data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root,
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(evaluate_app, name="evaluate")
+app.command("import", cls=Command)(import_model)
 
 
 def _version(value: bool) -> None:

@@ -36,6 +36,7 @@ from tbn_ray.jobs.engine import Metric, pending
 from tbn_ray.reports.evaluation import EVALUATE_DIR, RESULT_FORMAT, write_evaluation_report
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.bn_modes import BNMode, parse_bn_modes
+from tbn_ray.science.corruptions import CORRUPTIONS
 from tbn_ray.science.tbn import CLEAN, BNStats, use_bn_stats
 from tbn_ray.store.cifar10c import index_text
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
@@ -66,7 +67,7 @@ class Task:
 
     @property
     def label(self) -> str:
-        what = f"{self.part[0]} batch {self.part[1]}" if self.part[0] in ATTACKS else f"{self.part[0]} severity {self.part[1]}"
+        what = f"{self.part[0]} severity {self.part[1]}" if self.part[0] in CORRUPTIONS else f"{self.part[0]} batch {self.part[1]}"
         return f"{what} [{', '.join(self.modes)}]"
 
 

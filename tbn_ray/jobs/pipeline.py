@@ -25,7 +25,7 @@ from tbn_ray.reports.training import write_metrics, write_metrics_plot
 from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
 from tbn_ray.store.storage import Storage
 from tbn_ray.science.noise_accuracy import accuracy_under_noise
-from tbn_ray.science.tbn import CLEAN, bn_key, estimate_bn_stats, get_bn_stats, stats_distance
+from tbn_ray.science.tbn import CLEAN, bn_key, bn_layers, describe_bn, estimate_bn_stats, get_bn_stats, stats_distance
 from tbn_ray.devices import resolve_device
 from tbn_ray.science.training import Resume, fit
 
@@ -132,6 +132,7 @@ def calibrate_run(
     """Estimate and store one frozen BN statistics set per sigma on noisy held-out images."""
     dev = resolve_device(device)
     model, ckpt = run.load_model(dev)
+    bn_layers(model)  # a model without BatchNorm is refused before any data is loaded
     d = load_data_for(ckpt, data_cfg)
     heldout = data_mod.to_float(d.heldout.images)
     sets = run.load_bn_sets()
@@ -141,8 +142,8 @@ def calibrate_run(
         stats, meta = calibrate_sigma(model, heldout, sigma, cfg, d, rule="official train index % 10 == 9", device=dev, progress=progress)
         sets[bn_key(sigma)] = {"stats": stats, "meta": meta}
         log(
-            f"TBN {bn_key(sigma)}: {cfg.samples} noisy held-out samples from {len(d.heldout)} images, "
-            f"relative change vs clean statistics {stats_distance(stats, clean):.2f} ({meta['seconds']:.1f} s)"
+            f"TBN {bn_key(sigma)}: {describe_bn(model)} re-estimated from {cfg.samples} noisy held-out samples of "
+            f"{len(d.heldout)} images, relative change vs clean statistics {stats_distance(stats, clean):.2f} ({meta['seconds']:.1f} s)"
         )
     run.save_bn_sets(sets)
     return sets

@@ -34,6 +34,12 @@ def _training(run: Run) -> Iterator[str]:
         return
     ckpt = run.load_checkpoint()
     cfg = ckpt.config
+    source = cfg.model.source
+    if source is not None:  # imported: where it came from, no training of ours
+        digest = f", weights sha256 {source.weights_sha256[:16]}" if source.weights_sha256 else ""
+        yield f"model: {cfg.model.label}, imported{digest} ({run.checkpoint_key}, saved {ckpt.meta.get('saved', '?')})"
+        yield f"data: {ckpt.meta.get('data', cfg.data.source)}"
+        return
     yield f"model: {cfg.model.arch}, trained {ckpt.epoch} of {cfg.optim.epochs} epochs ({run.checkpoint_key}, saved {ckpt.meta.get('saved', '?')})"
     yield f"data: {ckpt.meta.get('data', cfg.data.source)}"
     attack = cfg.attack

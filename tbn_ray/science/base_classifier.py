@@ -14,6 +14,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as fold_conv_bn
 
 from tbn_ray.config import CertifyConfig
+from tbn_ray.errors import TbnError
 from tbn_ray.science.training import autocast
 
 
@@ -29,10 +30,18 @@ class Autocast(nn.Module):
             return self.model(x).float()
 
 
+def _folded(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with each BN folded into the convolution before it (torch.fx traces it)."""
+    try:
+        return fold_conv_bn(net)
+    except Exception as e:  # noqa: BLE001 - tracing fails in many ways on architectures from elsewhere
+        raise TbnError(f"--fold-bn: this architecture cannot be traced to fold its BatchNorm ({type(e).__name__}); certify without --fold-bn") from None
+
+
 def base_classifier(net: nn.Module, cfg: CertifyConfig, device: torch.device) -> nn.Module:
     """f for the statistics now in ``net`` (eval mode): BN folded into a copy, channels-last and
     autocast as ``cfg`` asks. Autocast applies on CUDA only, as in training."""
-    f = fold_conv_bn(net) if cfg.fold_bn else net
+    f = _folded(net) if cfg.fold_bn else net
     if cfg.channels_last:
         f = f.to(memory_format=torch.channels_last)
     f = Autocast(f, cfg.amp, device) if cfg.amp != "off" and device.type == "cuda" else f
