@@ -91,3 +91,21 @@ def test_an_address_where_no_cluster_answers_is_one_clean_line_within_seconds(ru
     assert "ray start --head" in line and "RAY_ADDRES)" not in line
     assert "dashboard" not in out.stdout  # refused before any Ray instance started
     assert took < 40, took
+
+
+@pytest.mark.parametrize(("given", "waited"), [(None, "240"), ("7", "7")])
+def test_a_new_dashboard_is_given_minutes_unless_the_user_says_otherwise(given: str | None, waited: str) -> None:
+    """Ray's 60 s is too short on a busy machine; the user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DASHBOARD_STARTUP_TIMEOUT_S"}
+    if given is not None:
+        env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = given
+    code = (
+        "import ray._private.services as services\n"
+        "from tbn_ray.distributed import runtime\n"
+        "runtime._wait_longer_for_the_dashboard()\n"
+        "print(services.ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [waited]

@@ -37,6 +37,12 @@ DEFAULT_DASHBOARD_PORT = 8265
 PROBE_TIMEOUT_S = 5.0
 #: Read by Ray's state API client in every process of the job (ray.dashboard.utils).
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+#: Ray's own setting for how long ray.init waits for a new dashboard (its default: 60 s).
+DASHBOARD_WAIT_ENV = "RAY_DASHBOARD_STARTUP_TIMEOUT_S"
+#: The wait used when that setting is not given: on a busy machine (a few CPU-bound processes
+#: per core) the dashboard takes over a minute to come up, and a certification then would fail
+#: before its first shard for a view that was only slow.
+DASHBOARD_WAIT_S = 240
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,7 @@ def _start_local(*, num_cpus: int | None, num_gpus: int | None, dashboard_port: 
 
     port = dashboard_port or _dashboard_port()
     url = f"http://{DASHBOARD_HOST}:{port}"
+    _wait_longer_for_the_dashboard()
     try:
         ray.init(
             address="local",  # a new instance, never a `ray start` cluster that happens to run on this machine
@@ -231,6 +238,19 @@ def _start_local(*, num_cpus: int | None, num_gpus: int | None, dashboard_port: 
     if cluster.dashboard_url != url:
         log(f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it")
     return cluster
+
+
+def _wait_longer_for_the_dashboard() -> None:
+    """Give a new dashboard ``DASHBOARD_WAIT_S`` unless the user set Ray's own variable.
+
+    Ray reads the variable once, when it is imported (``ray_constants``), and services.py looks
+    the constant up at each start: setting the constant is what reaches this process's start."""
+    if DASHBOARD_WAIT_ENV in os.environ:
+        return
+    from ray._private import ray_constants
+
+    if hasattr(ray_constants, DASHBOARD_WAIT_ENV):
+        setattr(ray_constants, DASHBOARD_WAIT_ENV, max(int(getattr(ray_constants, DASHBOARD_WAIT_ENV)), DASHBOARD_WAIT_S))
 
 
 def disconnect(cluster: RayCluster) -> None:
