@@ -29,7 +29,6 @@ full alpha, or a Clopper-Pearson bound after every batch stopped when it looks g
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
