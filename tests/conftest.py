@@ -2,6 +2,11 @@
 
 Ray worker processes cannot see an in-process ``@mock_aws``; they inherit the
 environment, so the server's endpoint and test credentials go into ``os.environ``.
+
+The suite is spread over xdist's two workers test by test (``--dist load``): each worker that runs
+a Ray test starts its own session instance (``ray_local``), and a module fixture that costs minutes
+shares its result across the workers itself (``test_gpu_session.rehearsal``). ``xdist_group`` is
+not used: with pytest >= 9 the xdist versions here ignore the marker.
 """
 
 from __future__ import annotations
@@ -118,21 +123,3 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
         yield cluster
     disconnect(cluster)
 
-
-#: Test files that use the session's Ray instance (or start their own beside it: local instances,
-#: Ray Train, Tune). They run one after another in one xdist worker, so those instances never
-#: compete; the other files are spread file by file (module fixtures built once) over the other
-#: worker. ``test_lost_node.py`` is not one of them: each of its tests runs a cluster of raylets of
-#: its own in a child process, mostly waiting on Ray's node and worker starts, so it runs beside them.
-RAY_FILES = frozenset({
-    "test_cli.py", "test_ray_certify.py", "test_ray_evaluate.py", "test_ray_train.py", "test_signals.py", "test_ray_claims.py",
-})  # fmt: skip
-#: The sweeps (Tune trials waiting on Ray Train's worker starts, minutes of mostly idle waiting) are a
-#: group of their own: whichever worker is free runs them, on a Ray instance of that worker's own,
-#: beside the rest of the Ray files instead of after them (CI's longest path).
-GROUPS = {"test_ray_sweep.py": "ray-sweep", **dict.fromkeys(RAY_FILES, "ray")}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.name, item.path.name)))
