@@ -249,8 +249,7 @@ def _wait_longer_for_the_dashboard() -> None:
         return
     from ray._private import ray_constants
 
-    if hasattr(ray_constants, DASHBOARD_WAIT_ENV):
-        setattr(ray_constants, DASHBOARD_WAIT_ENV, max(int(getattr(ray_constants, DASHBOARD_WAIT_ENV)), DASHBOARD_WAIT_S))
+    ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S, DASHBOARD_WAIT_S)
 
 
 def disconnect(cluster: RayCluster) -> None:

@@ -22,7 +22,8 @@ noisy samples (float64 sums), rather than PyTorch's average of per-batch varianc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -48,31 +49,35 @@ def _batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batc
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _kinds(modules: Iterable[nn.Module]) -> Counter[str]:
+    """How many modules of each type, in first-seen order."""
+    return Counter(type(m).__name__ for m in modules)
+
+
+def _listed(kinds: Counter[str]) -> str:
+    """``BatchNorm2d x 20, LayerNorm x 1``."""
+    return ", ".join(f"{k} x {v}" for k, v in kinds.items())
+
+
 def normalization_layers(model: nn.Module) -> dict[str, int]:
     """Normalization layer types and how many of each (``BatchNorm2d``, ``LayerNorm``, ``GroupNorm``...),
     to say what a model normalises with when TBN refuses it or reports what it adapted."""
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, norms) or type(m).__name__.endswith("Norm"):
-            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
-    return counts
+    return dict(_kinds(m for m in model.modules() if isinstance(m, norms) or type(m).__name__.endswith("Norm")))
 
 
 def describe_bn(model: nn.Module) -> str:
     """``20 BatchNorm layers (BatchNorm2d x 20)``: what TBN adapts in this model."""
-    kinds: dict[str, int] = {}
-    for _, m in _batch_norms(model):
-        kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    kinds = _kinds(m for _, m in _batch_norms(model))
     total = sum(kinds.values())
-    return f"{total} BatchNorm layer{'s' if total != 1 else ''} (" + ", ".join(f"{k} x {v}" for k, v in kinds.items()) + ")"
+    return f"{total} BatchNorm layer{'s' if total != 1 else ''} ({_listed(kinds)})"
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """The layers TBN re-estimates; a model without any is refused, naming what it normalises with."""
     layers = _batch_norms(model)
     if not layers:
-        found = ", ".join(f"{k} x {v}" for k, v in normalization_layers(model).items()) or "no normalization layers at all"
+        found = _listed(Counter(normalization_layers(model))) or "no normalization layers at all"
         raise TbnError(
             f"the model has no BatchNorm layers ({found}): test-time adaptive BN has nothing to re-estimate; "
             "use its own statistics (--bn clean) instead"
