@@ -44,7 +44,7 @@ def bn_key(sigma: float) -> str:
     return f"sigma={float(sigma):g}"
 
 
-def _batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+def batch_norms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """Every ``_BatchNorm`` layer (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants), in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -68,14 +68,14 @@ def normalization_layers(model: nn.Module) -> dict[str, int]:
 
 def describe_bn(model: nn.Module) -> str:
     """``20 BatchNorm layers (BatchNorm2d x 20)``: what TBN adapts in this model."""
-    kinds = _kinds(m for _, m in _batch_norms(model))
+    kinds = _kinds(m for _, m in batch_norms(model))
     total = sum(kinds.values())
     return f"{total} BatchNorm layer{'s' if total != 1 else ''} ({_listed(kinds)})"
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """The layers TBN re-estimates; a model without any is refused, naming what it normalises with."""
-    layers = _batch_norms(model)
+    layers = batch_norms(model)
     if not layers:
         found = _listed(Counter(normalization_layers(model))) or "no normalization layers at all"
         raise TbnError(
@@ -89,7 +89,7 @@ def get_bn_stats(model: nn.Module) -> BNStats:
     """A detached CPU copy of the model's running statistics; empty for a model without BatchNorm
     (its clean set: such a model is still a fixed classifier, only TBN does not apply to it)."""
     out: BNStats = {}
-    for name, bn in _batch_norms(model):
+    for name, bn in batch_norms(model):
         if bn.running_mean is None or bn.running_var is None:
             raise TbnError(f"BatchNorm layer {name!r} keeps no running statistics")
         out[name] = {
@@ -101,7 +101,7 @@ def get_bn_stats(model: nn.Module) -> BNStats:
 
 def set_bn_stats(model: nn.Module, stats: BNStats) -> None:
     """Copy a statistics set into the model's BN buffers (in place, same dtype/device)."""
-    layers = dict(_batch_norms(model))
+    layers = dict(batch_norms(model))
     if set(layers) != set(stats):
         missing = sorted(set(layers) - set(stats))[:3]
         extra = sorted(set(stats) - set(layers))[:3]

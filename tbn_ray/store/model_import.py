@@ -25,7 +25,7 @@ from tbn_ray.config import DataConfig, ModelConfig, ModelSource, TrainConfig
 from tbn_ray.errors import SoundnessError, TbnError, log
 from tbn_ray.science.external import Normalized, build_architecture, import_robustbench, split_callable, zoo_constructor, zoo_threat_models
 from tbn_ray.science.smoothing import check_fixed_classifier
-from tbn_ray.science.tbn import _batch_norms, describe_bn, normalization_layers
+from tbn_ray.science.tbn import batch_norms, describe_bn, normalization_layers
 from tbn_ray.store.runs import Checkpoint, Run, make_checkpoint
 from tbn_ray.store.storage import Storage
 
@@ -179,7 +179,7 @@ def check_importable(model: nn.Module, what: str) -> None:
     """What every tbn-ray command assumes of a model, checked on three [0, 1] images: eval mode runs,
     logits are (N, 10), finite, and the same for an image alone as in a batch; every BatchNorm
     keeps running statistics."""
-    for name, bn in _batch_norms(model):
+    for name, bn in batch_norms(model):
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
             raise TbnError(f"{what}: BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False); it always "
                            "normalises with the batch's statistics, so it has no fixed form to certify or to adapt")  # fmt: skip
@@ -274,7 +274,7 @@ def import_run(
     meta = {
         "imported": source.label, "weights": source.weights, "weights_sha256": source.weights_sha256,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "batchnorm": describe_bn(model) if _batch_norms(model) else "none", "normalization_layers": norms,
+        "batchnorm": describe_bn(model) if batch_norms(model) else "none", "normalization_layers": norms,
         "note": "imported, not trained by tbn-ray",
     }  # fmt: skip
     ckpt = make_checkpoint(model, cfg, 0, meta)
@@ -290,7 +290,7 @@ def import_run(
         log(f"note: certification will refuse this model: {e}")
     bn = meta["batchnorm"]
     log(f"imported {source.label} into {run.uri}: {meta['parameters']:,} parameters, BatchNorm: {bn}"
-        + ("" if _batch_norms(model) else f" (TBN does not apply; {', '.join(norms) or 'no normalization layers'}: use --bn clean)"))  # fmt: skip
+        + ("" if batch_norms(model) else f" (TBN does not apply; {', '.join(norms) or 'no normalization layers'}: use --bn clean)"))  # fmt: skip
     return run, ckpt
 
 
