@@ -195,7 +195,7 @@ def check_importable(model: nn.Module, what: str) -> None:
         raise TbnError(f"{what} returns {shape} for 3 images; a CIFAR-10 classifier returns logits of shape (3, {NUM_CLASSES})")
     if not bool(out.isfinite().all()):
         raise TbnError(f"{what} returns non-finite logits on [0, 1] images")
-    # randomized smoothing votes with a fixed function of each image (science.md, rule 1)
+    # randomized smoothing votes with a fixed function of each image (docs/method.md, rule 1)
     if not torch.allclose(out, alone, rtol=1e-3, atol=1e-4):
         raise TbnError(
             f"{what} in eval mode gives an image other logits in a batch than alone (max difference "
