@@ -55,7 +55,10 @@ def test_packed_and_adaptive_runs_have_their_own_ids_records_and_resume(run: Run
     assert len({fixed.run_id, packed.run_id, adaptive.run_id, sequential.run_id}) == 4
     s = _records(sequential.outputs[0].location)
     assert [r["c_a_hat"] for r in s] == [r["c_a_hat"] for r in _records(fixed.outputs[0].location)]
-    assert all(r["stopped"] in ("top", "settled", "abstain", "full") and r["n_bound"] <= sum(r["counts"]) <= base.n for r in s)
+    assert all(r["stopped"] in ("top", "settled", "abstain", "full", "misclassified") and r["n_bound"] <= sum(r["counts"]) <= base.n for r in s)
+    # a guess that is not the label is not sampled further (skip_misclassified, the default)
+    assert all((r["stopped"] == "misclassified") == (r["c_a_hat"] != r["label"]) for r in s)
+    assert all(r["samples"] == base.n0 and r["predict"] == -1 for r in s if r["stopped"] == "misclassified")
     seq_params = json.loads((Path(sequential.outputs[0].location) / "summary.json").read_text())["params"]["adaptive"]
     assert seq_params["design"] == "sequential" and seq_params["growth"] == CertifyConfig().sequential.growth
 

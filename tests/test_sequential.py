@@ -40,17 +40,20 @@ class EveryLookAtFullAlpha(SequentialSampling):
         return np.full(len(self.looks(n)), alpha)
 
 
-def failures(procedure, alpha: float, trials: int, seed: int, n: int = N) -> tuple[int, float, int]:  # type: ignore[no-untyped-def]
+def failures(procedure, alpha: float, trials: int, seed: int, n: int = N, wrong_labels: float | None = None) -> tuple[int, float, int]:  # type: ignore[no-untyped-def]
     """Certify ``trials`` inputs of a linear classifier at signed distance d from its hyperplane:
     P(class 1 vote) = Phi(d / sigma) exactly and the exact l2 radius is |d| (Cohen et al.,
-    Sec. 3.1). Votes are exact binomials; the procedure code is the real one. Returns (failures:
-    a wrong class certified or radius > |d|, certified share, distinct sample sizes used)."""
+    Sec. 3.1). Votes are exact binomials; the procedure code is the real one. With
+    ``wrong_labels``, each input comes with a label: its true class, or the other one at that
+    rate. Returns (failures: a wrong class certified or radius > |d|, certified share, distinct
+    sample sizes used)."""
     rng = np.random.default_rng(seed)
     failed, certified, sizes = 0, 0, set()
     for _ in range(trials):
         d = rng.choice([-1, 1]) * rng.uniform(0.02, 2.5) * SIGMA
         p1 = float(norm.cdf(d / SIGMA))
-        cert: Certificate = run_alone(procedure(SIGMA, N0, n, alpha), lambda k: rng.multinomial(k, [1 - p1, p1]))
+        label = () if wrong_labels is None else (int(d > 0) ^ int(rng.random() < wrong_labels),)
+        cert: Certificate = run_alone(procedure(SIGMA, N0, n, alpha, *label), lambda k: rng.multinomial(k, [1 - p1, p1]))
         sizes.add(cert.samples)
         if cert.prediction != ABSTAIN:
             certified += 1
@@ -69,14 +72,22 @@ DESIGNS = {
 }
 
 
+#: the default design given labels, this share of them wrong (skip_misclassified at work)
+LABELLED = "default, labels given, 30% wrong"
+
+
 @pytest.mark.parametrize("alpha, trials", [(0.01, 1500), (0.001, 2000)])
-@pytest.mark.parametrize("design", list(DESIGNS))
+@pytest.mark.parametrize("design", [*DESIGNS, LABELLED])
 def test_sequential_is_sound(design: str, alpha: float, trials: int) -> None:
-    failed, certified, sizes = failures(DESIGNS[design].procedure, alpha, trials, seed=list(DESIGNS).index(design))
+    wrong = 0.3 if design == LABELLED else None
+    seq = DESIGNS.get(design, DESIGNS["default"])
+    failed, certified, sizes = failures(seq.procedure, alpha, trials, seed=[*DESIGNS, LABELLED].index(design), wrong_labels=wrong)
     print(f"{design}, alpha {alpha}: {failed} failures in {trials} ({failed / trials:.4f}), {certified:.0%} certified, {sizes} sample sizes")
     # consistent with a failure rate <= alpha, and not vacuous: most certified, the sample size varied
     assert binomtest(failed, trials, alpha, alternative="greater").pvalue > 1e-3, failed
-    assert certified > 0.7 and sizes >= min(4, len(DESIGNS[design].looks(N))), (certified, sizes)
+    assert certified > 0.7 * (1 - (wrong or 0)) and sizes >= min(4, len(seq.looks(N))), (certified, sizes)
+    if wrong:  # about the wrong share abstained unsampled: certified < 1 - 0.3 * (most of the inputs' guesses)
+        assert certified < 1 - 0.2, certified
 
 
 def test_the_same_test_catches_invalid_shortcuts() -> None:
@@ -157,7 +168,7 @@ def test_sequential_on_a_real_model_through_both_engines() -> None:
     images, labels = partial_test_images(12)
     with np.load(SHARED_DATA / "cifar10-partial" / "cifar10_train_prefix.npz") as train:
         model = nearest_class_mean(train["images"], train["labels"]).float()
-    seq = SequentialSampling(first_look=50)
+    seq = SequentialSampling(first_look=50, skip_misclassified=False)
     kw = dict(sigma=0.12, n0=50, n=2000, alpha=0.001, batch_size=300, seed=0, device="cpu")
     fixed = certify_with(model, images, labels, range(12), **kw)
     runs = [certify_with(model, images, labels, range(12), **kw, images_per_pass=p, adaptive=seq) for p in (1, 1, 4, 4)]
@@ -178,3 +189,31 @@ def test_sequential_on_a_real_model_through_both_engines() -> None:
                       generator=example_generator(0, 3, "cpu"))  # fmt: skip
     assert replace(cert, seconds=0).extra_fields() == {k: runs[0][3][k] for k in ("n_bound", "samples", "looks", "stopped")}
     assert cert.radius == runs[0][3]["radius"]
+
+
+def test_skipping_misclassified_images_changes_no_certified_accuracy() -> None:
+    """With labels, an image whose selection guess is not its label abstains unsampled; every other
+    image gets the very certificate it gets without skipping (same seeds), so certified accuracy at
+    every radius and ACR are the same numbers, for fewer forward passes. Real model, real images."""
+    images, labels = partial_test_images(40)
+    with np.load(SHARED_DATA / "cifar10-partial" / "cifar10_train_prefix.npz") as train:
+        model = nearest_class_mean(train["images"], train["labels"]).float()
+    kw = dict(sigma=0.25, n0=50, n=2000, alpha=0.001, batch_size=300, seed=0, device="cpu")
+    every = certify_with(model, images, labels, range(40), **kw, adaptive=SequentialSampling(first_look=50, skip_misclassified=False))
+    for per_pass in (1, 4):
+        skip = certify_with(model, images, labels, range(40), **kw, images_per_pass=per_pass, adaptive=SequentialSampling(first_look=50))
+        wrong = [r["c_a_hat"] != r["label"] for r in skip]
+        assert 5 <= sum(wrong) <= 35  # both kinds present (a weak model: many guesses are wrong)
+        for r, e, w in zip(skip, every, wrong):
+            assert r["counts_selection"] == e["counts_selection"] and r["c_a_hat"] == e["c_a_hat"]
+            if w:
+                assert (r["stopped"], r["predict"], r["radius"], r["samples"], r["looks"], r["correct"]) == ("misclassified", ABSTAIN, 0.0, 50, 0, 0)
+                assert e["correct"] == 0 and e["samples"] > 50  # without skipping: sampled, and wrong all the same
+            elif per_pass == 1:  # the same noise stream: the same certificate
+                assert {k: v for k, v in r.items() if k != "time"} == {k: v for k, v in e.items() if k != "time"}
+        a, b = summarize(skip), summarize(every)
+        if per_pass == 1:
+            assert a["certified_accuracy"] == b["certified_accuracy"] and a["acr"] == b["acr"]
+        assert a["misclassified_unsampled"] == np.mean(wrong) and "misclassified_unsampled" not in b
+        assert a["abstain_rate"] == np.mean([r["predict"] == ABSTAIN and not w for r, w in zip(skip, wrong)])
+        assert a["forward_passes_per_image"] < b["forward_passes_per_image"] - 0.5 * np.mean(wrong) * (b["forward_passes_per_image"] - 50)

@@ -137,6 +137,7 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
         "certified_accuracy": summary["certified_accuracy"],
         "acr": summary["acr"],
         "abstain_rate": summary["abstain_rate"],
+        **({"misclassified_unsampled": summary["misclassified_unsampled"]} if "misclassified_unsampled" in summary else {}),
         "bn_mode": mode,
         "setup": json.dumps([mode, summary["images"], *(params.get(k) for k in SAME_SETUP)], default=str),
     }
@@ -227,6 +228,9 @@ def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
         f"(all n votes for one class give pA_lower = alpha^(1/n)). {ABOVE_CAP} marks radii above it: there certified "
         "accuracy is 0 whatever the model; more samples (n) raise the cap. On the plot, the dotted vertical lines.",
         "",
+        *[f"sigma={row['sigma']}: {_percent(row['misclassified_unsampled'])}% of the images were not sampled past the "
+          "selection draws, whose guess was not their label (sequential design, skip_misclassified): they count in no "
+          "certified accuracy and no ACR whatever is drawn; abstain % leaves them out.\n" for row in rows if row.get("misclassified_unsampled")],
         "The envelope row picks, at each radius, the sigma with the highest certified accuracy after the fact; "
         "it is not the accuracy of any single smoothed classifier.",
         "",

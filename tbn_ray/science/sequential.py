@@ -4,6 +4,9 @@
 rounds and a look after each:
 
 1. n0 selection draws -> c_A (the same first request as fixed-n CERTIFY, so the same class);
+   when the image's label is given and c_A is not it, stop here and abstain (``skip_misclassified``):
+   the certificate's class is c_A or none, so the image counts in no certified accuracy and no ACR
+   whatever is drawn next, under this design and under fixed n alike (the same selection draws);
 2. estimation draws up to the cumulative sizes N_1 < ... < N_K = n of ``looks(n)``, a
    schedule fixed before any draw (N_j = n / ``growth``^(K-j), none below ``first_look``);
    every estimation vote counts. At look j, L_j = the one-sided Clopper-Pearson lower bound of
@@ -23,7 +26,7 @@ p_cA) <= sum_j alpha_j <= alpha (union bound). Outside that event every L_j <= p
 is the maximum over the looks taken, whenever and however the procedure stops: the stopping
 rule (the upper bound included) may use anything, since the event does not depend on it. So
 P(pA_lower > p_cA) <= alpha and the certificate holds with probability >= 1 - alpha, as
-Cohen's. What would NOT hold (tests/test_sequential.py shows both failing): each look at the
+Cohen's. Stopping at a wrong guess claims nothing (an abstention), so it is sound for any label. What would NOT hold (tests/test_sequential.py shows both failing): each look at the
 full alpha, or a Clopper-Pearson bound after every batch stopped when it looks good.
 """
 
@@ -45,7 +48,7 @@ from tbn_ray.science.smoothing import ABSTAIN, Certificate, lower_confidence_bou
 _DEFAULTS = SequentialConfig()
 
 #: Why a sequential certificate stopped (its ``stopped`` field).
-STOP_REASONS = ("top", "settled", "abstain", "full")
+STOP_REASONS = ("top", "settled", "abstain", "full", "misclassified")
 
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -83,6 +86,7 @@ class SequentialSampling:
     final_share: float = _DEFAULTS.final_share  # share of alpha at the last look (n); the others share the rest
     spend: float = _DEFAULTS.spend  # the others' shares grow as (look size) ** spend: 0 even, 1 in proportion to the draws
     stop_alpha: float = _DEFAULTS.stop_alpha  # optimistic upper bound's level, used only to stop
+    skip_misclassified: bool = _DEFAULTS.skip_misclassified  # abstain at once when the guess is not the given label
     radii: tuple[float, ...] = field(default=REPORT_RADII)  # the report radii whose crossing ends sampling
 
     def __post_init__(self) -> None:
@@ -112,14 +116,17 @@ class SequentialSampling:
         alphas = _schedule(self.first_look, self.growth, self.final_share, self.spend, n, alpha)[1]
         return alphas * min(1.0, alpha / float(alphas.sum()))  # float rounding never above alpha
 
-    def procedure(self, sigma: float, n0: int, n: int, alpha: float) -> Procedure:
-        """CERTIFY with a sample size chosen while sampling (at most n estimation draws)."""
+    def procedure(self, sigma: float, n0: int, n: int, alpha: float, label: int | None = None) -> Procedure:
+        """CERTIFY with a sample size chosen while sampling (at most n estimation draws); ``label``,
+        when given, is the image's true class (see ``skip_misclassified``)."""
         looks, alphas = self.looks(n), self.look_alphas(n, alpha)
         need = ndtr(np.asarray(self.radii) / sigma)  # pA_lower >= Phi(r / sigma) certifies r; 1/2 at r = 0
         # draw n0 samples and use them to take a guess at the top class
         counts_selection = yield n0
         c_a_hat = int(counts_selection.argmax())
         votes, drawn, best, best_look, stopped = np.zeros_like(counts_selection), 0, 0.0, 0, "full"
+        if self.skip_misclassified and label is not None and c_a_hat != label:
+            return SequentialCertificate(ABSTAIN, 0.0, 0.0, c_a_hat, counts_selection, votes, n_bound=0, looks=0, stopped="misclassified")
         for j, size in enumerate(looks):
             # fresh draws up to the j-th look, all in the bound: a Clopper-Pearson bound at alpha_j
             votes = votes + (yield int(size) - drawn)

@@ -319,7 +319,9 @@ def certify_examples(
     ``cfg.identity``): ``images_per_pass`` > 1 packs that many images into each forward pass
     (``PackedSampler``: same noise per image, other batch composition; a pass's time is shared
     out by rows); ``adaptive`` chooses each image's sample size, at most n: the sequential design
-    (``sequential.SequentialSampling``; records add n_bound, samples, looks, stopped) or the
+    (``sequential.SequentialSampling``; records add n_bound, samples, looks, stopped; an image
+    whose selection guess is not its label is not sampled further and abstains, stopped
+    "misclassified", unless ``sequential.skip_misclassified`` is off) or the
     pilot-planned one (``adaptive.AdaptiveSampling``; records add n_bound, samples,
     counts_pilot, planned_radius).
     On CUDA only, ``cudnn_autotune`` turns on cuDNN's per-shape algorithm search for the call;
@@ -331,8 +333,8 @@ def certify_examples(
     smooth.base = compiled(model, cfg.compile)  # validated above, as the model itself
     n0, n = cfg.n0, cfg.n
 
-    def procedure() -> Procedure:
-        return make_procedure(cfg, smooth.sigma)
+    def procedure(row: int) -> Procedure:
+        return make_procedure(cfg, smooth.sigma, label=int(labels[row]))
 
     def image(row: int) -> Tensor:
         # torch.tensor copies: arrays shipped between processes are often read-only
@@ -343,17 +345,17 @@ def certify_examples(
         if cfg.images_per_pass == 1:
             certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None)
         else:
-            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure() for _ in generators], cfg.images_per_pass)
+            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure(r) for r in range(len(generators))], cfg.images_per_pass)
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
 
 
-def make_procedure(cfg: CertifyConfig, sigma: float) -> Procedure:
-    """The certification procedure ``cfg`` asks for, for one image: Cohen's CERTIFY at fixed n, or
-    with an input-adaptive sample size."""
+def make_procedure(cfg: CertifyConfig, sigma: float, *, label: int | None = None) -> Procedure:
+    """The certification procedure ``cfg`` asks for, for one image (of class ``label``, when known):
+    Cohen's CERTIFY at fixed n, or with an input-adaptive sample size."""
     if cfg.adaptive and cfg.adaptive_design == "sequential":
         from tbn_ray.science.sequential import SequentialSampling
 
-        return SequentialSampling.from_config(cfg.sequential).procedure(sigma, cfg.n0, cfg.n, cfg.alpha)
+        return SequentialSampling.from_config(cfg.sequential).procedure(sigma, cfg.n0, cfg.n, cfg.alpha, label)
     if cfg.adaptive:
         from tbn_ray.science.adaptive import AdaptiveSampling
 
@@ -365,17 +367,17 @@ def _certify_alone(
     smooth: Smooth,
     image: Callable[[int], Tensor],
     generators: list[torch.Generator],
-    procedure: Callable[[], Procedure],
+    procedure: Callable[[int], Procedure],
     *,
     progress: str | None,
 ) -> list[Certificate]:
-    """One image at a time, each image's tensor made only when its turn comes; ``progress``: a bar's label."""
+    """One image at a time, each image's tensor and procedure made only when its turn comes; ``progress``: a bar's label."""
     rows: Iterable[int] = range(len(generators))
     if progress is not None:
         from tqdm import tqdm
 
         rows = tqdm(rows, desc=progress, unit="img")
-    return [smooth.run(procedure(), image(row), generator=generators[row]) for row in rows]
+    return [smooth.run(procedure(row), image(row), generator=generators[row]) for row in rows]
 
 
 def _certify_packed(
@@ -420,7 +422,11 @@ def _radius_key(r: float) -> str:
 
 
 def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT_RADII) -> dict[str, Any]:
-    """Certified accuracy at each radius (correct AND radius >= r), ACR, abstention rate."""
+    """Certified accuracy at each radius (correct AND radius >= r), ACR, abstention rate.
+
+    An image the sequential design left unsampled because its guess was not its label (stopped
+    "misclassified") is in ``misclassified_unsampled``, not in ``abstain_rate``: whether the
+    smoothed classifier abstains there was not asked, and either way it is not correct."""
     if not records:
         raise TbnError("no certification records to summarize")
     idx = [r["idx"] for r in records]
@@ -429,13 +435,15 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
     radius = np.array([r["radius"] for r in records], dtype=np.float64)
     correct = np.array([r["correct"] for r in records], dtype=bool)
     predict = np.array([r["predict"] for r in records])
+    unsampled = np.array([r.get("stopped") == "misclassified" for r in records], dtype=bool)
     radii = [float(r) for r in radii]
     return {
         "images": len(records),
         "radii": radii,
         "certified_accuracy": {_radius_key(r): float(np.mean(correct & (radius >= r))) for r in radii},
         "acr": float(np.mean(radius * correct)),
-        "abstain_rate": float(np.mean(predict == ABSTAIN)),
+        "abstain_rate": float(np.mean((predict == ABSTAIN) & ~unsampled)),
+        **({"misclassified_unsampled": float(np.mean(unsampled))} if unsampled.any() else {}),
         "clean_accuracy_smoothed": float(np.mean(correct)),
         "seconds_per_image": float(np.mean([r["time"] for r in records])),
         # adaptive records say how many forward passes each image took (fixed n: n0 + n for all)
