@@ -3,9 +3,11 @@ certification: forward passes per image, certified accuracy at every report radi
 
 Procedures compared, each run as the real code driven by ``smoothing.run_alone``:
 ``fixed`` (``smoothing.cohen_certify``), ``pilot`` (``adaptive.AdaptiveSampling.procedure``:
-n(x) planned from pilot draws) and ``sequential`` (``sequential.SequentialSampling.procedure``:
-looks at a fixed schedule, an anytime-valid bound). The votes of each request are drawn as
-one multinomial sample of the image's class probabilities.
+n(x) planned from pilot draws), ``sequential`` (``sequential.SequentialSampling.procedure``:
+looks at a fixed schedule, an anytime-valid bound; given each image's label, it does not sample
+an image further whose selection guess is wrong) and ``sequential-every`` (the same with
+``skip_misclassified`` off: every guess bounded, as fixed n does). The votes of each request are
+drawn as one multinomial sample of the image's class probabilities.
 
 Each image's class probabilities are drawn, once per repeat, from a Dirichlet posterior
 (Jeffreys prior) of its stored vote counts (``radii.parquet``: ``counts``, ``counts_selection``;
@@ -34,6 +36,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -49,7 +52,7 @@ from tbn_ray.science.sequential import SequentialSampling
 from tbn_ray.science.smoothing import ABSTAIN, cohen_certify, run_alone
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROCEDURES = ("fixed", "pilot", "sequential")
+PROCEDURES = ("fixed", "pilot", "sequential", "sequential-every")
 
 #: (band edges in radius, certified accuracy in % at the lower edges) per sigma
 COHEN = {
@@ -98,7 +101,7 @@ def simulate(probs: np.ndarray, labels: np.ndarray, sigma: float, procedures: di
             def sample(k: int) -> np.ndarray:
                 return shared.pop() if shared else rng.multinomial(k, p)
 
-            cert = run_alone(make(sigma, args.n0, args.n, args.alpha), sample)
+            cert = run_alone(make(sigma, args.n0, args.n, args.alpha, label=int(labels[i])), sample)
             out[f"radius_{mode}"][i] = cert.radius
             out[f"correct_{mode}"][i] = cert.prediction != ABSTAIN and cert.prediction == labels[i]
             out[f"passes_{mode}"][i] = cert.samples
@@ -173,7 +176,8 @@ def markdown(report: dict[str, Any]) -> str:
              "'oracle' knows each image's p_cA and takes the fewest draws that reach fixed n's report radius at the expected count "
              "(a yardstick no procedure can reach); 'oracle x2' gives it twice those draws, the margin a real procedure "
              "needs to learn p_cA while it samples (how hard a population is: populations with more images near a "
-             "report radius need more draws under every procedure).", "",
+             "report radius need more draws under every procedure). Both bound every image's top class, right or wrong: "
+             "compare them with 'sequential-every'; 'sequential' does not sample an image further whose guess is not its label.", "",
              "| population | sigma | procedure | passes ratio | max loss (points) | ACR change |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in report["sigmas"]:
         for mode, m in s["modes"].items():
@@ -204,7 +208,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("radii", nargs="+", help="radii.parquet files of a real certification (one per sigma), or cohen:<sigma>")
-    parser.add_argument("--procedures", type=lambda v: tuple(x for x in v.split(",") if x), default=("pilot", "sequential"),
+    parser.add_argument("--procedures", type=lambda v: tuple(x for x in v.split(",") if x), default=PROCEDURES[1:],
                         help=f"comma-separated, compared with fixed n: any of {', '.join(PROCEDURES[1:])}")
     pilot, seq = AdaptiveSampling(), SequentialSampling()
     parser.add_argument("--pilot", type=int, default=pilot.pilot)
@@ -234,7 +238,9 @@ def main() -> None:
     plan = AdaptiveSampling(pilot=args.pilot, tolerance=args.tolerance, margin=args.margin, max_loss=args.max_loss, extra_pilots=args.extra_pilots,
                             fractions=args.fractions)
     sequential = SequentialSampling(first_look=args.first_look, growth=args.growth, final_share=args.final_share, spend=args.spend, stop_alpha=args.stop_alpha)
-    makers = {"fixed": cohen_certify, "pilot": plan.procedure, "sequential": sequential.procedure}
+    every = replace(sequential, skip_misclassified=False)
+    makers = {"fixed": lambda *a, label: cohen_certify(*a), "pilot": lambda *a, label: plan.procedure(*a),
+              "sequential": sequential.procedure, "sequential-every": every.procedure}  # fmt: skip
     procedures = {m: makers[m] for m in ("fixed", *args.procedures)}
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,7 +248,8 @@ def main() -> None:
         "pilot": {"pilot": plan.pilot, "extra_pilots": list(plan.extra_pilots), "max_loss": plan.max_loss, "tolerance": plan.tolerance,
                   "margin": plan.margin, "fractions": [round(f, 6) for f in plan.fractions], "abstain_alpha": plan.abstain_alpha},  # fmt: skip
         "sequential": {"first_look": sequential.first_look, "growth": sequential.growth, "final_share": sequential.final_share, "spend": sequential.spend,
-                       "stop_alpha": sequential.stop_alpha, "looks": len(sequential.looks(args.n))},  # fmt: skip
+                       "stop_alpha": sequential.stop_alpha, "skip_misclassified": sequential.skip_misclassified,
+                       "looks": len(sequential.looks(args.n))},  # fmt: skip
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "repeats": args.repeats, "note": args.note,
         "sigmas": [run_sigma(path, procedures, args) for path in args.radii],
     }  # fmt: skip

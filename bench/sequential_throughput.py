@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tbn_ray.config import ModelConfig
+from tbn_ray.config import CertifyConfig, ModelConfig
 from tbn_ray.science.models import build_model
 from tbn_ray.science.sequential import SequentialSampling
 from tbn_ray.science.smoothing import certify_examples, summarize
@@ -66,9 +66,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mode: str, per_pass: int, args: argparse.Namespace) -> dict[str, Any]:
     counted = Counted(model)
     start, cpu = time.perf_counter(), time.process_time()
-    records = certify_examples(counted, images, labels, range(len(images)), sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                               batch_size=args.batch_size, seed=0, device="cpu", images_per_pass=per_pass,
-                               adaptive=SequentialSampling() if mode == "sequential" else None)  # type: ignore[arg-type]  # fmt: skip
+    cfg = CertifyConfig(sigmas=(args.sigma,), n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=0,
+                        images_per_pass=per_pass, adaptive=mode == "sequential", adaptive_design="sequential")  # fmt: skip
+    records = certify_examples(counted, images, labels, range(len(images)), cfg, sigma=args.sigma, device="cpu")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     s = summarize(records)
     return {"mode": mode, "images_per_pass": per_pass, "passes": counted.passes, "rows": counted.rows,

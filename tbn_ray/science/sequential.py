@@ -74,11 +74,12 @@ class SequentialSampling:
     """Settings of the sequential CERTIFY; see the module docstring for the procedure and its guarantee.
 
     Defaults chosen with ``bench/adaptive_sampling.py`` at n = 100,000, alpha = 0.001 (results in
-    ``bench/results/adaptive_sampling*.md``): 9.1x / 8.0x / 8.6x fewer forward passes than fixed n
-    at sigma 0.25 / 0.5 / 1.0 on populations shaped like published curves, 24.6x / 9.3x / 10.2x on
-    a quickstart model's votes; certified accuracy within 0.4 points at every report radius (the
-    loss sits at the highest one below the cap, where the last look's alpha_K < alpha shows).
-    ACR is 9-19% lower: images stop once their report radius is settled, not at the cap of n.
+    ``bench/results/adaptive_sampling*.md``): 9.6x / 9.7x / 23.7x fewer forward passes than fixed n
+    at sigma 0.25 / 0.5 / 1.0 on populations shaped like published curves (8.7x / 7.6x / 8.2x when
+    every guess is bounded, the wrong ones too), 63x / 18x / 22x on a quickstart model's votes;
+    certified accuracy within 0.3 points at every report radius (the loss sits at the highest one
+    below the cap, where the last look's alpha_K < alpha shows). ACR is 9-19% lower: images stop
+    once their report radius is settled, not at the cap of n.
     """
 
     first_look: int = _DEFAULTS.first_look  # fewest estimation draws at a look
