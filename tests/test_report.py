@@ -89,6 +89,16 @@ def test_report_table_plot_and_envelope(results_dir: Path, tmp_path: Path) -> No
     assert [ref["sigma"] for ref in report["reference"]] == [0.25, 0.5]
 
 
+def test_a_report_says_how_many_wrong_guesses_were_not_sampled(results_dir: Path, tmp_path: Path) -> None:
+    """Images the sequential design left unsampled are named beside abstain %, which leaves them out."""
+    low, high = sorted(load_summaries(results_dir), key=lambda s: s["params"]["sigma"])
+    paths = write_report([{**low, "misclassified_unsampled": 0.25}, high], tmp_path)
+    md = Path(paths["report.md"]).read_text()
+    assert md.count("were not sampled past the selection draws") == 1 and "sigma=0.25: 25.0% of the images" in md
+    rows = json.loads(Path(paths["report.json"]).read_text())["rows"]
+    assert [r.get("misclassified_unsampled") for r in rows] == [0.25, None]
+
+
 def test_envelope_only_across_sigma(results_dir: Path, tmp_path: Path) -> None:
     """An envelope may only pick sigma, never mix models, runs or BN statistics."""
     low, high = sorted(load_summaries(results_dir), key=lambda s: s["params"]["sigma"])
