@@ -26,7 +26,8 @@ p_cA) <= sum_j alpha_j <= alpha (union bound). Outside that event every L_j <= p
 is the maximum over the looks taken, whenever and however the procedure stops: the stopping
 rule (the upper bound included) may use anything, since the event does not depend on it. So
 P(pA_lower > p_cA) <= alpha and the certificate holds with probability >= 1 - alpha, as
-Cohen's. Stopping at a wrong guess claims nothing (an abstention), so it is sound for any label. What would NOT hold (tests/test_sequential.py shows both failing): each look at the
+Cohen's. Stopping at a wrong guess claims nothing (an abstention), so it is sound for any
+label. What would NOT hold (tests/test_sequential.py shows both failing): each look at the
 full alpha, or a Clopper-Pearson bound after every batch stopped when it looks good.
 """
 
