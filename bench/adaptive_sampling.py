@@ -253,9 +253,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "pilot": {"pilot": plan.pilot, "extra_pilots": list(plan.extra_pilots), "max_loss": plan.max_loss, "tolerance": plan.tolerance,
                   "margin": plan.margin, "fractions": [round(f, 6) for f in plan.fractions], "abstain_alpha": plan.abstain_alpha},  # fmt: skip
-        "sequential": {"first_look": sequential.first_look, "growth": sequential.growth, "final_share": sequential.final_share, "spend": sequential.spend,
-                       "stop_alpha": sequential.stop_alpha, "skip_misclassified": sequential.skip_misclassified,
-                       "looks": len(sequential.looks(args.n))},  # fmt: skip
+        "sequential": {**{k: v for k, v in vars(sequential).items() if k != "radii"}, "looks": len(sequential.looks(args.n))},
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "repeats": args.repeats, "note": args.note,
         "sigmas": [run_sigma(path, procedures, args) for path in args.radii],
     }  # fmt: skip

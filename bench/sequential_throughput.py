@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from tbn_ray.config import CertifyConfig, ModelConfig
 from tbn_ray.science.models import build_model
-from tbn_ray.science.sequential import SequentialSampling
 from tbn_ray.science.smoothing import certify_examples, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,7 +100,7 @@ def main() -> None:
     rows = [measure(model, images, labels, mode, p, args) for p in args.images_per_pass for mode in ("fixed", "sequential")]
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "model": described, "sigma": args.sigma, "images": len(images), "n0": args.n0, "n": args.n, "alpha": args.alpha,
-              "batch_size": args.batch_size, "threads": args.threads, "load": load, "sequential": SequentialSampling().__dict__ | {"radii": None}, "rows": rows}  # fmt: skip
+              "batch_size": args.batch_size, "threads": args.threads, "load": load, "sequential": CertifyConfig().sequential.model_dump(), "rows": rows}  # fmt: skip
     lines = ["# Sequential CERTIFY throughput (CPU)", "", f"{report['date']}; `{report['command']}`", "",
              f"{described}; {len(images)} CIFAR-10 test images, sigma={args.sigma}, n0={args.n0}, n={args.n}, alpha={args.alpha}, "
              f"batch {args.batch_size}, {args.threads} torch thread(s). 'fill' = rows per pass / batch size; 'cpu s' = this "

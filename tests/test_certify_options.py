@@ -14,6 +14,7 @@ import torch
 
 from tbn_ray.config import AdaptiveConfig, CertifyConfig, DataConfig
 from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
+from tbn_ray.science.sequential import STOP_REASONS
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
@@ -55,7 +56,7 @@ def test_packed_and_adaptive_runs_have_their_own_ids_records_and_resume(run: Run
     assert len({fixed.run_id, packed.run_id, adaptive.run_id, sequential.run_id}) == 4
     s = _records(sequential.outputs[0].location)
     assert [r["c_a_hat"] for r in s] == [r["c_a_hat"] for r in _records(fixed.outputs[0].location)]
-    assert all(r["stopped"] in ("top", "settled", "abstain", "full", "misclassified") and r["n_bound"] <= sum(r["counts"]) <= base.n for r in s)
+    assert all(r["stopped"] in STOP_REASONS and r["n_bound"] <= sum(r["counts"]) <= base.n for r in s)
     # a guess that is not the label is not sampled further (skip_misclassified, the default)
     assert all((r["stopped"] == "misclassified") == (r["c_a_hat"] != r["label"]) for r in s)
     assert all(r["samples"] == base.n0 and r["predict"] == -1 for r in s if r["stopped"] == "misclassified")

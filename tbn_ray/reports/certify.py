@@ -228,9 +228,10 @@ def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
         f"(all n votes for one class give pA_lower = alpha^(1/n)). {ABOVE_CAP} marks radii above it: there certified "
         "accuracy is 0 whatever the model; more samples (n) raise the cap. On the plot, the dotted vertical lines.",
         "",
-        *[f"sigma={row['sigma']}: {_percent(row['misclassified_unsampled'])}% of the images were not sampled past the "
-          "selection draws, whose guess was not their label (sequential design, skip_misclassified): they count in no "
-          "certified accuracy and no ACR whatever is drawn; abstain % leaves them out.\n" for row in rows if row.get("misclassified_unsampled")],
+        *[line for row in rows if row.get("misclassified_unsampled") for line in (
+            f"sigma={row['sigma']}: {_percent(row['misclassified_unsampled'])}% of the images were not sampled past the "
+            "selection draws, whose guess was not their label (sequential design, skip_misclassified): they count in no "
+            "certified accuracy and no ACR whatever is drawn; abstain % leaves them out.", "")],
         "The envelope row picks, at each radius, the sigma with the highest certified accuracy after the fact; "
         "it is not the accuracy of any single smoothed classifier.",
         "",

@@ -44,12 +44,12 @@ from tbn_ray.config import REPORT_RADII
 from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
-from tbn_ray.science.smoothing import ABSTAIN, Certificate, lower_confidence_bound
+from tbn_ray.science.smoothing import ABSTAIN, MISCLASSIFIED, Certificate, lower_confidence_bound
 
 _DEFAULTS = SequentialConfig()
 
 #: Why a sequential certificate stopped (its ``stopped`` field).
-STOP_REASONS = ("top", "settled", "abstain", "full", "misclassified")
+STOP_REASONS = ("top", "settled", "abstain", "full", MISCLASSIFIED)
 
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -128,7 +128,7 @@ class SequentialSampling:
         c_a_hat = int(counts_selection.argmax())
         votes, drawn, best, best_look, stopped = np.zeros_like(counts_selection), 0, 0.0, 0, "full"
         if self.skip_misclassified and label is not None and c_a_hat != label:
-            return SequentialCertificate(ABSTAIN, 0.0, 0.0, c_a_hat, counts_selection, votes, n_bound=0, looks=0, stopped="misclassified")
+            return SequentialCertificate(ABSTAIN, 0.0, 0.0, c_a_hat, counts_selection, votes, n_bound=0, looks=0, stopped=MISCLASSIFIED)
         for j, size in enumerate(looks):
             # fresh draws up to the j-th look, all in the bound: a Clopper-Pearson bound at alpha_j
             votes = votes + (yield int(size) - drawn)

@@ -35,6 +35,8 @@ from tbn_ray.science.sampling import PackedSampler, Procedure, check_logits, com
 
 #: The prediction recorded when the smoothed classifier abstains.
 ABSTAIN = -1
+#: The ``stopped`` of a record left unsampled after its selection guess was not its label.
+MISCLASSIFIED = "misclassified"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -435,7 +437,7 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
     radius = np.array([r["radius"] for r in records], dtype=np.float64)
     correct = np.array([r["correct"] for r in records], dtype=bool)
     predict = np.array([r["predict"] for r in records])
-    unsampled = np.array([r.get("stopped") == "misclassified" for r in records], dtype=bool)
+    unsampled = np.array([r.get("stopped") == MISCLASSIFIED for r in records], dtype=bool)
     radii = [float(r) for r in radii]
     return {
         "images": len(records),
