@@ -22,7 +22,7 @@ from tbn_ray.cli_options import (
     check_local, config_options, data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root,
     where_options,
 )  # fmt: skip
-from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, RuntimeConfig, TrainConfig, parse_config
+from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, NoiseTrainingConfig, RuntimeConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError, log
 from tbn_ray.store.storage import DEFAULT_STORAGE
 
@@ -68,6 +68,8 @@ def train(
     name: Annotated[Optional[str], typer.Option(help=about("run name", TrainConfig, "name"))] = None,
     storage: StorageOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="training epochs (default: the config's optim.epochs)")] = None,
+    objective: Annotated[Optional[str], typer.Option(help=about("training objective: adversarial (PGD) | gaussian | consistency", TrainConfig, "objective"))] = None,
+    noise_sigma: Annotated[Optional[float], typer.Option(help=about("noise level of the gaussian and consistency objectives", NoiseTrainingConfig, "sigma"))] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="start over instead of resuming")] = False,
@@ -80,7 +82,9 @@ def train(
     max_failures: Annotated[Optional[int], typer.Option(help=ray_about("worker failures recovered from the last checkpoint", "max_failures"))] = None,
     start_timeout: Annotated[Optional[float], typer.Option(help=ray_about("seconds to wait for the workers to be placed, per attempt", "start_timeout_s"))] = None,
 ) -> None:
-    """PGD adversarial training on Ray Train (DDP), or in this process with --local; resumes the run of the same name.
+    """Training on Ray Train (DDP), or in this process with --local; resumes the run of the same name.
+
+    --objective adversarial (default) is PGD adversarial training; gaussian and consistency are the randomized-smoothing baselines (Cohen et al.; Jeong & Shin) at --noise-sigma.
 
     The global batch size (optim.batch_size) is the same for any number of workers: each worker trains on batch_size / workers images per step.
     """
@@ -94,6 +98,7 @@ def train(
     check_local(local, device, "--gpus-per-worker", {"--address": address, **{f: v for f, (_, v) in ray_flags.items()}})
     cfg = load_flags(config, {
         "--name": ("train.name", name), "--epochs": ("train.optim.epochs", epochs), "--data": ("train.data.source", data),
+        "--objective": ("train.objective", objective), "--noise-sigma": ("train.noise.sigma", noise_sigma),
         "--device": ("train.device", device), **ray_flags,
     })  # fmt: skip
     root = storage_root(storage)

@@ -18,7 +18,7 @@ Run directory ``<storage>/<run name>`` (Ray's ``storage_path`` is the storage ro
 run name is the run's name, so Ray's files and the project's share one directory)::
 
     checkpoint_epochNNNN/checkpoint.pt   Ray's checkpoints, the last K kept (tbn-ray format)
-    checkpoint.pt  best.pt               the latest and the best (held-out PGD accuracy)
+    checkpoint.pt  best.pt               the latest and the best (held-out PGD accuracy; noise accuracy for the noise objectives)
     config.yaml  metrics.csv  metrics.png
 
 Every checkpoint, Ray's included, is a complete tbn-ray checkpoint, so ``tbn-ray
@@ -54,7 +54,7 @@ from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.pipeline import epoch_line, existing_checkpoint, resume_from, save_epoch
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.training import DataParallel, EpochCallback, fit, unwrap
+from tbn_ray.science.training import DataParallel, EpochCallback, fit, selection_metric, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -200,6 +200,10 @@ def _reduce_metrics(metrics: dict[str, Any], device: torch.device, world: int) -
         "sum",
     )
     seconds, eval_seconds = _all_reduce([metrics["seconds"], metrics["eval_seconds"]], device, "max")
+    noise = {}
+    if "heldout_noise_acc" in metrics:
+        (noisy,) = _all_reduce([(metrics["heldout_noise_acc"] or 0.0) * n_eval], device, "sum")
+        noise = {"heldout_noise_acc": noisy / n_all}
     return {
         **metrics,
         "train_loss": loss_sum / images,
@@ -208,7 +212,8 @@ def _reduce_metrics(metrics: dict[str, Any], device: torch.device, world: int) -
         "seconds": seconds,
         "images_per_s": images / seconds,
         "heldout_clean_acc": clean / n_all,
-        "heldout_pgd_acc": robust / n_all,
+        "heldout_pgd_acc": robust / n_all if metrics["heldout_pgd_acc"] is not None else None,
+        **noise,
         "heldout_images": int(n_all),
         "eval_seconds": eval_seconds,
         "workers": world,
@@ -241,17 +246,18 @@ def _reporter(cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, A
     import ray.train
 
     history: list[dict[str, Any]] = list(meta.get("history", []))
-    best = meta.get("best_heldout_pgd_acc")
+    chosen_by = selection_metric(cfg)
+    best = meta.get(f"best_{chosen_by}")
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> None:
         nonlocal best
-        is_best = best is None or metrics["heldout_pgd_acc"] > best
+        is_best = best is None or metrics[chosen_by] > best
         if is_best:
-            best = metrics["heldout_pgd_acc"]
+            best = metrics[chosen_by]
             meta["best_epoch"] = epoch + 1
         history.append(metrics)
         meta.update(
-            data_meta(d), history=history, metrics=metrics, best_heldout_pgd_acc=best,
+            data_meta(d), history=history, metrics=metrics, **{f"best_{chosen_by}": best},
             trainer="ray", workers=world, global_batch_size=cfg.optim.batch_size,
         )  # fmt: skip
         name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"

@@ -49,10 +49,12 @@ def save_epoch(run: Run, ckpt: Checkpoint, history: list[dict[str, Any]], *, bes
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     """The progress line of one finished epoch."""
     pgd = metrics.get("heldout_pgd_acc")
+    noise = metrics.get("heldout_noise_acc")
     workers = f" on {metrics['workers']} worker(s)" if "workers" in metrics else ""
+    robust = f"noise {noise:.3f}" if noise is not None else f"pgd {'-' if pgd is None else f'{pgd:.3f}'}"
     return (
         f"epoch {metrics['epoch'] + 1}/{epochs}: loss {metrics['train_loss']:.3f} "
-        f"held-out clean {metrics['heldout_clean_acc']:.3f} pgd {'-' if pgd is None else f'{pgd:.3f}'} "
+        f"held-out clean {metrics['heldout_clean_acc']:.3f} {robust} "
         f"({metrics['images_per_s']:.0f} img/s{workers})"
     )
 
@@ -65,6 +67,8 @@ def existing_checkpoint(run: Run, cfg: TrainConfig, say: Callable[[str], None] =
     ckpt = run.load_checkpoint()
     if ckpt.config.model != cfg.model:
         raise TbnError(f"{run.uri} holds a {ckpt.config.model.arch} run; use another --name or --fresh")
+    if ckpt.config.noise_trained != cfg.noise_trained or (cfg.noise_trained and ckpt.config.objective_label != cfg.objective_label):
+        raise TbnError(f"{run.uri} was trained with {ckpt.config.objective_label}, not {cfg.objective_label}; use another --name or --fresh")
     if ckpt.epoch >= cfg.optim.epochs:
         say(f"{run.uri} already trained for {ckpt.epoch} epochs; nothing to do (--fresh to start over)")
     return ckpt
@@ -81,12 +85,12 @@ def resume_from(ckpt: Checkpoint, cfg: TrainConfig, where: str) -> Resume:
 
 
 def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool = True) -> Checkpoint:
-    """Adversarial training in this process, checkpointing every epoch; resumes unless ``fresh``."""
+    """Training (``cfg.objective``) in this process, checkpointing every epoch; resumes unless ``fresh``."""
     device = resolve_device(cfg.device)
     d = load_from_config(cfg.data)
     if fresh and (deleted := run.clear()):
         log(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
-    log(f"training {cfg.model.arch} on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}")
+    log(f"training {cfg.model.arch} ({cfg.objective_label}) on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}")
     previous = existing_checkpoint(run, cfg)
     if previous is not None and previous.epoch >= cfg.optim.epochs:
         return previous

@@ -1,4 +1,4 @@
-"""Madry-style PGD adversarial training and held-out evaluation.
+"""Training (PGD adversarial, or the noise objectives of ``objectives``) and held-out evaluation.
 
 One training loop, ``fit``, for both ways of running it: alone in a process (the in-process
 pipeline), or as one worker of a data-parallel group (Ray Train with DDP). A distributed
@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
@@ -45,6 +44,7 @@ from tbn_ray.science.attacks import pgd
 from tbn_ray.config import AttackConfig, OptimConfig, TrainConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.models import build_model
+from tbn_ray.science.objectives import gaussian_noise, step_loss
 
 EpochCallback = Callable[[int, dict[str, Any], nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None]
 
@@ -184,11 +184,11 @@ def train_epoch(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """One pass of PGD adversarial training over ``loader`` (uint8 NCHW batches + labels).
+    """One pass of training with ``cfg.objective`` over ``loader`` (uint8 NCHW batches + labels).
 
     Leaves the model in training mode. The scheduler steps once per iteration. Metrics are
     this process's own (a distributed driver aggregates them): loss and accuracy on the
-    adversarial examples trained on, images, seconds and images per second.
+    examples trained on (adversarial or noisy), images, seconds and images per second.
     """
     device = torch.device(device)
     if cfg.optim.amp == "fp16" and device.type == "cuda" and scaler is None:
@@ -213,10 +213,7 @@ def train_epoch(
         if cfg.optim.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(cfg.optim.amp, device):
-            with frozen_bn_stats(target):
-                x_adv = pgd(target, x, y, cfg.attack, generator=generator)
-            logits = model(x_adv)
-            loss = F.cross_entropy(logits.float(), y)
+            loss, logits = step_loss(model, target, x, y, cfg, generator)
         _optimizer_step(loss, optimizer, scheduler, scaler)
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -244,17 +241,19 @@ def evaluate(
     batch_size: int = 500,
     seed: int = 0,
     amp: str = "off",
+    noise_sigma: float | None = None,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy in eval mode (the stored BN statistics), then the previous modes back.
+    """Clean and PGD accuracy in eval mode (the stored BN statistics), then the previous modes back;
+    with ``noise_sigma``, also the accuracy on one noisy copy of each image.
 
     ``x``: uint8 images (NHWC as in a Split, or NCHW) or float NCHW in [0,1]. The PGD
-    random starts come from a generator seeded with ``seed``, so a re-evaluation agrees.
+    random starts and the noise come from a generator seeded with ``seed``, so a re-evaluation agrees.
     """
     device = torch.device(device)
     labels = torch.as_tensor(y, dtype=torch.int64)
     images = torch.as_tensor(x)
     generator = torch.Generator(device=device).manual_seed(seed)
-    clean = robust = 0
+    clean = robust = noisy = 0
     with eval_mode(unwrap(model)) as net:
         for i in range(0, len(images), batch_size):
             xb = images[i : i + batch_size]
@@ -263,16 +262,21 @@ def evaluate(
             with autocast(amp, device):
                 with torch.no_grad():
                     clean += int((net(xb).argmax(1) == yb).sum())
+                    if noise_sigma is not None:
+                        noisy += int((net(gaussian_noise(xb, noise_sigma, generator)).argmax(1) == yb).sum())
                 if attack is not None:
                     x_adv = pgd(net, xb, yb, attack, generator=generator)
                     with torch.no_grad():
                         robust += int((net(x_adv).argmax(1) == yb).sum())
     n = len(images)
-    return {
+    out = {
         "clean_acc": clean / n if n else None,
         "pgd_acc": robust / n if (n and attack is not None) else None,
         "images": n,
     }
+    if noise_sigma is not None:
+        out["noise_acc"] = noisy / n if n else None
+    return out
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
@@ -359,16 +363,26 @@ def _heldout_metrics(model: nn.Module, heldout: data_mod.Split, cfg: TrainConfig
     """Clean and PGD accuracy on this worker's held-out images with rank 0's BN statistics, and the seconds it took."""
     t0 = time.perf_counter()
     replica.sync_buffers(model)
+    noisy = cfg.noise_trained
     ev = evaluate(
-        model, heldout.images, heldout.labels, cfg.eval_attack, device,
-        batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp,
+        model, heldout.images, heldout.labels, None if noisy else cfg.eval_attack, device,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp, noise_sigma=cfg.noise.sigma if noisy else None,
     )  # fmt: skip
-    return {
+    out = {
         "heldout_clean_acc": ev["clean_acc"],
         "heldout_pgd_acc": ev["pgd_acc"],
         "heldout_images": ev["images"],
         "eval_seconds": time.perf_counter() - t0,
     }
+    if noisy:
+        out["heldout_noise_acc"] = ev["noise_acc"]
+    return out
+
+
+def selection_metric(cfg: TrainConfig) -> str:
+    """The held-out metric the best epoch is chosen by: PGD accuracy for adversarial training,
+    accuracy under the training noise for the noise objectives (which are not attacked per epoch)."""
+    return "heldout_noise_acc" if cfg.noise_trained else "heldout_pgd_acc"
 
 
 #: Loads a saved state into the model, optimizer and scheduler ``fit`` built; returns the epoch to continue at.
