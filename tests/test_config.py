@@ -16,10 +16,19 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_configs_validate(path):
     if path.name.startswith("sweep"):
         assert isinstance(load_sweep_config(path), SweepConfig)
-    elif path.name in ("paper.yaml", "paper-fast.yaml"):
+    elif path.name.startswith("paper"):
         cfg = load_reproduce_config(path)
-        expected = {"paper.yaml": ["l2", "l2", "l2", "linf"], "paper-fast.yaml": ["l2", "linf"]}[path.name]
-        assert [cfg.train_config(m).attack.norm for m in cfg.models] == expected
+        expected = {
+            "paper.yaml": ["l2", "l2", "l2", "linf"], "paper-fast.yaml": ["l2", "linf"],
+            "paper-cpu.yaml": ["l2-PGD eps 1 (2 steps)", "gaussian sigma 0.25", "gaussian sigma 0.5", "linf-PGD eps 0.03137 (2 steps)"],
+        }[path.name]  # fmt: skip
+        labels = [cfg.train_config(m).objective_label if path.name == "paper-cpu.yaml" else cfg.train_config(m).attack.norm for m in cfg.models]
+        assert labels == expected
+        if path.name == "paper-cpu.yaml":  # the baselines are certified with their own statistics at their own sigma
+            assert [(cfg.certify_sigmas(m), cfg.certify_bn(m), cfg.attacked(m)) for m in cfg.models] == [
+                ((0.25, 0.5), ("tbn", "clean"), True), ((0.25,), ("clean",), False),
+                ((0.5,), ("clean",), False), ((0.25, 0.5), ("tbn", "clean"), True),
+            ]  # fmt: skip
     else:
         assert isinstance(load_config(path), ExperimentConfig)
 

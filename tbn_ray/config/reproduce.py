@@ -4,17 +4,23 @@ each stage computes for them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tbn_ray.config import CalibrateConfig, CertifyConfig, EvaluateConfig, TrainConfig, _read_yaml, _Strict, parse_config
+from tbn_ray.config import CalibrateConfig, CertifyConfig, EvaluateConfig, Sigma, TrainConfig, _read_yaml, _Strict, parse_config
 
 class ModelSpec(_Strict):
     """One trained model of the reproduction: a name and what its training changes from the shared ``train`` section."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the shared train section")
+    sigmas: tuple[Sigma, ...] | None = Field(None, min_length=1, description="the sigmas this model is certified at (default: every certify sigma)")
+    bn: tuple[Literal["tbn", "clean"], ...] | None = Field(
+        None, min_length=1, description="statistics it is certified with (default: tbn, and clean with certify_clean; "
+        "a noise-trained model: clean, its own statistics of noisy inputs)",
+    )  # fmt: skip
+    attack: bool | None = Field(None, description="attacked in the evaluate stage (default: adversarially trained models only)")
 
 
 class NoiseAccuracyConfig(_Strict):
@@ -34,6 +40,7 @@ class ReproduceEvaluateConfig(_Strict):
     corruption_modes: tuple[str, ...] = Field(("clean", "test-batch"), min_length=1)
     corruption_images: int | None = Field(None, ge=1, description="first test images of CIFAR-10-C (default: all)")
     attack_images: int = Field(1000, ge=1, description="first test images attacked")
+    autoattack_images: int | None = Field(None, ge=1, description="AutoAttack, when among the attacks, on the first of these only (default: attack_images)")
     cifar10c_seed: int = 0
     attack_seed: int = 0
 
@@ -61,6 +68,7 @@ class ReproduceConfig(_Strict):
     robustness: ReproduceEvaluateConfig = ReproduceEvaluateConfig()
     cost: CostConfig = CostConfig()
     device: str = "auto"
+    keep_optimizer: bool = Field(True, description="keep the optimizer and scheduler in a finished model's checkpoint (needed only to train it further); off: weights only, small enough to commit")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ReproduceConfig:
@@ -68,6 +76,19 @@ class ReproduceConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         return self
+
+    def certify_sigmas(self, spec: ModelSpec) -> tuple[float, ...]:
+        return spec.sigmas if spec.sigmas is not None else self.certify.unique_sigmas
+
+    def certify_bn(self, spec: ModelSpec) -> tuple[str, ...]:
+        if spec.bn is not None:
+            return spec.bn
+        if self.train_config(spec).noise_trained:
+            return ("clean",)
+        return ("tbn", "clean") if self.certify_clean else ("tbn",)
+
+    def attacked(self, spec: ModelSpec) -> bool:
+        return spec.attack if spec.attack is not None else not self.train_config(spec).noise_trained
 
     def train_config(self, spec: ModelSpec) -> TrainConfig:
         """The shared train section with the model's overrides merged in (nested dicts merge)."""

@@ -16,6 +16,7 @@ and ``report.md``, ``report.json`` and the plots.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import ModelSpec, ReproduceConfig
 from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError, log
+from tbn_ray.science import autoattack
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key
 from tbn_ray.devices import resolve_device
@@ -37,8 +39,11 @@ from tbn_ray.store.storage import Storage
 def train_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[str, Any]:
     from tbn_ray.jobs.pipeline import train_run
 
-    ckpt = train_run(rep.cfg.train_config(spec), rep.run(spec), progress=progress)
-    return {"epochs": ckpt.epoch, "run": rep.run(spec).uri}
+    run = rep.run(spec)
+    ckpt = train_run(rep.cfg.train_config(spec), run, progress=progress)
+    if not rep.cfg.keep_optimizer and (ckpt.optimizer is not None or ckpt.scheduler is not None):
+        run.save_checkpoint(replace(ckpt, optimizer=None, scheduler=None))
+    return {"epochs": ckpt.epoch, "run": run.uri}
 
 
 def _tbn_sigmas(cfg: ReproduceConfig) -> list[float]:
@@ -72,8 +77,9 @@ def certify_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[st
     run = rep.run(spec)
     out = certify_output(run)
     locations = {}
-    for bn in ("tbn", "clean") if rep.cfg.certify_clean else ("tbn",):
-        outputs = certify_run(run, rep.cfg.certify.model_copy(update={"bn": bn}), out, device=rep.cfg.device, progress=progress)
+    for bn in rep.cfg.certify_bn(spec):
+        cfg = rep.cfg.certify.model_copy(update={"bn": bn, "sigmas": rep.cfg.certify_sigmas(spec)})
+        outputs = certify_run(run, cfg, out, device=rep.cfg.device, progress=progress)
         locations[bn] = {f"{o.sigma:g}": o.location for o in outputs}
     return {"certify": locations}
 
@@ -110,13 +116,20 @@ def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[s
         batch_size=e.batch_size, seed=r.cifar10c_seed, stop=r.corruption_images, progress=progress,
     )  # fmt: skip
     c_result = run_in_process(corruption, device, progress=progress)
+    out = {"noise": noise, "corruptions": c_result.location}
+    if not rep.cfg.attacked(spec):
+        return out
     threat = rep.cfg.train_config(spec).attack
-    attack = plan_attack(
-        run, ["clean"], attacks=e.attacks, norm=threat.norm, eps=threat.eps, steps=e.attack_steps, restarts=e.restarts,
-        batch_size=e.batch_size, seed=r.attack_seed, stop=r.attack_images,
-    )  # fmt: skip
-    a_result = run_in_process(attack, device, progress=progress)
-    return {"noise": noise, "corruptions": c_result.location, "attack": a_result.location}
+    # AutoAttack may run on fewer images than the other attacks: one plan each, the same seed and threat
+    groups = [("attack", tuple(a for a in e.attacks if a != autoattack.NAME), r.attack_images),
+              ("autoattack", tuple(a for a in e.attacks if a == autoattack.NAME), r.autoattack_images or r.attack_images)]  # fmt: skip
+    for key, attacks, stop in (g for g in groups if g[1]):
+        plan = plan_attack(
+            run, ["clean"], attacks=attacks, norm=threat.norm, eps=threat.eps, steps=e.attack_steps, restarts=e.restarts,
+            batch_size=e.batch_size, seed=r.attack_seed, stop=stop,
+        )  # fmt: skip
+        out[key] = run_in_process(plan, device, progress=progress).location
+    return out
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Reproduction, ModelSpec, bool], dict[str, Any]]] = {
