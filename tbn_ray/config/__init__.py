@@ -133,7 +133,7 @@ Objective = Literal["adversarial", "gaussian", "consistency"]
 
 class NoiseTrainingConfig(_Strict):
     """Training on Gaussian-noised images (objectives ``gaussian`` and ``consistency``,
-    docs/method.md section 8). The consistency defaults are Jeong & Shin's CIFAR-10 settings for
+    docs/method.md section 6). The consistency defaults are Jeong & Shin's CIFAR-10 settings for
     sigma 0.25 and 0.5: two noisy copies, lambda 20, eta 0.5."""
 
     sigma: Sigma = 0.25

@@ -1,4 +1,4 @@
-"""The training losses of one SGD step, one per ``train.objective`` (docs/method.md section 8).
+"""The training losses of one SGD step, one per ``train.objective`` (docs/method.md section 6).
 
 - ``adversarial``: PGD adversarial training (Madry et al.) on the config's threat model.
 - ``gaussian``: Gaussian data augmentation (Cohen et al. 2019), the baseline of every
