@@ -30,13 +30,15 @@ TINY = {
     "models": [
         {"name": "l2", "train": {"attack": {"norm": "l2", "eps": 0.5, "steps": 2}}},
         {"name": "linf", "train": {"attack": {"norm": "linf", "eps": "8/255", "steps": 2}}},
+        {"name": "g", "train": {"objective": "gaussian", "noise": {"sigma": 0.25}}, "sigmas": [0.25]},
     ],
     "calibrate": {"sigmas": [0.25], "samples": 256, "batch_size": 128},
     "certify": {"sigmas": [0.25], "n0": 10, "n": 60, "skip": 1, "max_images": 4, "batch_size": 60, "shards": 2},
     "noise": {"images": 32, "draws": 1},
-    "evaluate": {"batch_size": 16, "attack_steps": 2, "restarts": 1, "attacks": ["pgd"]},
+    "evaluate": {"batch_size": 16, "attack_steps": 2, "restarts": 1, "attacks": ["pgd", "autoattack"]},
     "robustness": {"corruptions": "gaussian_noise", "severities": "1", "corruption_modes": ["clean", "test-batch"],
-                   "corruption_images": 32, "attack_images": 16},
+                   "corruption_images": 32, "attack_images": 16, "autoattack_images": 8},
+    "keep_optimizer": False,
 }  # fmt: skip
 
 
@@ -58,7 +60,14 @@ def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[P
     storage = Storage.open(results)
     reproduce(cfg, storage, stages=["train"], progress=False)
     rep = Reproduction.open(cfg, storage)
-    assert {s.name for s in cfg.models if rep.record(s, "train")} == {"l2", "linf"}
+    assert {s.name for s in cfg.models if rep.record(s, "train")} == {"l2", "linf", "g"}
+    for spec in cfg.models:  # weights only: the finished checkpoints are small enough to commit
+        ckpt = rep.run(spec).load_checkpoint()
+        assert ckpt.optimizer is None and ckpt.scheduler is None and ckpt.epoch == 1
+    assert rep.run(cfg.models[2]).load_checkpoint().config.objective == "gaussian"
+    # the records name the results relative to the reproduction, so a copy elsewhere finds them
+    raw = json.loads((Path(rep.root.uri) / "stages" / "l2" / "train.json").read_text())
+    assert raw["run"] == "./l2" and rep.record(cfg.models[0], "train")["run"] == rep.run(cfg.models[0]).uri
     with pytest.raises(TbnError, match="needs stage calibrate first"):
         reproduce(cfg, storage, stages=["certify"], progress=False)
 
@@ -72,17 +81,26 @@ def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[P
         assert m["noise"]["rows"] == stored["rows"]
         assert set(m["corruptions"]["modes"]) == {"clean", "test-batch-b16"}
         assert m["attack"]["modes"]["clean"]["variants"]["standard"]["images"] == 16
+        assert m["attack"]["attack"]["attacks"] == ["pgd"]
+        assert m["autoattack"]["modes"]["clean"]["variants"]["standard"]["images"] == 8  # AutoAttack on its own count
         assert all(v > 0 for v in m["seconds"].values())
+    g = report["models"]["g"]  # the baseline: its own statistics, at its own sigma, not attacked
+    assert set(g["certify"]) == {"clean"} and set(g["certify"]["clean"]) == {"0.25"}
+    assert "attack" not in g and "autoattack" not in g and g["training"]["noise_trained"]
+    assert [c["claim"] for c in report["claims"]] == ["a", "b", "c", "d", "e"]
+    assert {c["verdict"] for c in report["claims"]} <= {"holds", "does not hold", "not measured", "reported (context, no target)"}
+    assert len(report["claims"][1]["checks"]) == 2  # l2 vs g at r = 0.25 and 0.5
     md = Path(files["report.md"]).read_text()
-    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)", "## Cost"):
+    for heading in ("## Certified accuracy, side by side", "## Verdicts", "(a)", "(b)", "(c)", "(d)", "(e)", "## Cost"):
         assert heading in md
+    assert "| radius | l2 TBN | l2 clean BN | linf TBN | linf clean BN | g own BN |" in md
     assert "SmoothAdv (Salman et al. 2019), published" in md and "| linf |" in md
 
     # a second full run computes nothing: checkpoints, shards and evaluation items are reused
     before = {**_mtimes(results, "checkpoint.pt"), **_mtimes(results, "shard-*.parquet"), **_mtimes(results, "bn_stats.pt")}
     reproduce(cfg, storage, progress=False)
     after = {**_mtimes(results, "checkpoint.pt"), **_mtimes(results, "shard-*.parquet"), **_mtimes(results, "bn_stats.pt")}
-    assert before == after and len(before) == 2 * (1 + 1 + 2 * 2)
+    assert before == after and len(before) == 2 * (1 + 1 + 2 * 2) + (1 + 1 + 2)
 
     # the claim tables are read from the stored results: change one stored summary, rebuild the report
     l2 = report["models"]["l2"]["certify"]["tbn"]["0.25"]
