@@ -22,8 +22,9 @@ Nothing here validates the model: ``smoothing.certify_examples`` checks it once 
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from tbn_ray.errors import TbnError
+from tbn_ray.science.memory import check_fits, named_failure
 
 #: A certification procedure: yields a number of draws, is sent their counts, returns its outcome.
 Procedure = Generator[int, np.ndarray, Any]
@@ -102,6 +104,7 @@ class PackedSampler:
         images_per_pass: int,
         device: torch.device,
         channels_last: bool = False,
+        max_request: int | None = None,
     ) -> None:
         if images_per_pass < 1:
             raise TbnError(f"images_per_pass must be >= 1, got {images_per_pass}")
@@ -109,21 +112,30 @@ class PackedSampler:
             raise TbnError(f"batch_size must be >= 1, got {batch_size}")
         self.base, self.num_classes, self.sigma = base, num_classes, sigma
         self.batch_size, self.slots, self.device, self.channels_last = batch_size, images_per_pass, device, channels_last
+        self.max_request = max_request  # the most draws a procedure asks for at once, if known: bounds the buffers
 
     def run(
-        self, inputs: Sequence[Tensor], generators: Sequence[torch.Generator], procedures: Sequence[Procedure]
+        self, inputs: Sequence[Tensor], generators: Sequence[torch.Generator], procedures: Sequence[Procedure],
+        on_done: Callable[[], None] | None = None,
     ) -> tuple[list[Any], list[int], float]:
-        """Each procedure's outcome, each image's forward rows, and the wall seconds of the whole run."""
+        """Each procedure's outcome, each image's forward rows, and the wall seconds of the whole run;
+        ``on_done`` is called as each procedure finishes."""
         start = time.perf_counter()
         shape = tuple(inputs[0].shape)
         outcomes: list[Any] = [None] * len(inputs)
         rows = [0] * len(inputs)
         jobs = iter(range(len(inputs)))
         active: dict[int, _Slot] = {}
-        free = list(range(self.slots))
-        k, c, b = self.slots, self.num_classes, self.batch_size
+        # buffers for the images and draws that exist: no more slots than images, no more noise rows
+        # per slot than a request can use; passes are still filled up to batch_size rows
+        k, c = min(self.slots, max(1, len(inputs))), self.num_classes
+        per_slot = min(self.batch_size, self.max_request or self.batch_size)
+        b = min(self.batch_size, k * per_slot)
+        free = list(range(k))
         dtype = inputs[0].dtype
-        noise = torch.empty((k, b, *shape), dtype=dtype, device=self.device)
+        image_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        check_fits((k * per_slot + b) * image_bytes, self.device, f"--images-per-pass {self.slots} with --batch-size {self.batch_size}")
+        noise = torch.empty((k, per_slot, *shape), dtype=dtype, device=self.device)
         batch = torch.empty((b, *shape), dtype=dtype, device=self.device)
         owner = torch.empty(b, dtype=torch.int64, device=self.device)
         counts = torch.zeros(k * c, dtype=torch.int64, device=self.device)
@@ -137,14 +149,17 @@ class PackedSampler:
                     free.remove(slot_id)
                     slot = _Slot(job, inputs[job].to(self.device), generators[job], procedures[job])
                     active[slot_id] = slot
-                    self._advance(slot, None, outcomes, rows)
+                    self._advance(slot, None, outcomes, rows, self.max_request)
                     if slot.undrawn == 0:  # finished without drawing (e.g. a zero-draw procedure)
                         del active[slot_id]
                         free.append(slot_id)
+                        if on_done is not None:
+                            on_done()
                 if not active:
                     break
-                used = self._fill(active, noise, batch, owner)
-                logits = self.base(batch[:used].contiguous(memory_format=torch.channels_last) if self.channels_last else batch[:used])
+                used = self._fill(active, noise, batch, owner, b)
+                with named_failure(f"--batch-size {self.batch_size}", self.device):
+                    logits = self.base(batch[:used].contiguous(memory_format=torch.channels_last) if self.channels_last else batch[:used])
                 check_logits(logits, used, c)
                 counts.index_add_(0, owner[:used] * c + logits.argmax(dim=1), ones[:used])
                 done = [s for s, slot in active.items() if slot.undrawn == 0 and slot.chunk_left == 0]
@@ -153,14 +168,16 @@ class PackedSampler:
                     counts.view(k, c)[done] = 0
                     for slot_id, votes in zip(done, host):
                         slot = active[slot_id]
-                        self._advance(slot, votes, outcomes, rows)
+                        self._advance(slot, votes, outcomes, rows, self.max_request)
                         if slot.undrawn == 0:
                             del active[slot_id]
                             free.append(slot_id)
+                            if on_done is not None:
+                                on_done()
         return outcomes, rows, time.perf_counter() - start
 
     @staticmethod
-    def _advance(slot: _Slot, votes: np.ndarray | None, outcomes: list[Any], rows: list[int]) -> None:
+    def _advance(slot: _Slot, votes: np.ndarray | None, outcomes: list[Any], rows: list[int], most: int | None) -> None:
         """Send a finished request's counts to the procedure; take its next request or its outcome."""
         try:
             request = next(slot.procedure) if votes is None else slot.procedure.send(votes)
@@ -170,15 +187,17 @@ class PackedSampler:
             return
         if not isinstance(request, int) or request < 1:
             raise TbnError(f"a certification procedure asked for {request!r} draws; it must ask for >= 1")
+        if most is not None and request > most:
+            raise TbnError(f"a certification procedure asked for {request} draws at once, above the {most} it was sized for")
         slot.undrawn = request
 
-    def _fill(self, active: dict[int, _Slot], noise: Tensor, batch: Tensor, owner: Tensor) -> int:
-        """Fill one forward batch from the pending requests; returns the rows used."""
-        used, b = 0, self.batch_size
+    def _fill(self, active: dict[int, _Slot], noise: Tensor, batch: Tensor, owner: Tensor, b: int) -> int:
+        """Fill one forward batch of at most ``b`` rows from the pending requests; returns the rows used."""
+        used = 0
         for slot_id, slot in active.items():
             while used < b and (slot.chunk_left or slot.undrawn):
                 if slot.chunk_left == 0:  # the image's next chunk, from its own generator
-                    size = min(slot.undrawn, b)
+                    size = min(slot.undrawn, self.batch_size)
                     torch.randn((size, *noise.shape[2:]), generator=slot.generator, out=noise[slot_id, :size])
                     slot.undrawn -= size
                     slot.chunk_left, slot.chunk_at = size, 0

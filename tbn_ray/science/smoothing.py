@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from tbn_ray.config import REPORT_RADII, CertifyConfig, check_sigma
 from tbn_ray.errors import SoundnessError, TbnError
+from tbn_ray.science.memory import check_fits, named_failure
 from tbn_ray.science.sampling import PackedSampler, Procedure, check_logits, compiled, cudnn_benchmark
 
 #: The prediction recorded when the smoothed classifier abstains.
@@ -84,6 +85,54 @@ def check_fixed_classifier(base: nn.Module) -> None:
                 f"BatchNorm layer '{where}' has no running statistics (per-batch/transductive BN), "
                 "so no certificate holds; certify with frozen calibrated statistics instead"
             )
+
+
+def _low_precision(base: nn.Module) -> bool:
+    """Runs under CUDA autocast (``base_classifier.Autocast``): logits rounded to bf16/fp16 steps."""
+    return any(getattr(m, "amp", "off") != "off" and getattr(getattr(m, "device", None), "type", None) == "cuda" for m in base.modules())
+
+
+def check_certifiable(base: nn.Module, x: Tensor, sigma: float, num_classes: int) -> None:
+    """The gate every certificate passes (``certify_examples``, whatever path led there: a run
+    trained here, an imported run, a module given to the API, the sweep, the reproduction).
+
+    Refuses what is not one fixed function of a single input (docs/method.md, rule 1): the
+    structure (``check_fixed_classifier``: BatchNorm frozen, torch's own, running statistics),
+    then the behaviour, on ``x`` and two noisy copies of it at ``sigma`` (the inputs f is about
+    to vote on; no certification noise is drawn): a tensor of shape (3, num_classes), finite, and
+    the same logits for each input alone as in the batch of three, up to float rounding. A model
+    that normalises with anything of its batch (the batch mean, per-batch statistics of a layer
+    tbn-ray does not know) fails there.
+    """
+    check_fixed_classifier(base)
+    check_fixed_function(base, x, sigma, num_classes)
+
+
+def check_fixed_function(base: nn.Module, x: Tensor, sigma: float, num_classes: int) -> None:
+    """The behaviour half of ``check_certifiable``, also what an import checks a model for."""
+    noise = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
+    probe = torch.cat([x.unsqueeze(0), x + sigma * noise])
+    try:
+        with torch.inference_mode():
+            out = base(probe)
+            alone = torch.cat([base(probe[i : i + 1]) for i in range(len(probe))]) if isinstance(out, Tensor) else None
+    except Exception as e:  # noqa: BLE001 - the user's forward: whatever it raises is its failure
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise TbnError(f"the base classifier fails on inputs of shape {tuple(probe.shape)}: {type(e).__name__}: {first}") from None
+    if not isinstance(out, Tensor) or alone is None or tuple(out.shape) != (len(probe), num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise TbnError(f"the base classifier returns {got} for {len(probe)} inputs; it must return logits of shape ({len(probe)}, {num_classes})")
+    out, alone = out.float(), alone.float()
+    if not bool(out.isfinite().all() and alone.isfinite().all()):
+        raise TbnError("the base classifier returns non-finite logits on the inputs it is to certify")
+    gap = float((out - alone).abs().max())
+    scale = float(alone.abs().max())
+    allowed = (3e-2 * scale + 1e-3) if _low_precision(base) else (1e-3 * scale + 1e-4)
+    if gap > allowed:
+        raise SoundnessError(
+            f"the base classifier gives an input other logits in a batch than alone (max difference {gap:.3g}): its output "
+            "depends on the batch, so it is no fixed classifier and no certificate holds"
+        )
 
 
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -266,8 +315,10 @@ class Smooth:
             raise TbnError(f"x must be a floating-point tensor in [0, 1], got {x.dtype}")
         x = x.to(self.device)
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
-        with torch.inference_mode():
-            buffer = torch.empty((min(num, self.batch_size), *x.shape), dtype=x.dtype, device=self.device)
+        rows = min(num, self.batch_size)
+        check_fits(rows * x.numel() * x.element_size(), self.device, f"--batch-size {self.batch_size}")
+        with torch.inference_mode(), named_failure(f"--batch-size {self.batch_size}", self.device):
+            buffer = torch.empty((rows, *x.shape), dtype=x.dtype, device=self.device)
             remaining = num
             while remaining > 0:
                 batch = buffer[: min(remaining, self.batch_size)]
@@ -301,8 +352,10 @@ def certify_examples(
     device: str | torch.device,
     num_classes: int = 10,
     progress: bool = False,
+    on_image: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """CERTIFY each image at ``sigma`` with its own generator ``example_generator(cfg.seed, indices[i], device)``.
+    """CERTIFY each image at ``sigma`` with its own generator ``example_generator(cfg.seed, indices[i], device)``;
+    ``on_image`` is called as each image's certificate is done (progress that moves within a shard).
 
     ``images`` are uint8 NHWC arrays (the CIFAR-10 / CIFAR-10-C storage format: exact,
     and a quarter of the bytes of float32 when shipped to workers); ``images[i]`` is the
@@ -332,6 +385,8 @@ def certify_examples(
     _check_images(images, labels, indices)
     device = _resolve_device(device)
     smooth = Smooth(model, num_classes, sigma, batch_size=cfg.batch_size, device=device, channels_last=cfg.channels_last)
+    if len(images):
+        check_certifiable(model, torch.tensor(images[0], device=device).permute(2, 0, 1).float().div(255), smooth.sigma, num_classes)
     smooth.base = compiled(model, cfg.compile)  # validated above, as the model itself
     n0, n = cfg.n0, cfg.n
 
@@ -345,20 +400,21 @@ def certify_examples(
     generators = [example_generator(cfg.seed, int(i), device) for i in indices]
     with cudnn_benchmark(device, cfg.cudnn_autotune):
         if cfg.images_per_pass == 1:
-            certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None)
+            certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None, on_image=on_image)
         else:
-            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure(r) for r in range(len(generators))], cfg.images_per_pass)
+            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure(r) for r in range(len(generators))],
+                                    cfg.images_per_pass, largest_request(cfg), on_image)  # fmt: skip
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
 
 
 def make_procedure(cfg: CertifyConfig, sigma: float, *, label: int | None = None) -> Procedure:
     """The certification procedure ``cfg`` asks for, for one image (of class ``label``, when known):
     Cohen's CERTIFY at fixed n, or with an input-adaptive sample size."""
-    if cfg.adaptive and cfg.adaptive_design == "sequential":
+    if cfg.design == "sequential":
         from tbn_ray.science.sequential import SequentialSampling
 
         return SequentialSampling.from_config(cfg.sequential).procedure(sigma, cfg.n0, cfg.n, cfg.alpha, label)
-    if cfg.adaptive:
+    if cfg.design == "pilot":
         from tbn_ray.science.adaptive import AdaptiveSampling
 
         return AdaptiveSampling.from_config(cfg.adaptive_sampling).procedure(sigma, cfg.n0, cfg.n, cfg.alpha)
@@ -372,6 +428,7 @@ def _certify_alone(
     procedure: Callable[[int], Procedure],
     *,
     progress: str | None,
+    on_image: Callable[[], None] | None = None,
 ) -> list[Certificate]:
     """One image at a time, each image's tensor and procedure made only when its turn comes; ``progress``: a bar's label."""
     rows: Iterable[int] = range(len(generators))
@@ -379,16 +436,28 @@ def _certify_alone(
         from tqdm import tqdm
 
         rows = tqdm(rows, desc=progress, unit="img")
-    return [smooth.run(procedure(row), image(row), generator=generators[row]) for row in rows]
+    certs = []
+    for row in rows:
+        certs.append(smooth.run(procedure(row), image(row), generator=generators[row]))
+        if on_image is not None:
+            on_image()
+    return certs
+
+
+def largest_request(cfg: CertifyConfig) -> int:
+    """The most draws any procedure of ``cfg`` asks for at once (the selection, the estimation, a pilot stage)."""
+    a = cfg.adaptive_sampling
+    return max(cfg.n0, cfg.n, *((a.pilot, *a.extra_pilots) if cfg.design == "pilot" else ()))
 
 
 def _certify_packed(
-    smooth: Smooth, xs: list[Tensor], generators: list[torch.Generator], procedures: list[Procedure], images_per_pass: int
+    smooth: Smooth, xs: list[Tensor], generators: list[torch.Generator], procedures: list[Procedure], images_per_pass: int,
+    max_request: int, on_image: Callable[[], None] | None = None,
 ) -> list[Certificate]:
     """The procedures run with several images per forward pass; each pass's time shared out by rows."""
-    packer = PackedSampler(smooth.base, smooth.num_classes, smooth.sigma, batch_size=smooth.batch_size,
-                           images_per_pass=images_per_pass, device=smooth.device, channels_last=smooth.channels_last)  # fmt: skip
-    outcomes, used, seconds = packer.run(xs, generators, procedures)
+    packer = PackedSampler(smooth.base, smooth.num_classes, smooth.sigma, batch_size=smooth.batch_size, images_per_pass=images_per_pass,
+                           device=smooth.device, channels_last=smooth.channels_last, max_request=max_request)  # fmt: skip
+    outcomes, used, seconds = packer.run(xs, generators, procedures, on_done=on_image)
     return [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
 
 
