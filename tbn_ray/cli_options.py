@@ -27,10 +27,26 @@ from tbn_ray.store.storage import DEFAULT_STORAGE
 
 
 class Command(TyperCommand):
-    """Usage lines write arguments as the README does (``RUN``), not as ``{RUN}``."""
+    """Usage lines write arguments as the README does (``RUN``), not as ``{RUN}``; an option of
+    several values given too few is named in one line, before click takes the next option as one."""
 
     def collect_usage_pieces(self, ctx):  # type: ignore[no-untyped-def]
         return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        for param in self.params:
+            if getattr(param, "nargs", 1) <= 1 or not getattr(param, "opts", None):  # typer vendors its own click: no isinstance
+                continue
+            for i, token in enumerate(args):
+                if token not in param.opts:
+                    continue
+                values = args[i + 1 : i + 1 + param.nargs]
+                flag = next((v for v in values if v.startswith("--")), None)
+                if flag is not None or len(values) < param.nargs:
+                    got = ", ".join(repr(v) for v in (values[: values.index(flag)] if flag else values)) or "nothing"
+                    then = f" and then the option {flag}" if flag else ""
+                    raise TbnError(f"{token} takes {param.nargs} values ({param.metavar or 'values'}); it got {got}{then}")
+        return super().parse_args(ctx, args)
 
 
 def about(text: str, model: type[BaseModel], field: str) -> str:

@@ -331,3 +331,61 @@ def test_state_dict_prefixes_and_nesting_are_handled_and_mismatches_named(store)
     assert "needs its weights" in tbn("import", f"{HERE}:bn_variety", "--storage", store, fails=True)
     assert "no attribute" in tbn("import", f"{HERE}:nothing_here", "--weights", store / "bad.pt", "--storage", store, fails=True)
     assert "3 finite per-channel" in tbn("import", f"{HERE}:bn_variety", "--weights", store / "bad.pt", "--normalize", "1,2", "3", "--storage", store, fails=True)
+
+
+# --- every remaining message names its origin -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--normalize", "0.5", "--name", "x"], "--normalize takes 2 values (MEAN STD); it got '0.5' and then the option --name"),
+        (["--normalize", "125,123,114", "63,62,66"], "outside [0, 1]: on the 0-255 scale?"),
+        (["--normalize", "0.5", "1e-30"], "a std below 0.001"),
+        (["--name", ""], "--name '': a run name is one folder name"),
+        (["--name", "other/certify"], "--name 'other/certify': a run name is one folder name"),
+    ],
+    ids=["normalize-one-value", "normalize-255", "normalize-tiny-std", "empty-name", "nested-name"],
+)
+def test_import_flags_are_named_in_their_one_line(store, args, expected):
+    weights = saved(store, "plain-msg", no_norm)
+    assert expected in tbn("import", f"{HERE}:no_norm", "--weights", weights, "--storage", store, *args, fails=True)
+
+
+def test_import_sources_are_named_in_their_one_line(store, tmp_path, monkeypatch):
+    weights = saved(store, "plain-src", no_norm)
+    assert "is a directory: give the state_dict file" in tbn("import", f"{HERE}:no_norm", "--weights", store, "--storage", store, fails=True)
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bad_syntax.py").write_text("def f(:\n    pass\n")
+    (pkg / "raises.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    syntax = tbn("import", "userpkg.bad_syntax:f", "--weights", weights, "--storage", store, fails=True)
+    assert "importing 'userpkg.bad_syntax'" in syntax and "SyntaxError" in syntax and "line 1" in syntax and "f() failed" not in syntax
+    raised = tbn("import", "userpkg.raises:f", "--weights", weights, "--storage", store, fails=True)
+    assert "importing 'userpkg.raises'" in raised and "RuntimeError: no GPU here" in raised
+
+
+@needs_robustbench
+def test_an_unknown_zoo_name_says_so(store):
+    out = tbn("import", "robustbench:NoSuchModel", "--storage", store, fails=True)
+    assert "no model of that name in RobustBench's cifar10 zoo" in out and "listed under" not in out
+
+
+def test_a_model_without_batchnorm_under_tbn_is_told_to_use_clean_statistics(store):
+    tbn("import", f"{HERE}:no_norm", "--weights", saved(store, "plain-bn", no_norm), "--name", "plain-bn", "--storage", store, "--data", "partial")
+    line = tbn("certify", store / "plain-bn", "--sigma", "0.25", *CERTIFY, fails=True)
+    assert "has no BatchNorm layers" in line and "--bn clean" in line and "tbn-ray calibrate" not in line
+
+
+def test_the_import_measures_clean_accuracy_and_names_a_wrong_normalisation(store, aa_run):
+    """AutoAttack's example ResNet-18 takes [0, 1] images: imported as it is, its accuracy on the exact
+    test images is recorded and high; imported with an unneeded --normalize, the import says so."""
+    from tbn_ray.store.runs import Run
+
+    measured = Run.open(str(aa_run)).load_checkpoint().meta["clean_accuracy"]
+    assert measured["images"] == 300 and measured["accuracy"] >= 0.8 and "byte-exact" in measured["data"]
+    out = tbn("import", "pyautoattack.examples.resnet:ResNet18", "--weights", AA_EXAMPLES / "model_test.pt", "--name", "aa-normalized",
+              "--normalize", "0.4914,0.4822,0.4465", "0.2471,0.2435,0.2616", "--storage", store, "--data", "partial")  # fmt: skip
+    assert "warning: clean accuracy" in out and "import it without --normalize" in out

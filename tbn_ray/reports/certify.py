@@ -61,12 +61,14 @@ ABOVE_CAP = "†"
 def radius_cap(sigma: float, n: int, alpha: float) -> float:
     """The largest radius CERTIFY can return with ``n`` samples at ``alpha``: even n votes out of n
     give only pA_lower = alpha^(1/n) (Clopper-Pearson), hence radius sigma * Phi^-1(alpha^(1/n))."""
-    return float(sigma) * NormalDist().inv_cdf(float(alpha) ** (1 / int(n)))
+    return max(0.0, float(sigma) * NormalDist().inv_cdf(float(alpha) ** (1 / int(n))))
 
 
 def cap_note(sigma: float, n: int, alpha: float) -> str:
     """The cap in words, for logs and reports."""
     cap = radius_cap(sigma, n, alpha)
+    if cap == 0:
+        return f"sigma={sigma:g}: no radius is certifiable with n={n} samples at alpha={alpha:g} (even n votes of n bound pA below 1/2): raise n"
     return f"sigma={sigma:g}: no radius above {cap:.2f} ({cap / sigma:.2f} sigma) is certifiable with n={n} samples at alpha={alpha:g}"
 
 

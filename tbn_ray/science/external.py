@@ -108,6 +108,10 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         if e.name is not None and module_name.startswith(e.name):
             raise TbnError(f"cannot import {module_name!r} for {spec}: no module {e.name!r} on the Python path") from None
         raise TbnError(f"importing {module_name!r} for {spec} failed: {e}") from None
+    except SyntaxError as e:
+        raise TbnError(f"importing {module_name!r} for {spec} failed: SyntaxError in {e.filename}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module: whatever its import raises is its failure
+        raise TbnError(f"importing {module_name!r} for {spec} failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise TbnError(f"{module_name!r} has no attribute {attr!r} ({spec})")

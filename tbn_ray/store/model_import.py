@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from tbn_ray.config import DataConfig, ModelConfig, ModelSource, TrainConfig
 from tbn_ray.errors import SoundnessError, TbnError, log
 from tbn_ray.science.external import Normalized, build_architecture, import_robustbench, split_callable, zoo_constructor, zoo_threat_models
-from tbn_ray.science.smoothing import check_fixed_classifier
+from tbn_ray.science.smoothing import check_fixed_classifier, check_fixed_function
 from tbn_ray.science.tbn import batch_norms, describe_bn, normalization_layers
 from tbn_ray.store.runs import Checkpoint, Run, make_checkpoint
 from tbn_ray.store.storage import Storage
@@ -71,12 +72,19 @@ def parse_normalize(mean: str, std: str) -> tuple[tuple[float, float, float], tu
     m, s = numbers(mean, "MEAN"), numbers(std, "STD")
     if min(s) <= 0:
         raise TbnError(f"--normalize STD {std!r}: every std must be > 0")
+    for what, text, values in (("MEAN", mean, m), ("STD", std, s)):
+        if max(values) > 1 or min(values) < 0:
+            raise TbnError(f"--normalize {what} {text!r} is outside [0, 1]: on the 0-255 scale? give it for [0, 1] images (divide by 255)")
+    if min(s) < 1e-3:
+        raise TbnError(f"--normalize STD {std!r}: a std below 0.001 would scale the image by more than 1000; CIFAR-10's are about 0.25")
     return m, s
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state_dict in a weights file (loaded as data, weights only), also when nested under
     ``state_dict``, ``model``... as training scripts often save it."""
+    if path.is_dir():
+        raise TbnError(f"--weights {path} is a directory: give the state_dict file (saved with torch.save(model.state_dict(), FILE))")
     if not path.is_file():
         raise TbnError(f"weights file not found: {path}")
     try:
@@ -175,6 +183,10 @@ def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: 
     return model, existing
 
 
+#: Noise of the probe inputs an import is checked on (an image and two noisy copies).
+IMPORT_PROBE_SIGMA = 0.25
+
+
 def check_importable(model: nn.Module, what: str) -> None:
     """What every tbn-ray command assumes of a model, checked on three [0, 1] images: eval mode runs,
     logits are (N, 10), finite, and the same for an image alone as in a batch; every BatchNorm
@@ -183,24 +195,45 @@ def check_importable(model: nn.Module, what: str) -> None:
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
             raise TbnError(f"{what}: BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False); it always "
                            "normalises with the batch's statistics, so it has no fixed form to certify or to adapt")  # fmt: skip
-    x = torch.rand(3, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(*INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
-        with torch.no_grad():
-            out = model.eval()(x)
-            alone = torch.cat([model(x[i : i + 1]) for i in range(len(x))]) if isinstance(out, torch.Tensor) else out
-    except Exception as e:  # noqa: BLE001 - the user's forward: whatever it raises is its failure
-        raise TbnError(f"{what} fails on CIFAR-10 images (3, 3, 32, 32): {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
-    if not isinstance(out, torch.Tensor) or out.shape != (3, NUM_CLASSES):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TbnError(f"{what} returns {shape} for 3 images; a CIFAR-10 classifier returns logits of shape (3, {NUM_CLASSES})")
-    if not bool(out.isfinite().all()):
-        raise TbnError(f"{what} returns non-finite logits on [0, 1] images")
-    # randomized smoothing votes with a fixed function of each image (docs/method.md, rule 1)
-    if not torch.allclose(out, alone, rtol=1e-3, atol=1e-4):
-        raise TbnError(
-            f"{what} in eval mode gives an image other logits in a batch than alone (max difference "
-            f"{float((out - alone).abs().max()):.3g}): its output depends on the batch, so it is no fixed classifier to certify or evaluate"
-        )
+        check_fixed_function(model.eval(), x, IMPORT_PROBE_SIGMA, NUM_CLASSES)
+    except TbnError as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+#: Exact test images an import's clean accuracy is measured on, and the accuracy below which it warns.
+ACCURACY_IMAGES, LOW_ACCURACY = 300, 0.5
+
+
+def clean_accuracy(model: nn.Module) -> dict[str, Any] | None:
+    """Accuracy on the first ``ACCURACY_IMAGES`` byte-exact test images (None where they are absent)."""
+    from tbn_ray.science.data import to_float
+    from tbn_ray.store.cifar10 import load_cifar10
+
+    try:
+        test = load_cifar10("partial").test.subset(slice(0, ACCURACY_IMAGES))
+    except TbnError:
+        return None
+    with torch.no_grad():
+        predicted = model.eval()(to_float(test.images)).argmax(1).numpy()
+    return {"accuracy": float((predicted == test.labels).mean()), "images": len(test), "data": "CIFAR-10 test (byte-exact subset)"}
+
+
+def say_accuracy(accuracy: dict[str, Any] | None, source: ModelSource) -> None:
+    """The clean accuracy in one line; below ``LOW_ACCURACY``, the likeliest mistake too."""
+    if accuracy is None:
+        log("clean accuracy not measured: the byte-exact CIFAR-10 test subset (shared/data) is not here")
+        return
+    line = f"clean accuracy {100 * accuracy['accuracy']:.1f}% on the first {accuracy['images']} test images ({accuracy['data']})"
+    if accuracy["accuracy"] >= LOW_ACCURACY:
+        log(line)
+    elif source.kind == "robustbench":
+        log(f"warning: {line}: low for a zoo model; check the threat model and the weights file")
+    elif source.normalize is None:
+        log(f"warning: {line}: if the model expects normalised images, import it with --normalize MEAN STD (its training's values)")
+    else:
+        log(f"warning: {line}: if the model takes [0, 1] images itself, import it without --normalize; else check MEAN and STD")
 
 
 def default_name(source: ModelSource) -> str:
@@ -223,8 +256,10 @@ def imported_model(
             raise TbnError("RobustBench models normalise inside (they take [0, 1] images): --normalize does not apply to them")
         if threat_model is None:
             listed = zoo_threat_models(rest, dataset)
+            if not listed:
+                raise TbnError(f"robustbench:{rest}: no model of that name in RobustBench's {dataset} zoo, under any threat model")
             if len(listed) != 1:
-                raise TbnError(f"robustbench:{rest} is listed under {', '.join(listed) or 'no threat model'}: choose one with --threat-model")
+                raise TbnError(f"robustbench:{rest} is listed under {', '.join(listed)}: choose one with --threat-model")
             threat_model = listed[0]
         if weights is not None:  # a zoo architecture with weights of the user's own
             source = ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset)
@@ -261,6 +296,8 @@ def import_run(
     a checkpoint at epoch 0 that rebuilds to the same function. Importing the same weights again
     is a no-op; another model under an existing run name is refused."""
     root.check()
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise TbnError(f"--name {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' (no '/', not empty)")
     model, source = imported_model(spec, **how)
     cfg = TrainConfig(name=name or default_name(source), model=ModelConfig(arch="imported", source=source), data=data or DataConfig())
     run = Run(root.child(cfg.name))
@@ -271,11 +308,12 @@ def import_run(
             return run, held
         raise TbnError(f"{run.uri} already holds another model ({held.config.model.label}); use another --name")
     norms = normalization_layers(model)
+    accuracy = clean_accuracy(model)
     meta = {
         "imported": source.label, "weights": source.weights, "weights_sha256": source.weights_sha256,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batchnorm": describe_bn(model) if batch_norms(model) else "none", "normalization_layers": norms,
-        "note": "imported, not trained by tbn-ray",
+        "note": "imported, not trained by tbn-ray", "clean_accuracy": accuracy,
     }  # fmt: skip
     ckpt = make_checkpoint(model, cfg, 0, meta)
     rebuilt, _ = _round_trip(ckpt, run.uri)
@@ -288,6 +326,7 @@ def import_run(
         check_fixed_classifier(model.eval())
     except SoundnessError as e:
         log(f"note: certification will refuse this model: {e}")
+    say_accuracy(accuracy, source)
     bn = meta["batchnorm"]
     log(f"imported {source.label} into {run.uri}: {meta['parameters']:,} parameters, BatchNorm: {bn}"
         + ("" if batch_norms(model) else f" (TBN does not apply; {', '.join(norms) or 'no normalization layers'}: use --bn clean)"))  # fmt: skip
