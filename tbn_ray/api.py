@@ -32,7 +32,7 @@ from tbn_ray.config import (
     CalibrateConfig, CertifyConfig, DataConfig, EvaluateConfig, ModelConfig, ModelSource, TrainConfig, parse_config,
 )  # fmt: skip
 from tbn_ray.errors import TbnError
-from tbn_ray.store.runs import Checkpoint, Run, hash_weights
+from tbn_ray.store.runs import Checkpoint, Run, hash_weights, usable_bn_sets
 from tbn_ray.store.storage import Storage
 
 ModelLike = nn.Module | Run | str | Path
@@ -52,6 +52,14 @@ class ModuleRun(Run):
     network: nn.Module = field(default=None, compare=False)  # type: ignore[assignment]
     data: DataConfig = DataConfig()
     name: str = "module"
+    temporary: bool = False  # its folder is removed after the call: errors name the stats= given instead
+
+    @property
+    def stats_origin(self) -> str:
+        return "the stats= given" if self.temporary else f"the stats= given and {self.storage.uri}"
+
+    def calibrate_hint(self, sigma: str) -> str:
+        return f"calibrate it with tbn_ray.calibrate(model, sigmas=[{sigma}]) and pass the result as stats="
 
     def has_checkpoint(self) -> bool:
         return True
@@ -103,6 +111,27 @@ class Certification:
 
         return pd.DataFrame(self.rows())
 
+    def certified_accuracy(self, sigma: float, radius: float) -> float:
+        """The share of the certified images that are correct with a radius of at least ``radius``,
+        at ``sigma`` (any radius, not only the report radii)."""
+        from tbn_ray.science.smoothing import summarize
+
+        return float(next(iter(summarize(self._at(sigma), radii=[radius])["certified_accuracy"].values())))
+
+    def acr(self, sigma: float) -> float:
+        """The average certified radius at ``sigma``: mean of radius x correct."""
+        return float(self._summary(sigma)["acr"])
+
+    def _summary(self, sigma: float) -> dict[str, Any]:
+        key = next((k for k in self.summaries if abs(k - sigma) < 1e-12), None)
+        if key is None:
+            raise TbnError(f"no certification at sigma {sigma:g} here; certified: {', '.join(f'{k:g}' for k in self.summaries)}")
+        return self.summaries[key]
+
+    def _at(self, sigma: float) -> list[dict[str, Any]]:
+        self._summary(sigma)
+        return next(v for k, v in self.records.items() if abs(k - sigma) < 1e-12)
+
     def table(self) -> str:
         """The certified-accuracy table (markdown), as ``tbn-ray certify`` prints it."""
         from tbn_ray.reports.certify import accuracy_table
@@ -117,6 +146,25 @@ class Evaluation:
     eval_id: str
     location: str | None
     result: dict[str, Any]
+
+    def accuracy(self, mode: str, attack: str | None = None) -> float:
+        """Accuracy of BN ``mode`` (``clean``, ``sigma:0.25``, ``test-batch``...): under ``attack``
+        (``pgd``, ``apgd-ce``, ``autoattack``, ``worst_case``; its standard variant) for an attack
+        evaluation, or the mean over corruptions and severities for a corruption evaluation."""
+        modes = self.result["modes"]
+        key = next((k for k, v in modes.items() if k == mode or v.get("spec") == mode), None)
+        if key is None:
+            raise TbnError(f"no BN mode {mode!r} in this evaluation; evaluated: {', '.join(modes)}")
+        body = modes[key]
+        if "variants" not in body:
+            if attack is not None:
+                raise TbnError("a corruption evaluation has no attacks: call accuracy(mode)")
+            return float(body["mean"])
+        row = body["variants"]["standard"]
+        if attack is None or attack not in row:
+            known = [k for k in row if k not in ("images", "clean_accuracy")]
+            raise TbnError(f"name the attack: one of {', '.join(known)}")
+        return float(row[attack])
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -150,30 +198,85 @@ def _run_of(model: ModelLike, stats: Calibration | Mapping[str, Any] | None, sto
     data_cfg = data if isinstance(data, DataConfig) else DataConfig(source=data or "auto")
     tmp = None if storage is not None else tempfile.mkdtemp(prefix="tbn-ray-")
     root = Storage.open(str(storage) if storage is not None else tmp)
-    label = name or type(model).__name__
-    run = ModuleRun(root.child(label), network=model.cpu().eval(), data=data_cfg, name=label)
+    # the caller's module is left as it was (mode, device): the run works on a copy, and without a
+    # name= its folder is named by the weights, so two modules of one class never share statistics
+    network = copy.deepcopy(model).cpu().eval()
+    label = name or f"{type(model).__name__}-{_weights_digest(network)[:12]}"
+    run = ModuleRun(root.child(label), network=network, data=data_cfg, name=label, temporary=tmp is not None)
     try:
         if stats is not None:
-            run.save_bn_sets({**run.load_bn_sets(), **dict(stats.sets if isinstance(stats, Calibration) else stats)})
+            given = dict(stats.sets) if isinstance(stats, Calibration) else stats
+            if not usable_bn_sets(given):
+                raise TbnError("stats= must be what tbn_ray.calibrate returns (or its .sets: {'sigma=0.25': {'stats': ..., 'meta': ...}}), "
+                               f"got {type(stats).__name__}")  # fmt: skip
+            given = dict(given)
+            held = run.load_bn_sets()
+            _no_other_statistics(held, given, run.uri)
+            run.save_bn_sets({**held, **given})
         yield run, None if tmp else run.uri
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_model(
+    spec: str | Path, *, weights: str | Path | None = None, threat_model: str | None = None,
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+) -> nn.Module:
+    """The model ``spec`` names, in eval mode, taking [0, 1] images: a run (its name under the
+    storage root, its directory or a checkpoint file), ``robustbench:NAME`` (RobustBench's zoo,
+    ``threat_model`` when the name is listed under several), or ``module:callable`` with its
+    ``weights`` (a state_dict file; ``normalize``: (mean, std) put in front)."""
+    from tbn_ray.store.model_import import imported_model
+
+    text = str(spec)
+    if text.startswith("robustbench:") or (":" in text and "://" not in text and not Path(text).exists()):
+        model, _ = imported_model(text, threat_model=threat_model, weights=weights, normalize=normalize)
+        return model
+    if weights is not None or threat_model is not None or normalize is not None:
+        raise TbnError("weights=, threat_model= and normalize= are for robustbench:NAME and module:callable; a run holds its own")
+    return Run.open(text).load_model()[0]
+
+
+def _weights_digest(network: nn.Module) -> str:
+    h = hashlib.sha256()
+    hash_weights(h, {k: v.detach().cpu() for k, v in network.state_dict().items()})
+    return h.hexdigest()
+
+
+def _same_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    sa, sb = a.get("stats", {}), b.get("stats", {})
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return x == y
+
+    return same(sa, sb)
+
+
+def _no_other_statistics(held: Mapping[str, Any], given: Mapping[str, Any], where: str) -> None:
+    """``stats=`` may add statistics sets to a module's stored run, never replace one it holds."""
+    for key, value in given.items():
+        if key in held and not _same_set(held[key], value):
+            raise TbnError(f"{where} already holds other {key} statistics than the stats= given: pass another name=, or the stats stored there")
+
+
 def calibrate(
     model: ModelLike, *, config: CalibrateConfig | None = None, storage: str | Path | None = None, name: str | None = None,
-    data: str | DataConfig | None = None, device: str = "auto", progress: bool = False, **settings: Any,
+    data: str | DataConfig | None = None, device: str = "auto", progress: bool = False, replace: bool = False, **settings: Any,
 ) -> Calibration:  # fmt: skip
     """TBN: BN statistics estimated once per sigma on Gaussian-noised held-out training images
     (never the test set), returned (and, for a run, stored in its bn_stats.pt). ``settings``:
-    ``CalibrateConfig`` fields (sigmas, samples, batch_size, seed)."""
+    ``CalibrateConfig`` fields (sigmas, samples, batch_size, seed). A set stored with other
+    settings is refused unless ``replace``."""
     from tbn_ray.jobs.pipeline import calibrate_run
 
     cfg = _settings(CalibrateConfig, config, settings, "tbn_ray.calibrate")
     with _run_of(model, None, storage, name, data) as (run, _):
         override = None if isinstance(run, ModuleRun) or data is None else (data if isinstance(data, DataConfig) else DataConfig(source=data))
-        return Calibration(calibrate_run(run, cfg, data_cfg=override, device=device, progress=progress))
+        return Calibration(calibrate_run(run, cfg, data_cfg=override, device=device, progress=progress, replace=replace))
 
 
 def certify(
@@ -210,6 +313,7 @@ def _evaluation(kind: str, model: ModelLike, stats, bn: Sequence[str], config, s
     from tbn_ray.jobs.evaluate import run_in_process
     from tbn_ray.devices import resolve_device
 
+    bn = [bn] if isinstance(bn, str) else bn  # bn="clean" is one mode, not the letters of one
     indices = settings.pop("indices", None)
     ev = _settings(EvaluateConfig, config, settings, f"tbn_ray.evaluate_{kind}")
     start, stop = indices if indices is not None else (None, None)

@@ -134,6 +134,7 @@ def calibrate(
     seed: Annotated[Optional[int], typer.Option(help=about("seed of the noise and of the held-out images drawn", CalibrateConfig, "seed"))] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="replace a stored set made with other settings (refused without it)")] = False,
 ) -> None:
     """TBN: estimate frozen BN statistics per sigma on noisy held-out training images."""
     from tbn_ray.jobs.pipeline import calibrate_run
@@ -145,7 +146,7 @@ def calibrate(
     })  # fmt: skip
     with about_run(run):
         r = Run.open(run)
-        calibrate_run(r, cfg.calibrate, data_cfg=data_override(data), device=cfg.train.device)
+        calibrate_run(r, cfg.calibrate, data_cfg=data_override(data), device=cfg.train.device, replace=replace)
     log(f"TBN statistics stored in {r.uri}/bn_stats.pt")
 
 

@@ -39,7 +39,7 @@ def _same(records: list[dict]) -> list[tuple]:
     return [tuple(str(r[k]) for k in COMPARED) for r in sorted(records, key=lambda r: r["idx"])]
 
 
-def test_api_on_a_module_gives_the_clis_records(run_dir: Path, tmp_path: Path) -> None:
+def test_api_on_a_module_gives_the_clis_records(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = subprocess.run([sys.executable, "-m", "tbn_ray", "certify", str(run_dir), "--sigma", "0.25", "--local", "--data", "partial",
@@ -50,6 +50,9 @@ def test_api_on_a_module_gives_the_clis_records(run_dir: Path, tmp_path: Path) -
 
     model, _ = Run.open(str(run_dir)).load_model()
     stats = Run.open(str(run_dir)).load_bn_sets()
+    own_tmp = tmp_path / "tmp"  # this test's own temporary folder: other workers write to the shared one
+    own_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(own_tmp))
     before = set(os.listdir(tempfile.gettempdir()))
     by_module = tbn_ray.certify(model, stats, sigma=0.25, data="partial", **SETTINGS)
     left = {e for e in set(os.listdir(tempfile.gettempdir())) - before if e.startswith("tbn-ray-")}
@@ -101,3 +104,29 @@ def test_api_evaluate_attack_on_a_module_per_bn_mode(run_dir: Path) -> None:
     for row in rows.values():
         assert row["images"] == 8 and 0 <= row["pgd"] <= row["clean_accuracy"] <= 1
     assert result.location is None and len(result.to_pandas()) == len(rows)
+
+
+def test_load_model_and_the_result_accessors(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tbn_ray.load_model for a run (path or bare name under the storage root) and for
+    module:callable with weights; the accessors agree with the stored summary and the records."""
+    import torch
+
+    model = tbn_ray.load_model(str(run_dir))
+    monkeypatch.setenv("TBN_STORAGE", str(run_dir.parent))
+    by_name = tbn_ray.load_model("tiny")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not model.training and torch.equal(model(x), by_name(x))
+    with pytest.raises(TbnError, match="weights=, threat_model= and normalize= are for"):
+        tbn_ray.load_model(str(run_dir), weights="w.pt")
+    result = tbn_ray.certify(model, sigma=0.25, bn="clean", data="partial", **SETTINGS)
+    summary = result.summaries[0.25]
+    assert result.acr(0.25) == summary["acr"]
+    for r in ("0.0", "0.25", "0.5"):
+        assert result.certified_accuracy(0.25, float(r)) == pytest.approx(summary["certified_accuracy"][r])
+    with pytest.raises(TbnError, match="no certification at sigma 0.5"):
+        result.acr(0.5)
+    attack = tbn_ray.evaluate_attack(model, bn="clean", data="partial", indices=(0, 4), attacks=["pgd"], attack_steps=1, batch_size=4)
+    assert 0 <= attack.accuracy("clean", "pgd") <= 1
+    with pytest.raises(TbnError, match="name the attack"):
+        attack.accuracy("clean")

@@ -113,6 +113,12 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
 # --- calibrate --------------------------------------------------------------------------
 
 
+def calibration_meta(sigma: float, cfg: CalibrateConfig, d: data_mod.Cifar10, images: int, rule: str) -> dict[str, Any]:
+    """What a statistics set is estimated from: stored with it, and compared before any set is replaced."""
+    return {"sigma": float(sigma), "samples": cfg.samples, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "heldout_images": images, "heldout_rule": rule, **data_meta(d)}  # fmt: skip
+
+
 def calibrate_sigma(
     model: torch.nn.Module, images: torch.Tensor, sigma: float, cfg: CalibrateConfig, d: data_mod.Cifar10, *,
     rule: str, device: torch.device, progress: bool = False,
@@ -123,31 +129,74 @@ def calibrate_sigma(
     stats = estimate_bn_stats(
         model, images, sigma=sigma, samples=cfg.samples, batch_size=cfg.batch_size, seed=cfg.seed, device=device, progress=progress
     )
-    meta = {
-        "sigma": float(sigma), "samples": cfg.samples, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "heldout_images": len(images), "heldout_rule": rule, **data_meta(d), "seconds": round(time.perf_counter() - t0, 3),
-    }  # fmt: skip
+    meta = {**calibration_meta(sigma, cfg, d, len(images), rule), "seconds": round(time.perf_counter() - t0, 3)}
     return stats, meta
 
 
+#: The held-out images TBN statistics are estimated from (never the test set).
+HELDOUT_RULE = "official train index % 10 == 9"
+#: Metadata that is not part of what a statistics set was estimated from.
+_NOT_IDENTITY = ("seconds", "replaced")
+
+
+def _made_from(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _NOT_IDENTITY}
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    return f"{meta.get('samples', '?')} samples, batch {meta.get('batch_size', '?')}, seed {meta.get('seed', '?')}, {meta.get('data', meta.get('data_source', '?'))}"
+
+
+def _change(stats: dict[str, Any], clean: dict[str, Any]) -> str:
+    """The relative change from the clean statistics, or why there is no meaningful one."""
+    untouched = all(bool((v["running_mean"] == 0).all() and (v["running_var"] == 1).all()) for v in clean.values())
+    if untouched:
+        return "not comparable (the clean statistics are BatchNorm's initial 0 and 1: is the model trained?)"
+    return f"{stats_distance(stats, clean):.2f}"
+
+
 def calibrate_run(
-    run: Run, cfg: CalibrateConfig, *, data_cfg: DataConfig | None = None, device: str = "auto", progress: bool = True
+    run: Run, cfg: CalibrateConfig, *, data_cfg: DataConfig | None = None, device: str = "auto", progress: bool = True,
+    replace: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Estimate and store one frozen BN statistics set per sigma on noisy held-out images."""
+    """Estimate and store one frozen BN statistics set per sigma on noisy held-out images.
+
+    A set already stored with the same settings is kept (the same seeded estimate); one made with
+    other settings is never replaced silently: certificates name their set by its digest, so this
+    refuses unless ``replace``, and a replaced set records what it replaced (``tbn-ray show``)."""
     dev = resolve_device(device)
     model, ckpt = run.load_model(dev)
     bn_layers(model)  # a model without BatchNorm is refused before any data is loaded
     d = load_data_for(ckpt, data_cfg)
-    heldout = data_mod.to_float(d.heldout.images)
     sets = run.load_bn_sets()
+    todo = []
+    for sigma in cfg.sigmas:
+        held = sets.get(bn_key(sigma))
+        planned = calibration_meta(sigma, cfg, d, len(d.heldout), HELDOUT_RULE)
+        if held is None or replace:
+            todo.append(sigma)
+        elif _made_from(held.get("meta", {})) == planned:
+            log(f"TBN {bn_key(sigma)}: already calibrated with these settings ({_describe(planned)}); kept")
+        else:
+            raise TbnError(
+                f"{run.uri} already holds TBN statistics for {bn_key(sigma)} made with other settings ({_describe(held.get('meta', {}))}; "
+                f"asked: {_describe(planned)}) and certificates may name them: calibrate with the same settings, or replace them with --replace"
+            )
+    if not todo:
+        return sets
+    heldout = data_mod.to_float(d.heldout.images)
     clean = get_bn_stats(model)
     sets[CLEAN] = {"stats": clean, "meta": {"sigma": 0.0, "source": "trained running statistics"}}
-    for sigma in cfg.sigmas:
-        stats, meta = calibrate_sigma(model, heldout, sigma, cfg, d, rule="official train index % 10 == 9", device=dev, progress=progress)
+    for sigma in todo:
+        stats, meta = calibrate_sigma(model, heldout, sigma, cfg, d, rule=HELDOUT_RULE, device=dev, progress=progress)
+        previous = sets.get(bn_key(sigma))
+        if previous is not None:
+            meta["replaced"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "made_from": _made_from(previous.get("meta", {}))}
         sets[bn_key(sigma)] = {"stats": stats, "meta": meta}
         log(
             f"TBN {bn_key(sigma)}: {describe_bn(model)} re-estimated from {cfg.samples} noisy held-out samples of "
-            f"{len(d.heldout)} images, relative change vs clean statistics {stats_distance(stats, clean):.2f} ({meta['seconds']:.1f} s)"
+            f"{len(d.heldout)} images, relative change vs clean statistics {_change(stats, clean)} ({meta['seconds']:.1f} s)"
+            + (" (replacing the set made from " + _describe(previous.get("meta", {})) + ")" if previous is not None else "")
         )
     run.save_bn_sets(sets)
     return sets

@@ -42,10 +42,9 @@ def _training(run: Run) -> Iterator[str]:
         return
     yield f"model: {cfg.model.arch}, trained {ckpt.epoch} of {cfg.optim.epochs} epochs ({run.checkpoint_key}, saved {ckpt.meta.get('saved', '?')})"
     yield f"data: {ckpt.meta.get('data', cfg.data.source)}"
-    attack = cfg.attack
-    yield f"training attack: {attack.norm} PGD, eps {attack.eps:g}, {attack.steps} steps; batch {cfg.optim.batch_size}, seed {cfg.seed}"
+    yield f"training: {cfg.objective_label}; batch {cfg.optim.batch_size}, seed {cfg.seed}"
     history = ckpt.meta.get("history") or []
-    for key, what in (("heldout_clean_acc", "clean"), ("heldout_pgd_acc", "PGD")):
+    for key, what in (("heldout_clean_acc", "clean"), ("heldout_pgd_acc", "PGD"), ("heldout_noise_acc", "under its training noise")):
         scored = [(row[key], int(row.get("epoch", i)) + 1) for i, row in enumerate(history) if row.get(key) is not None]
         if scored:
             best, epoch = max(scored)
@@ -62,6 +61,9 @@ def _statistics(run: Run) -> Iterator[str]:
     for name in sigmas:
         meta = sets[name].get("meta", {})
         yield f"  {name}: {meta.get('samples', '?')} noisy samples of {meta.get('heldout_images', '?')} held-out images, seed {meta.get('seed', '?')}"
+        if "replaced" in meta:
+            yield (f"    replaced {meta['replaced'].get('at', '?')} (--replace): certifications at {name} made before then used the "
+                   f"replaced set ({meta['replaced'].get('made_from', {}).get('samples', '?')} samples)")  # fmt: skip
 
 
 def _shard_counts(store: Storage, keys: list[str]) -> tuple[int, int | None]:

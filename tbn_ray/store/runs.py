@@ -30,7 +30,7 @@ from tbn_ray.config import DataConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.science.models import build_model
 from tbn_ray.store.storage import Storage, default_storage_uri
-from tbn_ray.science.tbn import CLEAN, BNStats, get_bn_stats
+from tbn_ray.science.tbn import CLEAN, BNStats, batch_norms, get_bn_stats
 
 CHECKPOINT = "checkpoint.pt"
 BN_STATS = "bn_stats.pt"
@@ -171,13 +171,17 @@ def bn_sets_from_bytes(data: bytes, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or raw.get("format") != BN_FORMAT:
         raise TbnError(f"{where} is not a tbn-ray BN statistics file (expected format {BN_FORMAT}): {remedy}")
     sets = raw.get("sets")
-    ok = isinstance(sets, dict) and all(
+    if not usable_bn_sets(sets):
+        raise TbnError(f"{where} is a damaged tbn-ray BN statistics file (a set is missing or of the wrong type): {remedy}")
+    return sets
+
+
+def usable_bn_sets(sets: Any) -> bool:
+    """Statistics sets as tbn-ray stores and passes them: name -> {"stats": {layer: mean, var}, "meta": {...}}."""
+    return isinstance(sets, dict) and all(
         isinstance(name, str) and isinstance(entry, dict) and _usable_stats(entry.get("stats")) and _optional_dict(entry.get("meta"))
         for name, entry in sets.items()
     )
-    if not ok:
-        raise TbnError(f"{where} is a damaged tbn-ray BN statistics file (a set is missing or of the wrong type): {remedy}")
-    return sets
 
 
 @dataclass(frozen=True)
@@ -263,11 +267,19 @@ class Run:
             return sets[name]["stats"]
         if name == CLEAN:
             return get_bn_stats(model)
+        if not batch_norms(model):
+            raise TbnError(f"no TBN statistics {name!r}: the model has no BatchNorm layers, so TBN does not apply; use --bn clean (bn='clean')")
         known = ", ".join(sorted(sets)) or "none"
-        raise TbnError(
-            f"no TBN statistics {name!r} in {self.storage.uri} (calibrated: {known}); "
-            f"run: tbn-ray calibrate {self.storage.uri} --sigma {name.removeprefix('sigma=')}"
-        )
+        raise TbnError(f"no TBN statistics {name!r} in {self.stats_origin} (calibrated: {known}); {self.calibrate_hint(name.removeprefix('sigma='))}")
+
+    @property
+    def stats_origin(self) -> str:
+        """Where this run's statistics come from, as an error names it."""
+        return self.storage.uri
+
+    def calibrate_hint(self, sigma: str) -> str:
+        """How to calibrate the missing ``sigma``, for an error."""
+        return f"run: tbn-ray calibrate {self.storage.uri} --sigma {sigma}"
 
 
 def load_data_for(ckpt: Checkpoint, override: DataConfig | None) -> data_mod.Cifar10:
