@@ -169,3 +169,33 @@ def test_certify_only_settings_are_refused_in_a_sweep(tmp_path):
         load_sweep_config(path)
     path.write_text("certify: {n: 100, fold_bn: true}\n")  # the base classifier's options the sweep honours
     assert load_sweep_config(path).certify.fold_bn
+
+
+def test_broken_yaml_names_the_line_and_column() -> None:
+    from tbn_ray.config import parse_yaml
+
+    with pytest.raises(TbnError, match=r"configs/x.yaml is not valid YAML \(line \d+, column \d+\): "):
+        parse_yaml("train:\n  optim: {epochs: 1\ncertify: [\n", "configs/x.yaml", "sections")
+
+
+def test_a_sample_size_too_small_for_any_radius_says_so_without_a_negative_cap() -> None:
+    from tbn_ray.reports.certify import cap_note, radius_cap
+
+    assert radius_cap(0.25, 1, 0.001) == 0.0
+    assert "no radius is certifiable with n=1" in cap_note(0.25, 1, 0.001) and "-" not in cap_note(0.25, 1, 0.001).split("alpha=")[0]
+    assert radius_cap(0.25, 100_000, 0.001) == pytest.approx(0.25 * 3.8, abs=0.01)
+
+
+def test_sample_size_is_one_setting_and_the_old_spelling_keeps_stored_ids() -> None:
+    from tbn_ray.config import CertifyConfig
+
+    for design in ("fixed", "sequential", "pilot"):
+        new = CertifyConfig(sample_size=design)
+        old = CertifyConfig(adaptive=design != "fixed", **({"adaptive_design": design} if design != "fixed" else {}))
+        assert new.design == old.design == old.sample_size == design
+        assert new.identity("cpu") == old.identity("cpu")  # the run id is written as before sample_size existed
+    assert "sample_size" not in CertifyConfig(sample_size="sequential").identity("cpu")
+    with pytest.raises(Exception, match="disagree: give sample_size only"):
+        CertifyConfig(sample_size="pilot", adaptive=True)  # adaptive alone means the sequential design
+    cfg = load_config(None, **{"certify.sample_size": "sequential"})
+    assert cfg.certify.adaptive and cfg.certify.adaptive_design == "sequential"

@@ -260,10 +260,12 @@ class CertifyConfig(_Strict):
     fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
     images_per_pass: int = Field(1, ge=1, description="images sharing each forward pass: fills the batch with several images' noise (its own run id)")
-    adaptive: bool = Field(False, description="a sample size per image, at most n, chosen while sampling with the 1 - alpha guarantee kept (its own run id)")
-    adaptive_design: Literal["sequential", "pilot"] = Field(
-        "sequential", description="with adaptive: an anytime-valid bound on every vote at a fixed schedule of looks, or the pilot-planned size (its own run id)"
-    )
+    sample_size: Literal["fixed", "sequential", "pilot"] = Field(
+        "fixed", description="fixed: n draws per image (Cohen et al.); sequential: at most n, an anytime-valid bound at a fixed schedule "
+        "of looks that stops once the report radius is settled; pilot: at most n, planned from pilot draws (each its own run id)",
+    )  # fmt: skip
+    adaptive: bool = Field(False, description="deprecated alias: --adaptive is --sample-size sequential (pilot with --adaptive-design pilot)")
+    adaptive_design: Literal["sequential", "pilot"] = Field("sequential", description="deprecated alias: with --adaptive, the design; use --sample-size")
     sequential: SequentialConfig = SequentialConfig()
     adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
     cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
@@ -271,7 +273,7 @@ class CertifyConfig(_Strict):
     clip: bool = Field(False, description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)")
 
     #: Fields the plan records itself (sigma per result, the statistics set, the resolved data and shards).
-    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "adaptive_design", "sequential", "adaptive_sampling"})
+    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "sample_size", "adaptive_design", "sequential", "adaptive_sampling"})
     #: Fields stored with every result whatever their value (so results of before keep their ids).
     _ALWAYS: ClassVar[tuple[str, ...]] = (
         "n0", "n", "alpha", "seed", "batch_size", "start", "skip", "stop", "max_images", "channels_last", "fold_bn", "amp",
@@ -325,6 +327,35 @@ class CertifyConfig(_Strict):
         if self.stop is not None and self.stop <= self.start:
             raise ValueError(f"stop ({self.stop}) must be above start ({self.start})")
         return self
+
+    @model_validator(mode="after")
+    def _one_sample_size(self) -> CertifyConfig:
+        """``sample_size`` is the setting; ``adaptive``/``adaptive_design`` are its old spelling, kept
+        in step with it because the run id is written with them (stored ids do not change)."""
+        given = self.model_fields_set
+        old = self.adaptive_design if self.adaptive else "fixed"
+        if {"adaptive", "adaptive_design"} & given:  # the old spelling, given (dumps never hold it): it wins over a dumped "fixed"
+            if "sample_size" in given and self.sample_size not in ("fixed", old):
+                raise ValueError(f"sample_size {self.sample_size!r} and the deprecated adaptive/adaptive_design ({old!r}) disagree: give sample_size only")
+            object.__setattr__(self, "sample_size", old)
+        elif "sample_size" in given:
+            object.__setattr__(self, "adaptive", self.sample_size != "fixed")
+            object.__setattr__(self, "adaptive_design", self.sample_size if self.sample_size != "fixed" else "sequential")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_the_old_spelling(self, handler: Any) -> dict[str, Any]:
+        """Dumped with ``sample_size`` only, so a dump with a setting changed validates as that setting."""
+        out = handler(self)
+        out.pop("adaptive", None)
+        out.pop("adaptive_design", None)
+        return out
+
+    @property
+    def design(self) -> str:
+        """The sample size in force, fixed, sequential or pilot: read from the fields the run id is
+        written with, so a copy made without validation (``model_copy``) cannot disagree with it."""
+        return self.adaptive_design if self.adaptive else "fixed"
 
     @property
     def unique_sigmas(self) -> tuple[float, ...]:
@@ -420,7 +451,10 @@ def parse_yaml(text: str, where: str, holds: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise TbnError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TbnError(f"{where} is not valid YAML{at}: {problem}") from None
     if not isinstance(raw, dict):
         raise TbnError(f"{where} must hold a mapping ({holds})")
     return raw
