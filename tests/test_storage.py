@@ -384,3 +384,28 @@ def test_local_key_shadowed_by_a_folder(tmp_path: Path) -> None:
     with pytest.raises(TbnError, match="a directory, not a file"):
         store.read_bytes("d")
     assert store.list() == ["d/x"]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_create_if_absent_lets_exactly_one_of_many_writers_win(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Eight threads create one key at once: one gets True, the object holds its bytes, the rest get False."""
+    import threading
+
+    root = str(tmp_path / "c") if backend == "local" else f"{request.getfixturevalue('s3_bucket')}/c"
+    store = Storage.open(root)
+    barrier = threading.Barrier(8)
+    won: list[tuple[int, bool]] = []
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        won.append((i, store.create_bytes("claims/x.claim", f"writer {i}".encode())))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [i for i, ok in won if ok]
+    assert len(won) == 8 and len(winners) == 1
+    assert store.read_bytes("claims/x.claim") == f"writer {winners[0]}".encode()
+    assert store.create_bytes("claims/x.claim", b"late") is False and [k for k in store.list("claims/")] == ["claims/x.claim"]

@@ -47,12 +47,15 @@ class JobActor(PoolWorker):
         self.runner = job.make_worker(self.device(), self.worker, self.gpus)
         self.metrics = {m.name: ((Gauge if m.gauge else Counter)(m.name, m.description, tag_keys=m.tag_keys), m.gauge) for m in job.metrics}
 
-    def run(self, plan: list[ray.ObjectRef], unit: Any) -> Any:
+    def run(self, plan: list[ray.ObjectRef], unit: Any, sink: Any = None) -> Any:
         """Compute ``unit``. ``plan`` is ``[ref]``: fetched from the object store only by the
-        first unit of this process, not copied into every task."""
+        first unit of this process, not copied into every task. A worker that reports parts of a
+        unit (``report``) tells the driver's ``sink`` (``pool.ProgressSink``) as they finish."""
         if self.job is None:
             self._start(ray.get(plan[0]))
         assert self.job is not None
+        if sink is not None and hasattr(self.runner, "report"):
+            self.runner.report = lambda amount: sink.add.remote(unit, amount)
         result = self.runner.run(unit)
         for name, value, tags in self.job.measure(unit, result):
             metric, gauge = self.metrics[name]

@@ -156,7 +156,8 @@ def run_pool(
     errors), taking them from ``units`` as actors are free (each claimed first), updating the
     progress ``bar`` with each finished unit (or one another run stored) and calling ``on_result``
     with its result as it arrives; on any error or interrupt, kill every actor."""
-    pool = _Pool(ray.put(plan), units, label)
+    sink = _progress_sink()
+    pool = _Pool(ray.put(plan), units, label, sink=sink)
     actors = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
     pool.starting = {actor.ready.remote(): actor for actor in actors}
     deadline = time.monotonic() + ready_timeout_s
@@ -167,6 +168,9 @@ def run_pool(
             pool.dispatch()
             for unit in units.drain_stored():
                 bar.update(unit)
+            for unit, amount in _reports(pool):
+                if unit not in pool.done:
+                    bar.partial(unit, amount)
             if not pool.running and not pool.starting and not pool.idle:
                 raise TbnError(f"every {kind} failed to start: {pool.first_error}")
             if not pool.running and not pool.idle and time.monotonic() > deadline:
@@ -191,13 +195,53 @@ def run_pool(
         bar.close()
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        if pool.sink is not None:
+            ray.kill(pool.sink)
+
+
+@ray.remote(num_cpus=0)
+class ProgressSink:
+    """Where actors report amounts done within a unit (each image of a shard); the driver takes
+    them once a loop, so its progress moves before a whole unit ends. Reports are hints: a lost
+    one only delays the count to the unit's end, which adds what was not reported."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[Any, int]] = []
+
+    def add(self, unit: Any, amount: int) -> None:
+        self.reports.append((unit, amount))
+
+    def take(self) -> list[tuple[Any, int]]:
+        out, self.reports = self.reports, []
+        return out
+
+
+def _progress_sink() -> Any:
+    """A ``ProgressSink`` on the driver's own node: it lives as long as the driver, whichever node is lost."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
+def _reports(pool: _Pool) -> list[tuple[Any, int]]:
+    """What the actors reported since the last look; a sink that is gone ends the reports (they are
+    hints: each unit's end still counts it whole)."""
+    if pool.sink is None:
+        return []
+    try:
+        return ray.get(pool.sink.take.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        pool.sink = None
+        return []
 
 
 class _Pool:
     """The driver's bookkeeping: actors starting, idle and busy, units queued and their attempts."""
 
-    def __init__(self, plan_ref: Any, units: ClaimedUnits, label: Callable[[Any], str]) -> None:
-        self.plan_ref, self.label, self.units = plan_ref, label, units
+    def __init__(self, plan_ref: Any, units: ClaimedUnits, label: Callable[[Any], str], clock: Callable[[], float] = time.monotonic,
+                 sink: Any = None) -> None:  # fmt: skip
+        self.plan_ref, self.label, self.units, self.clock, self.sink = plan_ref, label, units, clock, sink
         self.starting: dict[Any, Any] = {}
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[Any, Hashable]] = {}
@@ -211,7 +255,7 @@ class _Pool:
         self.nodes_at = -float("inf")
 
     def submit(self, actor: Any, unit: Hashable) -> None:
-        self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit)] = (actor, unit)
+        self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit, self.sink)] = (actor, unit)
 
     def dispatch(self) -> None:
         """Hand queued units, then newly claimed ones, to idle actors; with nothing queued, give a unit
@@ -241,9 +285,9 @@ class _Pool:
     def alive(self, nodes: set[str]) -> set[str]:
         """Which of ``nodes`` are alive: ``ray.nodes()`` asked again after ``NODES_TTL_S``, or at
         once when it has not listed one of them yet (an actor just placed on a new node)."""
-        if time.monotonic() - self.nodes_at > NODES_TTL_S or not nodes <= self.nodes.keys():
+        if self.clock() - self.nodes_at > NODES_TTL_S or not nodes <= self.nodes.keys():
             self.nodes = {n["NodeID"]: bool(n.get("Alive")) for n in ray.nodes()}
-            self.nodes_at = time.monotonic()
+            self.nodes_at = self.clock()
         return {node for node in nodes if self.nodes.get(node, False)}
 
     def started(self, ref: Any) -> None:

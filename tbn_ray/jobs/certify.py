@@ -268,6 +268,7 @@ class ShardCertifier:
         self.net = plan.build_model(device)
         self._classifiers: dict[float, torch.nn.Module] = {}  # per sigma (a folded copy holds its statistics)
         self._row = {int(i): row for row, i in enumerate(plan.test.index)}
+        self.report: Callable[[int], None] | None = None  # told each image done, by whoever runs the shard (progress)
 
     def run(self, unit: tuple[float, int]) -> ShardResult:
         return self.certify_shard(*unit)
@@ -280,9 +281,11 @@ class ShardCertifier:
         if sigma not in self._classifiers:
             self._classifiers[sigma] = base_classifier(self.net, cfg, self.device)
         started, t0 = time.time(), time.perf_counter()
+        report = self.report
         records = certify_examples(
-            self._classifiers[sigma], plan.test.images[rows], plan.test.labels[rows], idx, cfg, sigma=sigma, device=self.device
-        )
+            self._classifiers[sigma], plan.test.images[rows], plan.test.labels[rows], idx, cfg, sigma=sigma, device=self.device,
+            on_image=None if report is None else lambda: report(1),
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
         meta = {
             "format": SHARD_FORMAT,

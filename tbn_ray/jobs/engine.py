@@ -23,8 +23,10 @@ shards, items, models or Ray.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -192,13 +194,13 @@ class Claims:
     """This run's claims on the units of one job, as objects ``<out>/.claims/<digest>.claim``
     (JSON, under a suffix that no listing of results matches).
 
-    Written, read back and deleted through ``Storage``, which offers whole-object writes but no
-    create-if-absent: two runs can claim one unit in the same instant. Each writes its claim, waits
-    ``settle_s`` and reads it back; the last write wins and the other run leaves the unit. What
-    remains is a run that writes its claim later than ``settle_s`` after having found the unit
-    free: then both compute it (the same objects, written twice; results stay right). Ages are
-    the writers' clocks against the reader's: clocks of different machines must agree to well
-    within ``ttl_s``."""
+    A free unit is claimed with ``Storage.create_bytes`` (create-if-absent: a hard link locally,
+    ``If-None-Match: *`` on S3), so of two runs claiming it at once exactly one gets it. A claim
+    left stale by a run that is gone is overwritten, waited on ``settle_s`` and read back; the last
+    write wins. What remains is two runs taking over one stale claim more than ``settle_s`` apart:
+    then both compute it (the same objects, written twice; results stay right). Ages are the
+    writers' clocks against the reader's: clocks of different machines must agree to well within
+    ``ttl_s``."""
 
     def __init__(
         self, out: Storage, owner: str | None = None, *, ttl_s: float = CLAIM_TTL_S, refresh_s: float = CLAIM_REFRESH_S,
@@ -232,20 +234,35 @@ class Claims:
     def _write(self, label: str) -> None:
         self.out.write_json(self.key(label), {"owner": self.owner, "label": label, "time": time.time()})
 
+    def _create(self, label: str) -> bool:
+        body = json.dumps({"owner": self.owner, "label": label, "time": time.time()}).encode()
+        return self.out.create_bytes(self.key(label), body)
+
     def take(self, labels: Sequence[str]) -> dict[str, Claim | None]:
         """Claim every label no other run holds fresh. By label: None when this run holds it now,
-        else the other run's claim."""
+        else the other run's claim.
+
+        A unit nobody claimed is claimed by create-if-absent: of runs racing for it, exactly one
+        gets it, however slow the machine. Only a claim left stale (its run gone) is overwritten,
+        then read back after ``settle_s``: the last write wins."""
         found = dict(zip(labels, map_concurrently(self.read, list(labels))))
         others = {label: c for label, c in found.items() if c is not None and c.owner != self.owner and self.fresh(c)}
-        free = [label for label in labels if label not in others]
-        if not free:
-            return dict(others)
-        map_concurrently(self._write, free)
-        time.sleep(self.settle_s)
-        after = dict(zip(free, map_concurrently(self.read, free)))
         result: dict[str, Claim | None] = dict(others)
+        absent = [label for label in labels if label not in others and found[label] is None]
+        taken_over = [label for label in labels if label not in others and found[label] is not None]
+        created = dict(zip(absent, map_concurrently(self._create, absent)))
+        for label in (label for label, ok in created.items() if not ok):  # another run created it first
+            result[label] = self.read(label) or Claim("another run", label, time.time())
+        after: dict[str, Claim | None] = {}
+        if taken_over:
+            map_concurrently(self._write, taken_over)
+            time.sleep(self.settle_s)
+            after = dict(zip(taken_over, map_concurrently(self.read, taken_over)))
         with self._lock:
-            for label in free:
+            for label in (label for label, ok in created.items() if ok):
+                self.held.add(label)
+                result[label] = None
+            for label in taken_over:
                 claim = after[label]
                 if claim is None or claim.owner == self.owner:  # unreadable now: ours was written, keep it
                     self.held.add(label)
@@ -398,23 +415,71 @@ class ClaimedUnits:
         return self.left.missing - self.outputs_by_others
 
 
-class Progress:
-    """The driver's progress bar (tqdm): the job's amount done, rate and ETA, the last unit done."""
+#: Seconds between progress lines when the output is no terminal (a job log).
+PROGRESS_EVERY_S = 30.0
 
-    def __init__(self, job: Job, todo: Sequence[Any], enabled: bool) -> None:
+
+class Progress:
+    """The driver's progress: the job's amount done, rate and ETA, the last unit done. On a terminal
+    a tqdm bar; elsewhere (a Ray job's log, a file) one line every ``every_s`` seconds and at the end,
+    since a carriage-return bar is unreadable there. Workers may report amounts within a unit
+    (``partial``, e.g. each image of a shard), so progress moves before a whole unit ends."""
+
+    def __init__(self, job: Job, todo: Sequence[Any], enabled: bool, *, terminal: bool | None = None,
+                 every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         from tqdm.auto import tqdm
 
-        total = sum(job.amount(u) for u in job.units([o for o, _ in job.outputs()]))
-        left = sum(job.amount(u) for u in todo)
-        self.job = job
-        self.bar = tqdm(total=total, initial=total - left, unit=job.amount_unit, desc=job.name, disable=not enabled, dynamic_ncols=True)
+        self.total = sum(job.amount(u) for u in job.units([o for o, _ in job.outputs()]))
+        self.done = self.total - sum(job.amount(u) for u in todo)
+        self.job, self.enabled, self.every_s, self.clock = job, enabled, every_s, clock
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.started_at = self.printed_at = clock()
+        self.at_start = self.done
+        self.partials: dict[Any, int] = {}
+        self.last = ""
+        self.bar = tqdm(total=self.total, initial=self.done, unit=job.amount_unit, desc=job.name,
+                        disable=not (enabled and self.terminal), dynamic_ncols=True)  # fmt: skip
+
+    def partial(self, unit: Any, amount: int) -> None:
+        """``amount`` more of ``unit`` done (never past the unit's own amount)."""
+        room = self.job.amount(unit) - self.partials.get(unit, 0)
+        amount = max(0, min(amount, room))
+        self.partials[unit] = self.partials.get(unit, 0) + amount
+        self._add(amount)
 
     def update(self, unit: Any) -> None:
-        self.bar.set_postfix_str(self.job.label(unit)[:60], refresh=False)
-        self.bar.update(self.job.amount(unit))
+        """``unit`` done: what its partial reports have not counted yet."""
+        self.last = self.job.label(unit)[:60]
+        self.bar.set_postfix_str(self.last, refresh=False)
+        self._add(self.job.amount(unit) - self.partials.pop(unit, 0))
+
+    def _add(self, amount: int) -> None:
+        self.done += amount
+        self.bar.update(amount)
+        if self.enabled and not self.terminal and self.clock() - self.printed_at >= self.every_s:
+            log(self.line())
+            self.printed_at = self.clock()
+
+    def line(self) -> str:
+        """``certify: 120/400 img (30%), 2.31 img/s, ETA 2 min 1 s (last: ...)``."""
+        seconds = max(self.clock() - self.started_at, 1e-9)
+        rate = (self.done - self.at_start) / seconds
+        left = self.total - self.done
+        eta = "-" if rate <= 0 else _duration(left / rate)
+        pct = 100 * self.done / self.total if self.total else 100.0
+        unit = self.job.amount_unit
+        return f"{self.job.name}: {self.done}/{self.total} {unit} ({pct:.0f}%), {rate:.2f} {unit}/s, ETA {eta}" + (f" (last: {self.last})" if self.last else "")
 
     def close(self) -> None:
+        if self.enabled and not self.terminal:
+            log(self.line())
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m} min" if hours else (f"{m} min {s} s" if m else f"{s} s")
 
 
 def run_in_process(
@@ -433,6 +498,8 @@ def run_in_process(
             with claims or Claims(job.out) as held:
                 units = ClaimedUnits(job, left, held, poll_s=poll_s)
                 for unit in _claimed_one_by_one(units, bar):
+                    if hasattr(worker, "report"):  # the worker tells each part of the unit it finishes
+                        worker.report = lambda amount, unit=unit: bar.partial(unit, amount)
                     result = worker.run(unit)
                     units.done(unit)
                     bar.update(unit)

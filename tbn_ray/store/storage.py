@@ -120,6 +120,15 @@ class Storage(ABC):
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write a whole object atomically; returns its URI."""
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object is there (True), else leave it (False). The local and S3
+        storages do it in one step (a hard link; S3's ``If-None-Match: *``); this fallback, for other
+        storages, checks first and can lose a race."""
+        if self.exists(key):
+            return False
+        self.write_bytes(key, data)
+        return True
+
     @abstractmethod
     def writer(self, key: str) -> AbstractContextManager[IO[bytes]]:
         """Context manager yielding a binary file; the object appears only if the block succeeds.

@@ -90,6 +90,28 @@ class LocalStorage(Storage):
             f.write(data)
         return self.object_uri(key)
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Written whole to a temporary file, then hard-linked into place: the link fails if the
+        name exists, so of two runs creating one key at once exactly one succeeds."""
+        target = self._path(key)
+        self._mkdir(target.parent)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            with os_errors(f"cannot write {target}"):
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                raise TbnError(f"cannot write {target}: {e.strerror or e}") from None
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
         try:

@@ -133,6 +133,23 @@ class S3Storage(Storage):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         return uri
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """S3's conditional write (``If-None-Match: *``): refused with 412 (or 409 for a write in
+        flight) when the key exists, so of two runs creating one key at once exactly one succeeds."""
+        from botocore.exceptions import ClientError
+
+        uri = self.object_uri(key)
+        with self._errors(uri):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    return False
+                raise
+        return True
+
     @contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
         uri = self.object_uri(key)
