@@ -31,6 +31,8 @@ class SleepJob:
     units_: int = UNITS
     seconds: float = 0.3
     longer: tuple[tuple[int, float], ...] = ()  # (unit, seconds) of units that take longer
+    wait_for: str | None = None  # every unit but 0 starts only once this object exists (an event, not a delay)
+    signal: str | None = None  # written after each unit computed: another run's wait_for
 
     name = "sleep"
     amount_unit = "unit"
@@ -82,9 +84,13 @@ class SleepWorker:
 
     def run(self, unit: int) -> int:
         out = self.job.out
+        while self.job.wait_for and unit != 0 and not out.exists(self.job.wait_for):
+            time.sleep(0.05)
         out.write_json(f"computed/{unit}-{uuid.uuid4().hex}.json", {"unit": unit})
         time.sleep(dict(self.job.longer).get(unit, self.job.seconds))
         out.write_json(f"result-{unit}.json", {"unit": unit})
+        if self.job.signal:
+            out.write_json(self.job.signal, {"unit": unit})
         return unit
 
 

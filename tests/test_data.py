@@ -111,10 +111,9 @@ def test_train_limit_and_config(partial: D.Cifar10) -> None:
     assert len(d.heldout) == len(partial.heldout)  # calibration data does not shrink with the training budget
 
 
-def test_partial_loads_fast(partial: D.Cifar10) -> None:
-    t0 = time.perf_counter()
-    S.load_cifar10("partial", shared_dir=SHARED)
-    assert time.perf_counter() - t0 < 1.0
+def test_partial_loads_again_the_same(partial: D.Cifar10) -> None:
+    again = S.load_cifar10("partial", shared_dir=SHARED)  # how fast: bench/, not a test
+    assert np.array_equal(again.test.images, partial.test.images) and np.array_equal(again.train.index, partial.train.index)
 
 
 # --- jpeg ---------------------------------------------------------------------------------
@@ -140,16 +139,18 @@ def test_jpeg_full_set_in_official_order(jpeg_first_load: tuple[D.Cifar10, Path,
         assert shifted > 1000, shifted
 
 
-def test_jpeg_second_load_hits_the_cache(jpeg_first_load: tuple[D.Cifar10, Path, float]) -> None:
-    first, cache, first_s = jpeg_first_load
+def test_jpeg_second_load_hits_the_cache(jpeg_first_load: tuple[D.Cifar10, Path, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    first, cache, _ = jpeg_first_load
     files = list(cache.glob("*.npz"))
     assert files == [S.jpeg_cache_path(SHARED, cache)]
     mtime = files[0].stat().st_mtime_ns
-    t0 = time.perf_counter()
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the JPEG archive was decoded again")
+
+    monkeypatch.setattr(S, "decode_jpeg_archive", no_decoding)
     again = S.load_cifar10("jpeg", shared_dir=SHARED, cache_dir=cache)
-    again_s = time.perf_counter() - t0
     assert files[0].stat().st_mtime_ns == mtime and list(cache.iterdir()) == files  # not decoded or written again
-    assert again_s < first_s / 3, (again_s, first_s)
     assert np.array_equal(again.test.images, first.test.images) and np.array_equal(again.train.index, first.train.index)
 
 
@@ -159,10 +160,8 @@ def test_jpeg_second_load_hits_the_cache(jpeg_first_load: tuple[D.Cifar10, Path,
 def test_official_offline_fails_fast_with_advice(tmp_path: Path) -> None:
     if _internet_reachable():
         pytest.skip("the CIFAR-10 host is reachable; this test covers machines without internet")
-    t0 = time.perf_counter()
     with pytest.raises(TbnError, match="could not download CIFAR-10.*--data jpeg or partial"):
         S.load_cifar10("official", root=tmp_path / "empty")
-    assert time.perf_counter() - t0 < 20
 
 
 def test_auto_with_nothing_names_every_option(tmp_path: Path) -> None:

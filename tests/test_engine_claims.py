@@ -60,13 +60,10 @@ def test_two_identical_runs_at_once_compute_each_unit_once(out_uri: str, capsys:
     def one_run() -> tuple[int, int]:
         return run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2)
 
-    t0 = time.perf_counter()
     results = concurrently(one_run, one_run)
-    took = time.perf_counter() - t0
     assert computations(job.out) == Counter(range(UNITS)), computations(job.out)
     assert sum(c for c, _ in results) == UNITS and all(c + s == UNITS for c, s in results), results
     assert "another run is writing" in capsys.readouterr().out
-    assert took < 60, took
     assert not job.out.list(".claims/")  # every claim released
 
 
@@ -99,9 +96,8 @@ def test_the_fresh_claim_of_an_ended_process_on_this_host_is_taken_over_at_once(
     ended.wait()
     killed = Claims(job.out, owner=f"{socket.gethostname()}:{ended.pid}:killed", settle_s=0.0)
     assert killed.take([job.label(0), job.label(1)]) == {job.label(0): None, job.label(1): None}
-    t0 = time.perf_counter()
     assert run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2) == (2, 0)
-    assert time.perf_counter() - t0 < 10 and computations(job.out) == Counter(range(2))
+    assert computations(job.out) == Counter(range(2))
     assert "another run is writing" not in capsys.readouterr().out
 
 

@@ -180,41 +180,32 @@ def test_actor_pool_shape_follows_the_nodes() -> None:
 
 
 @pytest.mark.ray
-def test_the_driver_lists_the_nodes_at_most_every_few_seconds(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the last unit runs, the driver looks for units stranded on dead nodes on every wait
-    (about once a second); it asks ``ray.nodes()`` (a GCS round trip listing every node) again only
-    after NODES_TTL_S. A real pool on a job whose last unit takes seconds, every real call counted."""
-    import time
-
+def test_the_driver_lists_the_nodes_at_most_every_few_seconds(ray_local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver looks for units stranded on dead nodes on every wait; it asks ``ray.nodes()`` (a
+    GCS round trip listing every node) again only after NODES_TTL_S, or at once for a node it has
+    not listed yet. The real ``ray.nodes`` of a running Ray, every call counted, on an injected
+    clock: the outcome does not depend on how fast this machine runs."""
     import ray
 
     from tbn_ray.distributed import pool
-    from tbn_ray.distributed.certify import CertifyActor  # a JobActor: runs any engine job
-    from tbn_ray.distributed.jobs import run_job_on_ray
 
-    from .engine_jobs import SleepJob, computations
-
-    job = SleepJob(str(tmp_path / "out"), units_=3, seconds=0.2, longer=((0, 4.0),))
+    now = [100.0]
     calls: list[float] = []
-    first_done: list[float] = []
     real_nodes = ray.nodes
 
     def counted_nodes() -> list[dict]:
-        calls.append(time.monotonic())
+        calls.append(now[0])
         return real_nodes()
 
     monkeypatch.setattr(pool.ray, "nodes", counted_nodes)
-    result = run_job_on_ray(
-        job, CertifyActor, ray_local, progress=False, actors=2, cpus_per_actor=1,
-        on_unit=lambda unit: first_done or first_done.append(time.monotonic()),
-    )  # fmt: skip
-    end = time.monotonic()
-    assert result == (3, 0) and computations(job.out) == {0: 1, 1: 1, 2: 1}
-    tail = [t for t in calls if t > first_done[0]]  # the call that sized the pool came before
-    assert end - first_done[0] > 2.5, "no tail long enough to tell a cached listing from a fresh one"
-    assert tail, "the driver never looked for dead nodes while a unit was running"
-    gaps = [b - a for a, b in zip(tail, tail[1:])]
-    assert all(g >= 2.0 for g in gaps), (gaps, end - first_done[0])  # a few seconds, not every wait
+    bookkeeping = pool._Pool(plan_ref=None, units=None, label=str, clock=lambda: now[0])  # type: ignore[arg-type]
+    node = real_nodes()[0]["NodeID"]
+    for t in (100.0, 101.0, 103.0, 104.9, 105.2, 106.0, 110.0, 110.3):
+        now[0] = t
+        assert bookkeeping.alive({node}) == {node}
+    assert calls == [100.0, 105.2, 110.3]  # the first look, then once NODES_TTL_S (5 s) has passed each time
+    now[0] = 111.0
+    assert bookkeeping.alive({node, "a-node-not-listed-yet"}) == {node} and calls[-1] == 111.0  # an unknown node: asked at once
 
 
 # --- Ray ------------------------------------------------------------------------------------

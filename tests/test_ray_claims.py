@@ -25,12 +25,15 @@ def test_the_ray_pool_and_an_in_process_run_share_the_units(ray_local, tmp_path:
     from tbn_ray.distributed.certify import CertifyActor  # a JobActor: runs any engine job
     from tbn_ray.distributed.jobs import run_job_on_ray
 
-    job = SleepJob(str(tmp_path / "out"), seconds=0.5)
+    # the pool's units after the first wait until the in-process run has computed one: each run
+    # computes some whatever the machine's speed (the two jobs are one job: the same outputs and claims)
+    job = SleepJob(str(tmp_path / "out"), seconds=0.5, wait_for="gate.json")
+    theirs = SleepJob(str(tmp_path / "out"), seconds=0.5, signal="gate.json")
     other: list[Any] = []
     started: list[threading.Thread] = []
 
     def in_process() -> None:
-        other.append(run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2))
+        other.append(run_in_process(theirs, torch.device("cpu"), progress=False, claims=Claims(theirs.out, **FAST), poll_s=0.2))
 
     def start_the_other_run(_: Any) -> None:
         if not started:
