@@ -155,7 +155,9 @@ def reproduce(cfg: ReproduceConfig, storage: Storage, *, stages: Sequence[str] =
             if missing:
                 raise TbnError(f"stage {stage} of model {spec.name} needs stage {missing[0]} first: tbn-ray reproduce --stage {missing[0]}")
             log(f"reproduce {cfg.name}: {stage} {spec.name}")
-            rep.write_record(spec, stage, STAGE_FUNCTIONS[stage](rep, spec, progress))
+            t0 = time.perf_counter()
+            body = STAGE_FUNCTIONS[stage](rep, spec, progress)
+            rep.write_record(spec, stage, {**body, "wall_seconds": round(time.perf_counter() - t0, 1)})
     if "report" not in stages:
         return {}
     from tbn_ray.reports.reproduce import write_reproduce_report

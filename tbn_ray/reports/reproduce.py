@@ -78,8 +78,9 @@ def collect(rep: Reproduction) -> dict[str, Any]:
             "evaluate": noise.get("seconds", 0.0) + sum(_item_seconds(ev[k]) for k in ("corruptions", *attacks)),
         }
         devices = {s: r["device_name"] for s, r in recs.items()}
+        walls = {s: r.get("wall_seconds") for s, r in recs.items()}
         models[spec.name] = {"training": _training(rep, spec), "certify": cert, "noise": noise, "corruptions": corruption,
-                             **attacks, "seconds": seconds, "devices": devices}  # fmt: skip
+                             **attacks, "seconds": seconds, "devices": devices, "wall_seconds": walls}  # fmt: skip
     return {"name": rep.cfg.name, "models": models, "cost": rep.cfg.cost.model_dump()}
 
 
@@ -205,8 +206,9 @@ def _claim_e(data: dict[str, Any]) -> list[str]:
 def _cost(data: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     price = data["cost"]["price_per_gpu_hour"]
     lines = ["## Cost", "", "Compute time per stage, from the stored results (training epochs, calibration, certificates, evaluation items). "
-             f"GPU time is priced at ${price:.2f} per GPU-hour ({data['cost']['price_source']}); CPU time is shown as CPU-hours of the machine named.", "",
-             "| model | stage | device | minutes | CPU-hours | GPU-hours | USD |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"GPU time is priced at ${price:.2f} per GPU-hour ({data['cost']['price_source']}); CPU time is shown as CPU-hours of the machine named. "
+             "Wall minutes: of the call that finished the stage (a resumed stage's earlier calls not included; '-' where not recorded).", "",
+             "| model | stage | device | minutes | wall minutes | CPU-hours | GPU-hours | USD |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     totals = {"seconds": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0, "usd": 0.0}
     for name, m in data["models"].items():
         for stage, secs in m["seconds"].items():
@@ -217,8 +219,10 @@ def _cost(data: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
             totals["cpu_hours"] += cpu_h
             totals["gpu_hours"] += gpu_h
             totals["usd"] += gpu_h * price
-            lines.append(f"| {name} | {stage} | {device} | {secs / 60:.1f} | {cpu_h:.2f} | {gpu_h:.3f} | {gpu_h * price:.2f} |")
-    lines += [f"| **total** | | | {totals['seconds'] / 60:.0f} | {totals['cpu_hours']:.2f} | {totals['gpu_hours']:.3f} | {totals['usd']:.2f} |", ""]
+            wall = m.get("wall_seconds", {}).get(stage)
+            lines.append(f"| {name} | {stage} | {device} | {secs / 60:.1f} | {'-' if wall is None else f'{wall / 60:.1f}'} | "
+                         f"{cpu_h:.2f} | {gpu_h:.3f} | {gpu_h * price:.2f} |")  # fmt: skip
+    lines += [f"| **total** | | | {totals['seconds'] / 60:.0f} | | {totals['cpu_hours']:.2f} | {totals['gpu_hours']:.3f} | {totals['usd']:.2f} |", ""]
     return lines, totals
 
 
