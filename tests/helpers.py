@@ -99,3 +99,17 @@ def certify_with(model, images, labels, indices, *, sigma: float, device="cpu", 
         fields["compile"] = compile_backend
     cfg = parse_config(CertifyConfig, {"sigmas": [sigma], **fields}, "test settings")
     return certify_examples(model, images, labels, indices, cfg, sigma=sigma, device=device)
+
+
+#: A small stored run (tiny model, TBN at sigma 0.25 and 0.5) that tests copy before writing to it.
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "legacy-store" / "runs" / "tiny"
+
+
+def copy_fixture_run(target: Path, files: tuple[str, ...] = ("checkpoint.pt", "bn_stats.pt", "config.yaml")) -> Path:
+    """``FIXTURE_RUN``'s ``files`` copied into the new folder ``target``."""
+    import shutil
+
+    target.mkdir(parents=True)
+    for name in files:
+        shutil.copy(FIXTURE_RUN / name, target / name)
+    return target

@@ -4,7 +4,6 @@ kept and resumed under storage, nothing left behind without it; settings validat
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,22 +16,17 @@ import tbn_ray
 from tbn_ray.errors import TbnError
 from tbn_ray.store.runs import Run
 
-from .helpers import SHARED_DATA
+from .helpers import SHARED_DATA, copy_fixture_run
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "legacy-store" / "runs" / "tiny"
 SETTINGS = {"n0": 20, "n": 300, "alpha": 0.01, "skip": 7, "max_images": 5, "batch_size": 150, "seed": 3}
 COMPARED = ("idx", "label", "predict", "radius", "correct", "count", "counts", "counts_selection", "p_a_lower")
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    target = tmp_path / "tiny"
-    target.mkdir()
-    for name in ("checkpoint.pt", "bn_stats.pt", "config.yaml"):
-        shutil.copy(FIXTURE_RUN / name, target / name)
-    return target
+    return copy_fixture_run(tmp_path / "tiny")
 
 
 def _same(records: list[dict]) -> list[tuple]:

@@ -17,11 +17,10 @@ import tbn_ray
 from tbn_ray.errors import SoundnessError, TbnError
 from tbn_ray.store.runs import Run
 
-from .helpers import SHARED_DATA, certify_with, partial_test_images
+from .helpers import SHARED_DATA, copy_fixture_run, certify_with, partial_test_images
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "legacy-store" / "runs" / "tiny"
 SETTINGS = {"n0": 10, "n": 40, "alpha": 0.01, "skip": 7, "max_images": 2, "batch_size": 20, "seed": 3}
 
 
@@ -50,11 +49,7 @@ class Pair(nn.Module):
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    target = tmp_path / "tiny"
-    target.mkdir()
-    for name in ("checkpoint.pt", "bn_stats.pt", "config.yaml"):
-        shutil.copy(FIXTURE_RUN / name, target / name)
-    return target
+    return copy_fixture_run(tmp_path / "tiny")
 
 
 @pytest.fixture
