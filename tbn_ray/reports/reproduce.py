@@ -205,10 +205,11 @@ def _claim_e(data: dict[str, Any]) -> list[str]:
 
 def _cost(data: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     price = data["cost"]["price_per_gpu_hour"]
-    lines = ["## Cost", "", "Compute time per stage, from the stored results (training epochs, calibration, certificates, evaluation items). "
-             f"GPU time is priced at ${price:.2f} per GPU-hour ({data['cost']['price_source']}); CPU time is shown as CPU-hours of the machine named. "
+    lines = ["## Cost", "", "Minutes: compute time per stage, summed from the stored results (training epochs, calibration, certificate shards, "
+             "evaluation items), not counting start-up and data loading. "
+             f"GPU time is priced at ${price:.2f} per GPU-hour ({data['cost']['price_source']}); CPU time is shown as hours of the whole machine named. "
              "Wall minutes: of the call that finished the stage (a resumed stage's earlier calls not included; '-' where not recorded).", "",
-             "| model | stage | device | minutes | wall minutes | CPU-hours | GPU-hours | USD |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| model | stage | device | minutes | wall minutes | machine-hours (CPU) | GPU-hours | USD |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     totals = {"seconds": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0, "usd": 0.0}
     for name, m in data["models"].items():
         for stage, secs in m["seconds"].items():
