@@ -23,7 +23,7 @@ from tbn_ray.cli_options import (
     where_options,
 )  # fmt: skip
 from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, NoiseTrainingConfig, RuntimeConfig, TrainConfig, parse_config
-from tbn_ray.errors import TbnError, log
+from tbn_ray.errors import TbnError, TbnWarning, log
 from tbn_ray.store.storage import DEFAULT_STORAGE
 
 app = typer.Typer(
@@ -119,7 +119,7 @@ def train(
     recovery = Recovery(keep=r.keep, max_failures=r.max_failures, start_timeout_s=r.start_timeout_s)
     scaling.per_worker_batch(cfg.train.optim.batch_size)
     root.check()  # a missing or unreachable bucket fails here, before Ray starts
-    with connected(address, log=log) as cluster:
+    with connected(address, job_name=f"tbn-ray train {cfg.train.name}", log=log) as cluster:
         ckpt = train_on_ray(cfg.train, root, scaling, cluster, recovery=recovery, fresh=fresh)
     log(f"run: {root.child(cfg.train.name).uri} (epoch {ckpt.epoch})")
 
@@ -197,7 +197,7 @@ def _run_certification(plan, dev, cfg: ExperimentConfig, where: Where) -> None: 
         from tbn_ray.distributed.certify import run_plan_on_ray
         from tbn_ray.distributed.runtime import connected
 
-        with connected(where.address, log=log) as cluster:
+        with connected(where.address, job_name=f"tbn-ray certify {plan.job_id}", log=log) as cluster:
             result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     print(accuracy_table([{**o.summary, "params": o.summary} for o in result.outputs]))
     for o in result.outputs:
@@ -274,7 +274,7 @@ def sweep(
 
     root = prepare(cfg, storage_root(storage), resume=resume)  # config, data and sizes: before Ray starts
     t0 = time.perf_counter()
-    with connected(address, log=log) as cluster:
+    with connected(address, job_name=f"tbn-ray sweep {cfg.name}", log=log) as cluster:
         result = run_sweep(cfg, root, cluster)
     print(root.read_text("results.md"))
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s; best: epsilon {result.best['epsilon']:g}, sigma {result.best['sigma']:g}")
@@ -313,6 +313,7 @@ def main() -> None:
     from tbn_ray import signals
 
     signals.stop_on_sigterm()
+    _warnings_as_lines()
     try:
         code = app(prog_name="tbn-ray", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -328,6 +329,21 @@ def main() -> None:
         sys.exit(2)
     except BaseException as e:
         _one_line_or_raise(e)
+
+
+def _warnings_as_lines() -> None:
+    """A ``TbnWarning`` is one line on stderr, like an error; other warnings keep Python's form."""
+    import warnings
+
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, TbnWarning):
+            print(f"tbn-ray: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
 
 
 def _one_line_or_raise(e: BaseException) -> None:

@@ -86,7 +86,7 @@ def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type:
         from tbn_ray.distributed.evaluate import run_plan_on_ray
         from tbn_ray.distributed.runtime import connected
 
-        with connected(where.address, log=log) as cluster:
+        with connected(where.address, job_name=f"tbn-ray evaluate {plan.job_id}", log=log) as cluster:
             result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     print(evaluation_section(Storage.open(plan.run_uri), image=None))
     log(f"results in {result.location}: {result.items_computed} item(s) computed now, {result.items_skipped} reused; report {result.report}")

@@ -6,6 +6,8 @@ message on one line and exits with status 2; any other exception is a bug and ke
 its traceback.
 """
 
+import warnings
+
 
 class TbnError(Exception):
     """A user-facing error whose message says what is wrong and what to do."""
@@ -18,3 +20,12 @@ class SoundnessError(TbnError):
 def log(msg: str) -> None:
     """A progress line for the user (stdout, so it interleaves with progress bars)."""
     print(f"[tbn-ray] {msg}", flush=True)
+
+
+class TbnWarning(UserWarning):
+    """A value that is allowed but very likely not what the user meant (the CLI prints it as one line)."""
+
+
+def warn(msg: str) -> None:
+    """Warn once per message: configs are validated more than once per command."""
+    warnings.warn(msg, TbnWarning, stacklevel=2)

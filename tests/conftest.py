@@ -107,6 +107,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The name the test session's Ray job shows in the dashboard.
+SESSION_JOB_NAME = "tbn-ray tests"
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
     """One local Ray instance for the whole session, started once, with the dashboard.
@@ -119,7 +123,7 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)  # a local instance of our own, never a developer's cluster
-        cluster = connect(num_cpus=4, dashboard_port=free_port())
+        cluster = connect(num_cpus=4, dashboard_port=free_port(), job_name=SESSION_JOB_NAME)
         yield cluster
     disconnect(cluster)
 

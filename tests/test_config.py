@@ -199,3 +199,31 @@ def test_sample_size_is_one_setting_and_the_old_spelling_keeps_stored_ids() -> N
         CertifyConfig(sample_size="pilot", adaptive=True)  # adaptive alone means the sequential design
     cfg = load_config(None, **{"certify.sample_size": "sequential"})
     assert cfg.certify.adaptive and cfg.certify.adaptive_design == "sequential"
+
+
+def test_a_sigma_or_a_budget_no_image_survives_is_warned_of_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import warnings
+
+    from tbn_ray.config import CalibrateConfig, CertifyConfig
+    from tbn_ray.errors import TbnWarning
+
+    with pytest.warns(TbnWarning, match=r"sigma 1e\+09 .* 0-255 scale"):
+        CertifyConfig(sigmas=(1e9,))
+    with pytest.warns(TbnWarning, match="sigma 50"):
+        CalibrateConfig(sigmas=(0.25, 50))
+    with pytest.warns(TbnWarning, match="did you mean 5/255"):
+        AttackConfig(norm="linf", eps=5)
+    with pytest.warns(TbnWarning, match="distance between any two images"):
+        AttackConfig(norm="l2", eps=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the values papers use pass in silence
+        CertifyConfig(sigmas=(0.12, 0.25, 0.5, 1.0))
+        AttackConfig(norm="linf", eps=8 / 255)
+        AttackConfig(norm="l2", eps=2.0)
+    # the command line prints it as one line before going on (here: to the missing run's error)
+    out = subprocess.run([sys.executable, "-m", "tbn_ray", "certify", str(tmp_path / "none"), "--sigma", "1e9"], capture_output=True, text=True)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines[0].startswith("tbn-ray: warning: sigma 1e+09") and lines[-1].startswith("tbn-ray: error:"), out.stderr
+    assert len(lines) == 2

@@ -170,6 +170,11 @@ def test_zoo_errors_are_one_line(store):
     assert "normalise inside" in tbn("import", "robustbench:Rice2020Overfitting", "--normalize", "0.5", "0.5", "--storage", store, fails=True)
     missing = tbn("import", "robustbench:Engstrom2019Robustness", "--threat-model", "L2", "--model-dir", store / "empty", "--storage", store, fails=True)
     assert "put its weights at" in missing and str(store / "empty" / "cifar10" / "L2" / "Engstrom2019Robustness.pt") in missing
+    assert not (store / "empty").exists()  # the failed download leaves no empty model-dir tree behind
+    (store / "mine" / "cifar10").mkdir(parents=True)
+    (store / "mine" / "cifar10" / "notes.txt").write_text("the user's")
+    tbn("import", "robustbench:Engstrom2019Robustness", "--threat-model", "L2", "--model-dir", store / "mine", "--storage", store, fails=True)
+    assert sorted(p.relative_to(store).as_posix() for p in (store / "mine").rglob("*")) == ["mine/cifar10", "mine/cifar10/notes.txt"]
 
 
 def test_without_the_zoo_packages_the_error_says_how_to_install(monkeypatch):
@@ -222,6 +227,8 @@ def test_autoattack_in_the_attack_evaluation_clean_and_tbn(aa_run):
     assert "sigma=0.25" in r["modes"]
     item = json.loads(next(aa_run.glob("evaluate/attack/*/clean/autoattack/batch-*.json")).read_text())
     assert item["params"]["autoattack"].startswith("pyautoattack ") and item["params"]["attack"] == "autoattack"
+    report = (aa_run / "evaluate" / "report.md").read_text()  # the settings of the attacks that ran, no PGD step
+    assert "apgd-ce: 5 steps, 1 restart(s); autoattack: the standard version" in report and "PGD step" not in report
     for mode in ("test-batch", "test-batch:16"):
         refused = tbn("evaluate", "attack", aa_run, "--attack", "autoattack", "--bn", "clean", "--bn", mode, "--indices", "0:3", "--local", fails=True)
         assert "re-batches" in refused

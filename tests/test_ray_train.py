@@ -90,6 +90,18 @@ def test_local_instance_has_the_dashboard_and_names_it_to_nested_actors(ray_loca
     assert ray.get(Outer.remote().inner_env.remote()) == ray_local.dashboard_url
 
 
+def test_the_job_has_its_name_in_the_dashboards_jobs_view(ray_local) -> None:
+    """The Jobs view's Name column is the job's metadata ``job_name``: what connect(job_name=) sets
+    (the commands name theirs ``tbn-ray certify <run id>``, ``tbn-ray train <run>``, ...)."""
+    import urllib.request
+
+    from .conftest import SESSION_JOB_NAME
+
+    with urllib.request.urlopen(f"{ray_local.dashboard_url}/api/jobs/", timeout=30) as r:
+        jobs = json.loads(r.read())
+    assert SESSION_JOB_NAME in [(j.get("metadata") or {}).get("job_name") for j in jobs], jobs
+
+
 def test_two_workers_on_s3_then_resume_with_more_epochs(ray_local, s3_bucket: str) -> None:
     root = Storage.open(f"{s3_bucket}/runs")
     run = Run(root.child("resume"))

@@ -15,16 +15,39 @@ import math
 from collections.abc import Mapping
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tbn_ray.config.base import _number, _Strict
 from tbn_ray.config.sequential import SequentialConfig
-from tbn_ray.errors import TbnError
+from tbn_ray.errors import TbnError, warn
 
 Arch = Literal["tiny", "resnet20", "resnet110", "preact_resnet18", "wrn", "imported"]
 DataSource = Literal["auto", "official", "jpeg", "partial"]
 Norm = Literal["l2", "linf"]
-Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units")]
+#: Above this noise std an image in [0, 1] (pixel std about 0.25) is all but invisible under its noise.
+SIGMA_PLAUSIBLE = 4.0
+#: The largest l2 distance between two 3x32x32 images in [0, 1]: sqrt(3072).
+L2_DIAMETER = math.sqrt(3 * 32 * 32)
+
+
+def _plausible_sigma(sigma: float) -> float:
+    if sigma > SIGMA_PLAUSIBLE:
+        warn(f"sigma {sigma:g} is noise {sigma / 0.25:.0f}x the spread of [0, 1] pixels: no image survives it "
+             "(papers use 0.12 to 1.0); is it on the 0-255 scale?")  # fmt: skip
+    return sigma
+
+
+def check_budget(norm: str, eps: float) -> float:
+    """Warn of an attack budget that covers every image: on the 0-255 scale, or l2 beyond the image space."""
+    if norm == "linf" and eps >= 1:
+        warn(f"l-inf eps {eps:g} lets the attack reach any image in [0, 1] (every pixel may move by {eps:g}); "
+             f"budgets are in [0, 1] pixel units: did you mean {eps:g}/255?")  # fmt: skip
+    elif norm == "l2" and eps >= L2_DIAMETER:
+        warn(f"l2 eps {eps:g} is at least the distance between any two images in [0, 1] ({L2_DIAMETER:.1f}): the attack can reach any image")
+    return eps
+
+
+Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units"), AfterValidator(_plausible_sigma)]
 
 #: Radii at which certified accuracy is tabulated (docs/method.md: 0, 0.25, ..., 2.25).
 REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
@@ -100,6 +123,11 @@ class AttackConfig(_Strict):
     restarts: int = Field(1, ge=1)
 
     _num = field_validator("eps", "step_size", mode="before")(_number)
+
+    @model_validator(mode="after")
+    def _budget(self) -> "AttackConfig":
+        check_budget(self.norm, self.eps)
+        return self
 
     @property
     def alpha(self) -> float:
@@ -194,7 +222,7 @@ class TrainConfig(_Strict):
 def check_sigma(sigma: float) -> float:
     if not (sigma > 0 and math.isfinite(sigma)):
         raise TbnError(f"sigma must be a finite number > 0, got {sigma}")
-    return float(sigma)
+    return _plausible_sigma(float(sigma))
 
 
 class CalibrateConfig(_Strict):

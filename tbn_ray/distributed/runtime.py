@@ -25,6 +25,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 from tbn_ray.errors import TbnError
 from tbn_ray.signals import reclaim_sigterm
@@ -37,6 +38,8 @@ DEFAULT_DASHBOARD_PORT = 8265
 PROBE_TIMEOUT_S = 5.0
 #: Read by Ray's state API client in every process of the job (ray.dashboard.utils).
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+#: The key of a job's metadata that the dashboard shows as the job's name.
+JOB_NAME_KEY = "job_name"
 #: Ray's own setting for how long ray.init waits for a new dashboard (its default: 60 s).
 DASHBOARD_WAIT_ENV = "RAY_DASHBOARD_STARTUP_TIMEOUT_S"
 #: The wait used when that setting is not given: on a busy machine (a few CPU-bound processes
@@ -160,21 +163,25 @@ def connect(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     dashboard_port: int | None = None,
+    job_name: str | None = None,
     log: Callable[[str], None] = print,
 ) -> RayCluster:
     """Join ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``), else start a local instance.
 
     A process already connected (a test session, a Tune trial) keeps its connection.
-    ``num_cpus``/``num_gpus``/``dashboard_port`` apply to a new local instance only.
+    ``num_cpus``/``num_gpus``/``dashboard_port`` apply to a new local instance only. ``job_name``
+    is the Name column of the dashboard's Jobs view (under ``ray job submit`` the submission's
+    own name wins: Ray puts it over the driver's).
     """
     import ray
 
+    job_config = ray.job_config.JobConfig(metadata={JOB_NAME_KEY: job_name}) if job_name else None
     if ray.is_initialized():
         cluster = _describe(started_here=False, connected_here=False)
     elif address or os.environ.get("RAY_ADDRESS"):
-        cluster = _join(address)
+        cluster = _join(address, job_config)
     else:
-        cluster = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, log=log)
+        cluster = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, job_config=job_config, log=log)
     reclaim_sigterm()  # Ray's native SIGTERM handler aborts with a stack dump
     where = "local Ray instance" if cluster.started_here else f"Ray cluster {cluster.address}"
     auth = (
@@ -186,14 +193,14 @@ def connect(
     return cluster
 
 
-def _join(address: str | None) -> RayCluster:
+def _join(address: str | None, job_config: Any = None) -> RayCluster:
     """Join ``address`` (None: ``$RAY_ADDRESS``); a refused connection is one line that says why."""
     import ray
 
     target = address or os.environ["RAY_ADDRESS"]
     _probe(target)
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", job_config=job_config)
     except ConnectionError as e:
         raise _unreachable(target, " ".join(str(e).split()) or type(e).__name__) from None
     except ray.exceptions.AuthenticationError:
@@ -204,7 +211,9 @@ def _join(address: str | None) -> RayCluster:
     return _describe(started_here=False, connected_here=True)
 
 
-def _start_local(*, num_cpus: int | None, num_gpus: int | None, dashboard_port: int | None, log: Callable[[str], None]) -> RayCluster:
+def _start_local(
+    *, num_cpus: int | None, num_gpus: int | None, dashboard_port: int | None, job_config: Any, log: Callable[[str], None]
+) -> RayCluster:
     """A new local instance with its dashboard. A start that fails (an overloaded machine on which
     Ray's own processes time out, an unusable temporary directory) is one line that says what to try."""
     import ray
@@ -221,6 +230,7 @@ def _start_local(*, num_cpus: int | None, num_gpus: int | None, dashboard_port: 
             dashboard_host=DASHBOARD_HOST,
             dashboard_port=port,
             logging_level="WARNING",
+            job_config=job_config,
             # Ray's own actors (Train's placement-group cleaner) find the state API by looking for a
             # local Ray instance and give up if there are several on this machine: name ours.
             runtime_env={"env_vars": {STATE_API_ENV: url}},

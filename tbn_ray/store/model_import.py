@@ -165,9 +165,11 @@ def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: 
 
     folder = model_dir / dataset / threat_model
     files = [folder / f"{name}.pt"]
+    before = _tree(model_dir)
     try:
         model = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
     except Exception as e:  # noqa: BLE001 - downloads and checkpoint formats fail in many ways
+        _remove_created(model_dir, before)
         if not files[0].is_file() and not any(folder.glob(f"{name}.pt_m*.pt")):
             raise TbnError(
                 f"RobustBench could not fetch {name} ({type(e).__name__}; no internet?): put its weights at {files[0]} "
@@ -181,6 +183,25 @@ def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: 
     if not existing:  # e.g. a timm entry, whose weights timm keeps elsewhere
         raise TbnError(f"RobustBench loaded {name} without a file under {folder}; tbn-ray imports zoo models stored there")
     return model, existing
+
+
+def _tree(root: Path) -> set[Path] | None:
+    """Every path under ``root`` (None: ``root`` does not exist)."""
+    return {root, *root.rglob("*")} if root.exists() else None
+
+
+def _remove_created(root: Path, before: set[Path] | None) -> None:
+    """Take back what a failed zoo call made under ``root`` (empty folders, partial downloads);
+    what was there before stays."""
+    kept = before or set()
+    for p in sorted(_tree(root) or (), key=lambda q: len(q.parts), reverse=True):
+        if p in kept:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
 
 
 #: Noise of the probe inputs an import is checked on (an image and two noisy copies).
