@@ -228,7 +228,7 @@ def test_autoattack_in_the_attack_evaluation_clean_and_tbn(aa_run):
     item = json.loads(next(aa_run.glob("evaluate/attack/*/clean/autoattack/batch-*.json")).read_text())
     assert item["params"]["autoattack"].startswith("pyautoattack ") and item["params"]["attack"] == "autoattack"
     report = (aa_run / "evaluate" / "report.md").read_text()  # the settings of the attacks that ran, no PGD step
-    assert "apgd-ce: 5 steps, 1 restart(s); autoattack: the standard version" in report and "PGD step" not in report
+    assert "5 steps, 1 restart(s) (apgd-ce), AutoAttack's standard version" in report and "PGD step" not in report
     for mode in ("test-batch", "test-batch:16"):
         refused = tbn("evaluate", "attack", aa_run, "--attack", "autoattack", "--bn", "clean", "--bn", mode, "--indices", "0:3", "--local", fails=True)
         assert "re-batches" in refused

@@ -59,10 +59,11 @@ def _attack_settings(a: dict[str, Any]) -> str:
     parts = []
     if iterative:
         pgd = f", PGD step {a['pgd_step_size']:g}" if "pgd" in iterative else ""
-        parts.append(f"{', '.join(iterative)}: {a['steps']} steps, {a['restarts']} restart(s){pgd}")
+        which = f" ({', '.join(iterative)})" if len(iterative) < len(a["attacks"]) else ""
+        parts.append(f"{a['steps']} steps, {a['restarts']} restart(s){pgd}{which}")
     if "autoattack" in a["attacks"]:
-        parts.append("autoattack: the standard version with its own iterations and restarts")
-    return "; ".join(parts)
+        parts.append("AutoAttack's standard version with its own iterations and restarts")
+    return ", ".join(parts)
 
 
 def _attack_markdown(r: dict[str, Any]) -> list[str]:
@@ -71,8 +72,8 @@ def _attack_markdown(r: dict[str, Any]) -> list[str]:
     lines = [
         f"### Adversarial robustness: {a['norm']}, eps={a['eps']:g}" + (f" ({255 * a['eps']:.3g}/255)" if a["norm"] == "linf" else "") + f" ({r['source']})",
         "",
-        f"Run {r['run']} (epoch {r['epoch']}, {r['model']}), {r['test_images']} test images ({r['test_indices']}); "
-        f"{_attack_settings(a)}; seed {a['seed']}, batch size {r['batch_size']}; eval id `{r['eval_id']}`.",
+        f"Run {r['run']} (epoch {r['epoch']}, {r['model']}), {r['test_images']} test images ({r['test_indices']}), "
+        f"{_attack_settings(a)}, seed {a['seed']}, batch size {r['batch_size']}; eval id `{r['eval_id']}`.",
         "",
         "| BN mode | variant | clean | " + " | ".join(attacks) + (" | worst case |" if len(attacks) > 1 else " |"),
         "|" + "---|" * (3 + len(attacks) + (len(attacks) > 1)),
