@@ -13,7 +13,8 @@ from scipy.stats import binomtest, norm
 
 from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.science.sequential import STOP_REASONS, SequentialSampling, upper_confidence_bound
+from tbn_ray.science.bounds import upper_confidence_bound
+from tbn_ray.science.sequential import STOP_REASONS, SequentialSampling
 from tbn_ray.science.smoothing import (
     ABSTAIN,
     Certificate,

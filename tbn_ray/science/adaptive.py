@@ -37,12 +37,14 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy.special import betainc, betaincinv, ndtr, ndtri
+from scipy.special import betainc, betaincinv
 
 from tbn_ray.config import REPORT_RADII, AdaptiveConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
-from tbn_ray.science.smoothing import ABSTAIN, Certificate, bound_certificate
+from tbn_ray.science import bounds
+from tbn_ray.science.bounds import ABSTAIN, upper_confidence_bound
+from tbn_ray.science.smoothing import Certificate, bound_certificate
 
 
 def predicted_radius(p: float, n: np.ndarray | int, sigma: float, alpha: float) -> np.ndarray:
@@ -50,21 +52,18 @@ def predicted_radius(p: float, n: np.ndarray | int, sigma: float, alpha: float) 
     count p * n: the same Clopper-Pearson bound as ``lower_confidence_bound``, at a real k.
     Negative means abstention (pA_lower < 1/2); -inf when p = 0."""
     n = np.asarray(n, dtype=np.float64)
-    k = p * n
-    with np.errstate(divide="ignore"):
-        lower = np.where(k > 0, betaincinv(np.maximum(k, 1e-300), n - k + 1, alpha), 0.0)
-        return sigma * ndtri(lower)
+    return bounds.radius(bounds.expected_lower_bound(p * n, n, alpha), sigma)
 
 
 @lru_cache(maxsize=64)
 def certifying_counts(n: int, sigma: float, alpha: float, radii: tuple[float, ...]) -> np.ndarray:
     """For each radius r, the fewest votes k of n with sigma * Phi^-1(pA_lower(k, n)) >= r
     (r = 0: not abstaining); n + 1 where no count reaches r. Depends on no image (cached)."""
-    need = ndtr(np.asarray(radii) / sigma)  # pA_lower >= Phi(r / sigma); 1/2 at r = 0
+    need = bounds.need(radii, sigma)
     lo, hi = np.zeros(len(radii), dtype=np.int64), np.full(len(radii), n + 1, dtype=np.int64)
     while np.any(hi - lo > 1):  # invariant: k = lo certifies less than r, k = hi certifies r (or is n + 1)
         mid = (lo + hi) // 2
-        ok = betaincinv(np.maximum(mid, 1), n - mid + 1, alpha) >= need
+        ok = bounds.expected_lower_bound(mid, n, alpha) >= need
         hi, lo = np.where(ok & (mid > 0), mid, hi), np.where(ok & (mid > 0), lo, mid)
     return hi
 
@@ -75,11 +74,6 @@ def certify_chance(p: np.ndarray, n: int, sigma: float, alpha: float, radii: tup
     reachable = k <= n
     chance = betainc(np.where(reachable, k, 1), np.where(reachable, n - k + 1, 1), np.asarray(p)[:, None])  # P(Bin(n, p) >= k)
     return np.where(reachable, chance, 0.0)
-
-
-def optimistic_share(votes: int, draws: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson UPPER bound on p from ``votes`` of ``draws``."""
-    return 1.0 if votes >= draws else float(betaincinv(votes + 1, draws - votes, 1 - alpha))
 
 
 #: The defaults live in the typed config (one source for the CLI, YAML files and this API).
@@ -133,7 +127,7 @@ class AdaptiveSampling:
     def plan(self, votes: int, draws: int, sigma: float, n: int, alpha: float) -> tuple[int, float]:
         """(estimation draws, predicted radius at n) from ``votes`` for c_A among ``draws``
         pilot draws; 0 estimation draws means abstain now. Uses nothing but the pilot."""
-        if predicted_radius(optimistic_share(votes, draws, self.abstain_alpha), n, sigma, alpha) < 0:
+        if predicted_radius(upper_confidence_bound(votes, draws, self.abstain_alpha), n, sigma, alpha) < 0:
             return 0, float(predicted_radius(votes / draws, n, sigma, alpha))
         sizes = self.candidates(n)
         radius = predicted_radius(votes / draws, sizes, sigma, alpha)

@@ -38,23 +38,19 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy.special import betaincinv, ndtr, ndtri
 
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
-from tbn_ray.science.smoothing import ABSTAIN, MISCLASSIFIED, Certificate, lower_confidence_bound
+from tbn_ray.science import bounds
+from tbn_ray.science.bounds import ABSTAIN, lower_confidence_bound, upper_confidence_bound
+from tbn_ray.science.smoothing import MISCLASSIFIED, Certificate
 
 _DEFAULTS = SequentialConfig()
 
 #: Why a sequential certificate stopped (its ``stopped`` field).
 STOP_REASONS = ("top", "settled", "abstain", "full", MISCLASSIFIED)
-
-
-def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson UPPER bound on p from k successes in n trials."""
-    return 1.0 if k >= n else float(betaincinv(k + 1, n - k, 1 - alpha))
 
 
 @lru_cache(maxsize=256)
@@ -122,7 +118,7 @@ class SequentialSampling:
         """CERTIFY with a sample size chosen while sampling (at most n estimation draws); ``label``,
         when given, is the image's true class (see ``skip_misclassified``)."""
         looks, alphas = self.looks(n), self.look_alphas(n, alpha)
-        need = ndtr(np.asarray(self.radii) / sigma)  # pA_lower >= Phi(r / sigma) certifies r; 1/2 at r = 0
+        need = bounds.need(self.radii, sigma)
         # draw n0 samples and use them to take a guess at the top class
         counts_selection = yield n0
         c_a_hat = int(counts_selection.argmax())
@@ -145,13 +141,10 @@ class SequentialSampling:
                 break
             # optimistic: if p_cA were its upper bound, would the expected count at n clear the next radius?
             expected = k + upper_confidence_bound(k, drawn, self.stop_alpha) * (n - drawn)
-            if betaincinv(max(expected, 1e-300), n - expected + 1, alphas[-1]) < need[cleared]:
+            if bounds.expected_lower_bound(expected, n, alphas[-1]) < need[cleared]:
                 stopped = "abstain" if cleared == 0 else "settled"
                 break
-        if best < 0.5:
-            prediction, radius = ABSTAIN, 0.0
-        else:
-            prediction, radius = c_a_hat, sigma * float(ndtri(best))
+        prediction, radius = bounds.certify_bound(best, c_a_hat, sigma)
         return SequentialCertificate(
             prediction, radius, best, c_a_hat, counts_selection, votes,
             n_bound=int(looks[best_look]) if best > 0 else drawn, looks=j + 1, stopped=stopped,

@@ -24,18 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-# scipy.special, not scipy.stats: the same beta.ppf and norm.ppf bit for bit, without the ~1 s
-# scipy.stats adds to the start of every process that certifies (each Ray actor, each CLI call)
-from scipy.special import betaincinv, ndtri
 from torch import Tensor, nn
 
 from tbn_ray.config import REPORT_RADII, CertifyConfig, check_sigma
 from tbn_ray.errors import SoundnessError, TbnError
+from tbn_ray.science.bounds import ABSTAIN, certify_bound, lower_confidence_bound
 from tbn_ray.science.memory import check_fits, named_failure
 from tbn_ray.science.sampling import PackedSampler, Procedure, check_logits, compiled, cudnn_benchmark
 
-#: The prediction recorded when the smoothed classifier abstains.
-ABSTAIN = -1
 #: The ``stopped`` of a record left unsampled after its selection guess was not its label.
 MISCLASSIFIED = "misclassified"
 
@@ -135,21 +131,6 @@ def check_fixed_function(base: nn.Module, x: Tensor, sigma: float, num_classes: 
         )
 
 
-def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials.
-
-    Equal to ``statsmodels.proportion_confint(k, n, alpha=2*alpha, method="beta")[0]``,
-    which Cohen's core.py uses.
-    """
-    if not 0 <= k <= n or n < 1:
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if k == 0:
-        return 0.0
-    return float(betaincinv(k, n - k + 1, alpha))  # = scipy.stats.beta.ppf(alpha, k, n - k + 1)
-
-
 def example_generator(seed: int, idx: int, device: str | torch.device) -> torch.Generator:
     """The noise generator of example ``idx`` in run ``seed``, independent of any other example.
 
@@ -197,10 +178,7 @@ def bound_certificate(
     """Cohen's bound and radius from the estimation draws alone: pA_lower = Clopper-Pearson
     (1 - alpha) of the votes for c_a_hat; abstain below 1/2, else radius sigma * Phi^-1(pA_lower)."""
     p_a_lower = lower_confidence_bound(int(counts_estimation[c_a_hat]), int(counts_estimation.sum()), alpha)
-    if p_a_lower < 0.5:
-        prediction, radius = ABSTAIN, 0.0
-    else:
-        prediction, radius = c_a_hat, sigma * float(ndtri(p_a_lower))  # sigma * Phi^-1(pA)
+    prediction, radius = certify_bound(p_a_lower, c_a_hat, sigma)
     return Certificate(prediction, radius, p_a_lower, c_a_hat, counts_selection, counts_estimation)
 
 
