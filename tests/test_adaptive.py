@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, norm
 
-from tbn_ray.config import REPORT_RADII
-from tbn_ray.errors import TbnError
+from pydantic import ValidationError
+
+from tbn_ray.config import REPORT_RADII, AdaptiveConfig
 from tbn_ray.science.adaptive import AdaptiveSampling, certifying_counts, predicted_radius
 from tbn_ray.science.smoothing import (
     ABSTAIN,
@@ -98,8 +99,9 @@ def test_plan_uses_the_full_n_only_where_it_pays() -> None:
     assert plan.plan(20_000, 20_000, sigma, n, alpha)[0] < plan.plan(1000, 1000, sigma, n, alpha)[0]
     for bad in (dict(pilot=0), dict(extra_pilots=(0,)), dict(tolerance=-1.0), dict(max_loss=float("inf")),
                 dict(fractions=(0.5,)), dict(abstain_alpha=1.0), dict(radii=(float("nan"),)), dict(posterior_points=0)):  # fmt: skip
-        with pytest.raises(TbnError, match="adaptive"):
+        with pytest.raises(ValidationError):  # the config's checks
             AdaptiveSampling(**bad)
+    assert AdaptiveSampling.from_config(AdaptiveConfig()) == AdaptiveSampling()
 
 
 def test_adaptive_on_cifar_matches_fixed_n_with_fewer_draws() -> None:

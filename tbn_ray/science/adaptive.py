@@ -32,15 +32,15 @@ Clopper-Pearson bound after each batch and stopping when it looks good
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from scipy.special import betainc, betaincinv
 
 from tbn_ray.config import REPORT_RADII, AdaptiveConfig
-from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
 from tbn_ray.science import bounds
 from tbn_ray.science.bounds import ABSTAIN, upper_confidence_bound
@@ -76,45 +76,16 @@ def certify_chance(p: np.ndarray, n: int, sigma: float, alpha: float, radii: tup
     return np.where(reachable, chance, 0.0)
 
 
-#: The defaults live in the typed config (one source for the CLI, YAML files and this API).
-_DEFAULTS = AdaptiveConfig()
+class AdaptiveSampling(AdaptiveConfig):
+    """The pilot-planned CERTIFY on its settings: every setting a user chooses, with its default
+    and check, is the config's (``AdaptiveConfig``); this adds the planner's own constants and the
+    report radii the plan serves, and the procedure (see the module docstring). Its defaults were
+    chosen with ``bench/adaptive_sampling.py`` (results: ``bench/results/adaptive_sampling*.md``,
+    ``docs/performance.md``)."""
 
-
-@dataclass(frozen=True)
-class AdaptiveSampling:
-    """Settings of the input-adaptive sample size; see the module docstring for the procedure.
-
-    Defaults chosen with ``bench/adaptive_sampling.py`` at n = 100,000 (results in
-    ``bench/results/adaptive_sampling*.md``): on the vote counts of a quickstart model, 6.9x
-    (sigma 0.25) and 3.5x (sigma 0.5) fewer forward passes, certified accuracy within 0.33
-    points at r = 0 ... 1.0; on a population shaped like Cohen et al.'s ResNet-110, 3.35x and
-    3.0x fewer and within 0.35 points. ACR is 2-7% lower: confident images stop at the
-    sample size that clears the same report radius, not at the cap of n.
-    """
-
-    pilot: int = _DEFAULTS.pilot  # planning draws, never reused in the bound
-    extra_pilots: tuple[int, ...] = _DEFAULTS.extra_pilots  # further planning stages, each drawn while the plan asks for > 2x it
-    max_loss: float = _DEFAULTS.max_loss  # expected report radii certified less often than at the full n, per image
-    tolerance: float = _DEFAULTS.tolerance  # l2: accept n whose predicted radius is within this of n's
-    margin: float = _DEFAULTS.margin  # l2: ... or that clears the highest report radius reached at n by this
-    posterior_points: int = 32  # quadrature points of the pilot's posterior for p_cA
-    fractions: tuple[float, ...] = _DEFAULTS.fractions  # the candidate estimation sizes, as fractions of n
-    abstain_alpha: float = 0.001  # early abstention: confidence of the optimistic pilot bound
-    radii: tuple[float, ...] = field(default=REPORT_RADII)  # the report radii the plan serves
-
-    def __post_init__(self) -> None:
-        if self.pilot < 1 or any(s < 1 for s in self.extra_pilots):
-            raise TbnError(f"adaptive pilot stages must be >= 1 draws each, got {self.pilot}, {self.extra_pilots}")
-        if not all(np.isfinite(v) and v >= 0 for v in (self.tolerance, self.margin, self.max_loss)):
-            raise TbnError(f"adaptive tolerance, margin and max_loss must be finite and >= 0, got {self.tolerance}, {self.margin}, {self.max_loss}")
-        if self.posterior_points < 1:
-            raise TbnError(f"adaptive posterior_points must be >= 1, got {self.posterior_points}")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or max(self.fractions) != 1:
-            raise TbnError(f"adaptive fractions must lie in (0, 1] and include 1 (the full n), got {self.fractions}")
-        if not 0 < self.abstain_alpha < 1:
-            raise TbnError(f"adaptive abstain_alpha must be in (0, 1), got {self.abstain_alpha}")
-        if any(not (np.isfinite(r) and r >= 0) for r in self.radii):
-            raise TbnError(f"adaptive radii must be finite and >= 0, got {self.radii}")
+    posterior_points: int = Field(32, ge=1, description="quadrature points of the pilot's posterior for p_cA")
+    abstain_alpha: float = Field(0.001, gt=0, lt=1, description="early abstention: confidence of the optimistic pilot bound")
+    radii: tuple[Annotated[float, Field(ge=0)], ...] = REPORT_RADII
 
     @staticmethod
     def from_config(cfg: AdaptiveConfig) -> AdaptiveSampling:

@@ -33,21 +33,19 @@ full alpha, or a Clopper-Pearson bound after every batch stopped when it looks g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from pydantic import field_validator
 
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.config.sequential import SequentialConfig
-from tbn_ray.errors import TbnError
 from tbn_ray.science.sampling import Procedure
 from tbn_ray.science import bounds
 from tbn_ray.science.bounds import ABSTAIN, lower_confidence_bound, upper_confidence_bound
 from tbn_ray.science.smoothing import MISCLASSIFIED, Certificate
-
-_DEFAULTS = SequentialConfig()
 
 #: Why a sequential certificate stopped (its ``stopped`` field).
 STOP_REASONS = ("top", "settled", "abstain", "full", MISCLASSIFIED)
@@ -66,40 +64,21 @@ def _schedule(first_look: int, growth: float, final_share: float, spend: float, 
     return sizes, np.append((1 - final_share) * alpha * weights / weights.sum(), final_share * alpha)
 
 
-@dataclass(frozen=True)
-class SequentialSampling:
-    """Settings of the sequential CERTIFY; see the module docstring for the procedure and its guarantee.
+class SequentialSampling(SequentialConfig):
+    """The sequential CERTIFY on its settings: every field, default and check is the config's
+    (``SequentialConfig``); this adds the report radii whose crossing ends sampling, and the
+    procedure (see the module docstring for it and its guarantee). Its defaults were chosen with
+    ``bench/adaptive_sampling.py`` (results: ``bench/results/adaptive_sampling*.md``,
+    ``docs/performance.md``)."""
 
-    Defaults chosen with ``bench/adaptive_sampling.py`` at n = 100,000, alpha = 0.001 (results in
-    ``bench/results/adaptive_sampling*.md``): 9.6x / 9.7x / 23.7x fewer forward passes than fixed n
-    at sigma 0.25 / 0.5 / 1.0 on populations shaped like published curves (8.7x / 7.6x / 8.2x when
-    every guess is bounded, the wrong ones too), 63x / 18x / 22x on a quickstart model's votes;
-    certified accuracy within 0.3 points at every report radius (the loss sits at the highest one
-    below the cap, where the last look's alpha_K < alpha shows). ACR is 9-19% lower: images stop
-    once their report radius is settled, not at the cap of n.
-    """
+    radii: tuple[float, ...] = REPORT_RADII
 
-    first_look: int = _DEFAULTS.first_look  # fewest estimation draws at a look
-    growth: float = _DEFAULTS.growth  # ratio of consecutive cumulative look sizes
-    final_share: float = _DEFAULTS.final_share  # share of alpha at the last look (n); the others share the rest
-    spend: float = _DEFAULTS.spend  # the others' shares grow as (look size) ** spend: 0 even, 1 in proportion to the draws
-    stop_alpha: float = _DEFAULTS.stop_alpha  # optimistic upper bound's level, used only to stop
-    skip_misclassified: bool = _DEFAULTS.skip_misclassified  # abstain at once when the guess is not the given label
-    radii: tuple[float, ...] = field(default=REPORT_RADII)  # the report radii whose crossing ends sampling
-
-    def __post_init__(self) -> None:
-        if self.first_look < 1:
-            raise TbnError(f"sequential first_look must be >= 1 draws, got {self.first_look}")
-        if not (np.isfinite(self.growth) and 1 < self.growth <= 16):
-            raise TbnError(f"sequential growth must be in (1, 16], got {self.growth}")
-        if not 0 < self.final_share < 1:
-            raise TbnError(f"sequential final_share must be in (0, 1), got {self.final_share}")
-        if not (np.isfinite(self.spend) and 0 <= self.spend <= 2):
-            raise TbnError(f"sequential spend must be in [0, 2], got {self.spend}")
-        if not 0 < self.stop_alpha < 1:
-            raise TbnError(f"sequential stop_alpha must be in (0, 1), got {self.stop_alpha}")
-        if not self.radii or any(not (np.isfinite(r) and r >= 0) for r in self.radii) or list(self.radii) != sorted(set(self.radii)):
-            raise TbnError(f"sequential radii must be finite, >= 0, distinct and ascending, got {self.radii}")
+    @field_validator("radii")
+    @classmethod
+    def _radii(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(r < 0 for r in v) or list(v) != sorted(set(v)):
+            raise ValueError(f"sequential radii must be >= 0, distinct and ascending, got {v}")
+        return v
 
     @staticmethod
     def from_config(cfg: SequentialConfig) -> SequentialSampling:
