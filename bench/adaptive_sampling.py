@@ -37,7 +37,7 @@ import json
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,14 @@ def load_votes(path: str) -> tuple[float, np.ndarray, np.ndarray]:
     return float(params["sigma"]), votes, np.array([r["label"] for r in rows])
 
 
-def simulate(probs: np.ndarray, labels: np.ndarray, sigma: float, procedures: dict[str, Any], args: argparse.Namespace,
-             rng: np.random.Generator) -> dict[str, np.ndarray]:
+def simulate(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    sigma: float,
+    procedures: dict[str, Any],
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """One repeat over all images: per image and procedure, radius, correct and forward passes."""
     out = {f"{k}_{m}": np.zeros(len(labels)) for k in ("radius", "correct", "passes") for m in procedures}
     for i, p in enumerate(probs):
@@ -142,7 +148,10 @@ def run_sigma(path: str, procedures: dict[str, Any], args: argparse.Namespace) -
     keys = list(per_repeat["fixed"][0])
 
     def mean_se(rows: list[dict[str, float]]) -> dict[str, list[float]]:
-        return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1) / np.sqrt(len(rows)))] for k in keys}
+        return {
+            k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1) / np.sqrt(len(rows)))]
+            for k in keys
+        }
 
     cap = sigma * float(ndtri(args.alpha ** (1 / args.n)))  # no radius above this is certifiable at n
     below_cap = [f"acc@{r:g}" for r in REPORT_RADII if r < cap]
@@ -155,57 +164,85 @@ def run_sigma(path: str, procedures: dict[str, Any], args: argparse.Namespace) -
             "difference": d,
             "passes_per_image": [float(np.mean(passes[mode])), float(np.std(passes[mode], ddof=1))],
             "passes_ratio": float(np.mean(passes["fixed"]) / np.mean(passes[mode])),
-            "max_accuracy_loss": float(max(-d[k][0] for k in below_cap)),  # points lost at the worst report radius below the cap
+            "max_accuracy_loss": float(
+                max(-d[k][0] for k in below_cap)
+            ),  # points lost at the worst report radius below the cap
         }
     shares = votes / votes.sum(axis=1, keepdims=True)
     draws = oracle_draws(shares, sigma, args)
     right = draws * (shares.argmax(axis=1) == labels)  # an oracle that also leaves the wrong top classes unsampled
     fixed = float(np.mean(passes["fixed"]))
     oracle = args.n0 + float(draws.mean())
-    result["oracle"] = {"passes_per_image": oracle, "passes_ratio": fixed / oracle,
-                        "doubled_passes_ratio": fixed / (args.n0 + 2 * float(draws.mean())),  # a 2x safety margin
-                        "doubled_right_passes_ratio": fixed / (args.n0 + 2 * float(right.mean()))}  # fmt: skip
+    result["oracle"] = {
+        "passes_per_image": oracle,
+        "passes_ratio": fixed / oracle,
+        "doubled_passes_ratio": fixed / (args.n0 + 2 * float(draws.mean())),  # a 2x safety margin
+        "doubled_right_passes_ratio": fixed / (args.n0 + 2 * float(right.mean())),
+    }
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["# Fewer draws vs fixed n (simulation)", "", f"{report['date']}; `{report['command']}`", "",
-             f"Settings: pilot {report['pilot']}; sequential {report['sequential']}; n0={report['n0']}, n={report['n']}, "
-             f"alpha={report['alpha']}, {report['repeats']} repeats. Certified accuracy in %; differences from fixed n with "
-             "their Monte-Carlo standard error; forward passes per image with their standard deviation over the repeats.",
-             "Per repeat, each image's class probabilities are drawn from Dirichlet(stored votes + 0.5). "
-             "'max loss' is the largest drop in certified accuracy at a report radius below the cap sigma * Phi^-1(alpha^(1/n)).",
-             *([f"Source: {report['note']}"] if report.get("note") else []), "",
-             "'oracle' knows each image's p_cA and takes the fewest draws that reach fixed n's report radius at the expected count "
-             "(a yardstick no procedure can reach); 'oracle x2' gives it twice those draws, the margin a real procedure "
-             "needs to learn p_cA while it samples (how hard a population is: populations with more images near a "
-             "report radius need more draws under every procedure). Both bound every image's top class, right or wrong: "
-             "compare them with 'sequential-every'; 'sequential' does not sample an image further whose guess is not its label: "
-             "compare it with 'oracle x2, right top classes only', which leaves every image whose top class is wrong unsampled.", "",
-             "| population | sigma | procedure | passes ratio | max loss (points) | ACR change |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Fewer draws vs fixed n (simulation)",
+        "",
+        f"{report['date']}; `{report['command']}`",
+        "",
+        f"Settings: pilot {report['pilot']}; sequential {report['sequential']}; n0={report['n0']}, n={report['n']}, "
+        f"alpha={report['alpha']}, {report['repeats']} repeats. Certified accuracy in %; differences from fixed n with "
+        "their Monte-Carlo standard error; forward passes per image with their standard deviation over the repeats.",
+        "Per repeat, each image's class probabilities are drawn from Dirichlet(stored votes + 0.5). "
+        "'max loss' is the largest drop in certified accuracy at a report radius below the cap sigma * Phi^-1(alpha^(1/n)).",
+        *([f"Source: {report['note']}"] if report.get("note") else []),
+        "",
+        "'oracle' knows each image's p_cA and takes the fewest draws that reach fixed n's report radius at the expected count "
+        "(a yardstick no procedure can reach); 'oracle x2' gives it twice those draws, the margin a real procedure "
+        "needs to learn p_cA while it samples (how hard a population is: populations with more images near a "
+        "report radius need more draws under every procedure). Both bound every image's top class, right or wrong: "
+        "compare them with 'sequential-every'; 'sequential' does not sample an image further whose guess is not its label: "
+        "compare it with 'oracle x2, right top classes only', which leaves every image whose top class is wrong unsampled.",
+        "",
+        "| population | sigma | procedure | passes ratio | max loss (points) | ACR change |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in report["sigmas"]:
         for mode, m in s["modes"].items():
             if mode != "fixed":
-                lines.append(f"| `{s['source']}` | {s['sigma']} | {mode} | {m['passes_ratio']:.2f}x | {100 * m['max_accuracy_loss']:.2f} | "
-                             f"{m['difference']['acr'][0]:+.4f} ({100 * m['difference']['acr'][0] / s['modes']['fixed']['metrics']['acr'][0]:+.1f}%) |")  # fmt: skip
+                lines.append(
+                    f"| `{s['source']}` | {s['sigma']} | {mode} | {m['passes_ratio']:.2f}x | {100 * m['max_accuracy_loss']:.2f} | "
+                    f"{m['difference']['acr'][0]:+.4f} ({100 * m['difference']['acr'][0] / s['modes']['fixed']['metrics']['acr'][0]:+.1f}%) |"
+                )
         lines.append(f"| `{s['source']}` | {s['sigma']} | oracle | {s['oracle']['passes_ratio']:.2f}x | | |")
         lines.append(f"| `{s['source']}` | {s['sigma']} | oracle x2 | {s['oracle']['doubled_passes_ratio']:.2f}x | | |")
-        lines.append(f"| `{s['source']}` | {s['sigma']} | oracle x2, right top classes only | {s['oracle']['doubled_right_passes_ratio']:.2f}x | | |")
+        lines.append(
+            f"| `{s['source']}` | {s['sigma']} | oracle x2, right top classes only | {s['oracle']['doubled_right_passes_ratio']:.2f}x | | |"
+        )
     lines.append("")
     for s in report["sigmas"]:
         keys = [k for k in s["modes"]["fixed"]["metrics"] if k == "acr" or float(k[4:]) < s["cap"] + 0.25]
-        lines += [f"## sigma = {s['sigma']} ({s['images']} images, from `{s['source']}`; cap {s['cap']:.2f})", "",
-                  "| | forward passes / image | " + " | ".join(k.replace("acc@", "r=") for k in keys) + " |",
-                  "|---" * (len(keys) + 2) + "|"]  # fmt: skip
+        lines += [
+            f"## sigma = {s['sigma']} ({s['images']} images, from `{s['source']}`; cap {s['cap']:.2f})",
+            "",
+            "| | forward passes / image | " + " | ".join(k.replace("acc@", "r=") for k in keys) + " |",
+            "|---" * (len(keys) + 2) + "|",
+        ]
         for mode, m in s["modes"].items():
             cells = [f"{100 * m['metrics'][k][0]:.2f}" if k != "acr" else f"{m['metrics'][k][0]:.4f}" for k in keys]
-            lines.append(f"| {mode} | {m['passes_per_image'][0]:,.0f} ± {m['passes_per_image'][1]:,.0f} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {mode} | {m['passes_per_image'][0]:,.0f} ± {m['passes_per_image'][1]:,.0f} | "
+                + " | ".join(cells)
+                + " |"
+            )
         for mode, m in s["modes"].items():
             if mode == "fixed":
                 continue
-            diff = [f"{100 * m['difference'][k][0]:+.2f} ± {100 * m['difference'][k][1]:.2f}" if k != "acr"
-                    else f"{m['difference'][k][0]:+.4f} ± {m['difference'][k][1]:.4f}" for k in keys]  # fmt: skip
+            diff = [
+                f"{100 * m['difference'][k][0]:+.2f} ± {100 * m['difference'][k][1]:.2f}"
+                if k != "acr"
+                else f"{m['difference'][k][0]:+.4f} ± {m['difference'][k][1]:.4f}"
+                for k in keys
+            ]
             lines.append(f"| {mode} - fixed | {m['passes_ratio']:.2f}x fewer | " + " | ".join(diff) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -213,18 +250,32 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("radii", nargs="+", help="radii.parquet files of a real certification (one per sigma), or cohen:<sigma>")
-    parser.add_argument("--procedures", type=lambda v: tuple(x for x in v.split(",") if x), default=PROCEDURES[1:],
-                        help=f"comma-separated, compared with fixed n: any of {', '.join(PROCEDURES[1:])}")
+    parser.add_argument(
+        "radii", nargs="+", help="radii.parquet files of a real certification (one per sigma), or cohen:<sigma>"
+    )
+    parser.add_argument(
+        "--procedures",
+        type=lambda v: tuple(x for x in v.split(",") if x),
+        default=PROCEDURES[1:],
+        help=f"comma-separated, compared with fixed n: any of {', '.join(PROCEDURES[1:])}",
+    )
     pilot, seq = AdaptiveSampling(), SequentialSampling()
     parser.add_argument("--pilot", type=int, default=pilot.pilot)
     parser.add_argument("--tolerance", type=float, default=pilot.tolerance)
     parser.add_argument("--margin", type=float, default=pilot.margin)
     parser.add_argument("--max-loss", type=float, default=pilot.max_loss)
-    parser.add_argument("--extra-pilots", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=pilot.extra_pilots,
-                        help="comma-separated further pilot stages, e.g. 4000,10000")
-    parser.add_argument("--fractions", type=lambda v: tuple(float(Fraction(x)) for x in v.split(",") if x), default=pilot.fractions,
-                        help="comma-separated candidate estimation sizes as fractions of n, e.g. 1/64,1/32,...,1")
+    parser.add_argument(
+        "--extra-pilots",
+        type=lambda v: tuple(int(x) for x in v.split(",") if x),
+        default=pilot.extra_pilots,
+        help="comma-separated further pilot stages, e.g. 4000,10000",
+    )
+    parser.add_argument(
+        "--fractions",
+        type=lambda v: tuple(float(Fraction(x)) for x in v.split(",") if x),
+        default=pilot.fractions,
+        help="comma-separated candidate estimation sizes as fractions of n, e.g. 1/64,1/32,...,1",
+    )
     parser.add_argument("--first-look", type=int, default=seq.first_look)
     parser.add_argument("--growth", type=float, default=seq.growth)
     parser.add_argument("--final-share", type=float, default=seq.final_share)
@@ -241,22 +292,52 @@ def main() -> None:
     args = parser.parse_args()
     if not set(args.procedures) <= set(PROCEDURES[1:]):
         parser.error(f"--procedures: choose from {', '.join(PROCEDURES[1:])}")
-    plan = AdaptiveSampling(pilot=args.pilot, tolerance=args.tolerance, margin=args.margin, max_loss=args.max_loss, extra_pilots=args.extra_pilots,
-                            fractions=args.fractions)
-    sequential = SequentialSampling(first_look=args.first_look, growth=args.growth, final_share=args.final_share, spend=args.spend, stop_alpha=args.stop_alpha)
+    plan = AdaptiveSampling(
+        pilot=args.pilot,
+        tolerance=args.tolerance,
+        margin=args.margin,
+        max_loss=args.max_loss,
+        extra_pilots=args.extra_pilots,
+        fractions=args.fractions,
+    )
+    sequential = SequentialSampling(
+        first_look=args.first_look,
+        growth=args.growth,
+        final_share=args.final_share,
+        spend=args.spend,
+        stop_alpha=args.stop_alpha,
+    )
     every = replace(sequential, skip_misclassified=False)
-    makers = {"fixed": lambda *a, label: cohen_certify(*a), "pilot": lambda *a, label: plan.procedure(*a),
-              "sequential": sequential.procedure, "sequential-every": every.procedure}  # fmt: skip
+    makers = {
+        "fixed": lambda *a, label: cohen_certify(*a),
+        "pilot": lambda *a, label: plan.procedure(*a),
+        "sequential": sequential.procedure,
+        "sequential-every": every.procedure,
+    }
     procedures = {m: makers[m] for m in ("fixed", *args.procedures)}
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
-        "pilot": {"pilot": plan.pilot, "extra_pilots": list(plan.extra_pilots), "max_loss": plan.max_loss, "tolerance": plan.tolerance,
-                  "margin": plan.margin, "fractions": [round(f, 6) for f in plan.fractions], "abstain_alpha": plan.abstain_alpha},  # fmt: skip
-        "sequential": {**{k: v for k, v in vars(sequential).items() if k != "radii"}, "looks": len(sequential.looks(args.n))},
-        "n0": args.n0, "n": args.n, "alpha": args.alpha, "repeats": args.repeats, "note": args.note,
+        "pilot": {
+            "pilot": plan.pilot,
+            "extra_pilots": list(plan.extra_pilots),
+            "max_loss": plan.max_loss,
+            "tolerance": plan.tolerance,
+            "margin": plan.margin,
+            "fractions": [round(f, 6) for f in plan.fractions],
+            "abstain_alpha": plan.abstain_alpha,
+        },
+        "sequential": {
+            **{k: v for k, v in vars(sequential).items() if k != "radii"},
+            "looks": len(sequential.looks(args.n)),
+        },
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "repeats": args.repeats,
+        "note": args.note,
         "sigmas": [run_sigma(path, procedures, args) for path in args.radii],
-    }  # fmt: skip
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

@@ -37,8 +37,11 @@ def run_quickstart(threads: str, busy: int, timeout: float) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "tbn_ray", "--threads", threads, "quickstart", "--storage", storage],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout)
             finished = proc.returncode == 0
@@ -53,10 +56,14 @@ def run_quickstart(threads: str, busy: int, timeout: float) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
-        "threads": threads, "busy_processes": busy, "finished": finished, "wall_s": round(wall, 1),
-        "cpu_s_incl_busy": round(cpu, 1), "load_average_at_start": round(load, 2),
+        "threads": threads,
+        "busy_processes": busy,
+        "finished": finished,
+        "wall_s": round(wall, 1),
+        "cpu_s_incl_busy": round(cpu, 1),
+        "load_average_at_start": round(load, 2),
         "tail": out.strip().splitlines()[-1:] if out else [],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

@@ -37,12 +37,17 @@ def run_busy(pytest_args: list[str], spinners: int) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs in a row (default: 1)")
-    parser.add_argument("--spinners", type=int, default=os.cpu_count() or 2, help="busy processes (default: one per core)")
+    parser.add_argument(
+        "--spinners", type=int, default=os.cpu_count() or 2, help="busy processes (default: one per core)"
+    )
     parser.add_argument("pytest_args", nargs="*", help="after --: what pytest runs (default: the whole suite)")
     args = parser.parse_args()
     for i in range(args.repeat):
         rc, seconds = run_busy(args.pytest_args, args.spinners)
-        print(f"run {i + 1}/{args.repeat}: exit {rc}, {seconds / 60:.1f} min with {args.spinners} busy processes", flush=True)
+        print(
+            f"run {i + 1}/{args.repeat}: exit {rc}, {seconds / 60:.1f} min with {args.spinners} busy processes",
+            flush=True,
+        )
         if rc != 0:
             sys.exit(rc)
 

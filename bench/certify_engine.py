@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from timing import interleaved
 
 from tbn_ray.config import REPORT_RADII, AdaptiveConfig, CertifyConfig
 from tbn_ray.jobs.certify import CertifyPlan
 from tbn_ray.science.smoothing import certify_examples, summarize
 from tbn_ray.science.tbn import set_bn_stats
-from timing import interleaved
 
 #: The noise level of every benchmark row (its TBN statistics are calibrated for it).
 SIGMA = 0.25
@@ -27,13 +27,24 @@ def engine_configs(args: argparse.Namespace, n: int, *, gpu: bool) -> dict[str, 
     packed = {"images_per_pass": args.images_per_pass}
     rows = {"fixed n, one image at a time": {}, f"fixed n, packed ({args.images_per_pass} images per pass)": packed}
     if gpu:
-        rows["fixed n, packed, torch.compile + cuDNN autotuning"] = {**packed, "compile": "inductor", "cudnn_autotune": True}
-    rows[f"adaptive (pilot {pilot}), packed"] = {**packed, "adaptive": True, "adaptive_design": "pilot", "adaptive_sampling": AdaptiveConfig(pilot=pilot)}
+        rows["fixed n, packed, torch.compile + cuDNN autotuning"] = {
+            **packed,
+            "compile": "inductor",
+            "cudnn_autotune": True,
+        }
+    rows[f"adaptive (pilot {pilot}), packed"] = {
+        **packed,
+        "adaptive": True,
+        "adaptive_design": "pilot",
+        "adaptive_sampling": AdaptiveConfig(pilot=pilot),
+    }
     rows["adaptive (sequential), packed"] = {**packed, "adaptive": True, "adaptive_design": "sequential"}
     return rows
 
 
-def engine_rows(plan: CertifyPlan, device: torch.device, args: argparse.Namespace, *, n: int, batch_size: int, gpu: bool = False) -> list[dict[str, Any]]:
+def engine_rows(
+    plan: CertifyPlan, device: torch.device, args: argparse.Namespace, *, n: int, batch_size: int, gpu: bool = False
+) -> list[dict[str, Any]]:
     """Whole-call timings of each engine config on the plan's images (best of ``rounds``,
     interleaved), forward passes per image and certified accuracy at each report radius."""
     net = plan.build_model(device)
@@ -61,14 +72,16 @@ def engine_rows(plan: CertifyPlan, device: torch.device, args: argparse.Namespac
         records = r["results"][-1]
         passes = float(np.mean([rec.get("samples", rec["n0"] + rec["n"]) for rec in records]))
         summary = summarize(records, REPORT_RADII)
-        rows.append({
-            "config": name,
-            "seconds_per_image": r["wall_best_s"] / len(images),
-            "forward_passes_per_image": passes,
-            "speedup_wall": base["wall_best_s"] / r["wall_best_s"],
-            "certified_accuracy": summary["certified_accuracy"],
-            "acr": summary["acr"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "config": name,
+                "seconds_per_image": r["wall_best_s"] / len(images),
+                "forward_passes_per_image": passes,
+                "speedup_wall": base["wall_best_s"] / r["wall_best_s"],
+                "certified_accuracy": summary["certified_accuracy"],
+                "acr": summary["acr"],
+            }
+        )
     fixed = rows[0]["forward_passes_per_image"]
     for row in rows:
         row["passes_ratio"] = fixed / row["forward_passes_per_image"]
@@ -78,10 +91,16 @@ def engine_rows(plan: CertifyPlan, device: torch.device, args: argparse.Namespac
 
 def engine_table(rows: list[dict[str, Any]]) -> list[str]:
     radii = list(rows[0]["certified_accuracy"])
-    head = "| config | s / image | speed-up | forward passes / image | fewer passes | " + " | ".join(f"r={r}" for r in radii) + " | ACR |"
+    head = (
+        "| config | s / image | speed-up | forward passes / image | fewer passes | "
+        + " | ".join(f"r={r}" for r in radii)
+        + " | ACR |"
+    )
     lines = [head, "|---" * (6 + len(radii)) + "|"]
     for row in rows:
         acc = " | ".join(f"{100 * row['certified_accuracy'][r]:.1f}" for r in radii)
-        lines.append(f"| {row['config']} | {row['seconds_per_image']:.3f} | {row['speedup_wall']:.2f}x | {row['forward_passes_per_image']:,.0f} "
-                     f"| {row['passes_ratio']:.2f}x | {acc} | {row['acr']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {row['config']} | {row['seconds_per_image']:.3f} | {row['speedup_wall']:.2f}x | {row['forward_passes_per_image']:,.0f} "
+            f"| {row['passes_ratio']:.2f}x | {acc} | {row['acr']:.3f} |"
+        )
     return lines

@@ -52,26 +52,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from certify_engine import SIGMA, engine_rows, engine_table  # noqa: E402 (siblings: bench/ is the script's path)
 from scipy.stats import beta, norm
+from timing import interleaved  # noqa: E402
 from torch import nn
 
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
-from tbn_ray.science.models import build_model
 from tbn_ray.jobs.certify import CertifyPlan, ShardCertifier, plan_certify, run_plan_in_process
 from tbn_ray.jobs.pipeline import calibrate_run
-from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.science.models import build_model
 from tbn_ray.science.smoothing import ABSTAIN, example_generator
-from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import set_bn_stats
-
-from certify_engine import SIGMA, engine_rows, engine_table  # noqa: E402 (siblings: bench/ is the script's path)
-from timing import interleaved, timed  # noqa: E402
+from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.store.storage import Storage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +88,9 @@ class ReferenceSmooth:
     def __init__(self, base: nn.Module, num_classes: int, sigma: float, device: torch.device) -> None:
         self.base, self.num_classes, self.sigma, self.device = base, num_classes, sigma, device
 
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> tuple[int, float, np.ndarray]:
+    def certify(
+        self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, generator=None
+    ) -> tuple[int, float, np.ndarray]:
         self.base.eval()
         counts_selection = self._sample_noise(x, n0, batch_size, generator)
         c_a_hat = int(counts_selection.argmax().item())
@@ -142,17 +143,38 @@ def make_run(root: Path, arch: str) -> Run:
 
 
 def make_plan(
-    run: Run, out: Path, args: argparse.Namespace, images: int, *, batch_size: int, shards: int = 1, device_type: str = "cpu", **settings: Any
+    run: Run,
+    out: Path,
+    args: argparse.Namespace,
+    images: int,
+    *,
+    batch_size: int,
+    shards: int = 1,
+    device_type: str = "cpu",
+    **settings: Any,
 ) -> CertifyPlan:
     """A plan of ``images`` test images; ``settings`` are further CertifyConfig fields."""
-    cfg = CertifyConfig(sigmas=(SIGMA,), n0=args.n0, n=args.n, alpha=0.001, batch_size=batch_size, max_images=images, shards=shards, **settings)
+    cfg = CertifyConfig(
+        sigmas=(SIGMA,),
+        n0=args.n0,
+        n=args.n,
+        alpha=0.001,
+        batch_size=batch_size,
+        max_images=images,
+        shards=shards,
+        **settings,
+    )
     return plan_certify(run, cfg, Storage.open(out), device_type=device_type)
 
 
 def machine() -> dict[str, Any]:
     cpu = "?"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {
@@ -173,7 +195,9 @@ def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     images = args.images
     plain = make_plan(run, tmp / "plain", args, images, batch_size=400, shards=images)
-    tuned = make_plan(run, tmp / "tuned", args, images, batch_size=args.batch_size, shards=images, channels_last=True, fold_bn=True)
+    tuned = make_plan(
+        run, tmp / "tuned", args, images, batch_size=args.batch_size, shards=images, channels_last=True, fold_bn=True
+    )
     cpu = torch.device("cpu")
     net = plain.build_model(cpu)
     set_bn_stats(net, plain.stats[SIGMA])
@@ -189,8 +213,11 @@ def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         certifier = ShardCertifier(plan, cpu, worker)
         return lambda i: certifier.certify_shard(SIGMA, i)  # one image per shard
 
-    names = ("baseline (reference style, batch 400)", "tbn-ray in-process, batch 400, contiguous",
-             f"tbn-ray in-process, batch {args.batch_size}, channels-last, BN folded")
+    names = (
+        "baseline (reference style, batch 400)",
+        "tbn-ray in-process, batch 400, contiguous",
+        f"tbn-ray in-process, batch {args.batch_size}, channels-last, BN folded",
+    )
     print(f"CPU in-process: {images} images, n0={args.n0}, n={args.n}, {args.threads} torch threads", flush=True)
     res = interleaved(dict(zip(names, (baseline, certify_with(plain), certify_with(tuned)))), images, args.rounds)
     base = res[names[0]]
@@ -209,7 +236,9 @@ def cpu_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
 
     # Same noise in (tbn-ray's per-example generators, batch 400), same numbers out.
-    ours = {r["idx"]: r for shard in range(images) for r in _shard_records(plain, shard)}  # written by the batch-400 config
+    ours = {
+        r["idx"]: r for shard in range(images) for r in _shard_records(plain, shard)
+    }  # written by the batch-400 config
     same = 0
     for i, x in zip(plain.indices.tolist(), xs):
         g = example_generator(plain.cfg.seed, i, cpu)
@@ -263,7 +292,9 @@ def ray_part(run: Run, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 
             return go
 
-        res = interleaved({"in-process, 1 thread": in_process, "Ray, 1 actor": on_ray(1), "Ray, 2 actors": on_ray(2)}, 1, args.rounds)
+        res = interleaved(
+            {"in-process, 1 thread": in_process, "Ray, 1 actor": on_ray(1), "Ray, 2 actors": on_ray(2)}, 1, args.rounds
+        )
     finally:
         disconnect(cluster)
     one, two, local = res["Ray, 1 actor"], res["Ray, 2 actors"], res["in-process, 1 thread"]
@@ -345,10 +376,20 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     gpu = torch.device("cuda")
     run = Run(Storage.open(args.run)) if args.run else make_run(tmp / "gpu-run", "resnet110")
     n_args = argparse.Namespace(n0=100, n=args.gpu_n)
-    base_plan = make_plan(run, tmp / "gpu-fp32", n_args, args.gpu_images, batch_size=1000, shards=args.gpu_images, device_type="cuda")
+    base_plan = make_plan(
+        run, tmp / "gpu-fp32", n_args, args.gpu_images, batch_size=1000, shards=args.gpu_images, device_type="cuda"
+    )
     bf16_plan = make_plan(
-        run, tmp / "gpu-bf16", n_args, args.gpu_images, batch_size=args.gpu_batch_size, shards=args.gpu_images,
-        device_type="cuda", channels_last=True, fold_bn=True, amp="bf16",
+        run,
+        tmp / "gpu-bf16",
+        n_args,
+        args.gpu_images,
+        batch_size=args.gpu_batch_size,
+        shards=args.gpu_images,
+        device_type="cuda",
+        channels_last=True,
+        fold_bn=True,
+        amp="bf16",
     )
     net = base_plan.build_model(gpu)
     set_bn_stats(net, base_plan.stats[SIGMA])
@@ -368,22 +409,37 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     print(f"GPU: ResNet-110, {args.gpu_images} images, n0=100, n={args.gpu_n}", flush=True)
     res = interleaved(
         {
-            "baseline (reference style, batch 400, fp32)": synced(lambda i: reference.certify(xs[i], 100, args.gpu_n, 0.001, 400)[:2]),
+            "baseline (reference style, batch 400, fp32)": synced(
+                lambda i: reference.certify(xs[i], 100, args.gpu_n, 0.001, 400)[:2]
+            ),
             "tbn-ray, batch 1000, fp32": synced(lambda i: fp32.certify_shard(SIGMA, i)),
-            f"tbn-ray, batch {args.gpu_batch_size}, bf16, channels-last, BN folded": synced(lambda i: bf16.certify_shard(SIGMA, i)),
+            f"tbn-ray, batch {args.gpu_batch_size}, bf16, channels-last, BN folded": synced(
+                lambda i: bf16.certify_shard(SIGMA, i)
+            ),
         },
         args.gpu_images,
         args.rounds,
     )
     rows = [
-        {"config": name, "seconds_per_image": r["wall_best_s"] / args.gpu_images, "forward_passes_per_image": 100 + args.gpu_n}
+        {
+            "config": name,
+            "seconds_per_image": r["wall_best_s"] / args.gpu_images,
+            "forward_passes_per_image": 100 + args.gpu_n,
+        }
         for name, r in res.items()
     ]
-    engine_plan = make_plan(run, tmp / "gpu-engine", n_args, args.gpu_engine_images, batch_size=args.gpu_batch_size, device_type="cuda")
+    engine_plan = make_plan(
+        run, tmp / "gpu-engine", n_args, args.gpu_engine_images, batch_size=args.gpu_batch_size, device_type="cuda"
+    )
     rows += engine_rows(engine_plan, gpu, args, n=args.gpu_n, batch_size=args.gpu_batch_size, gpu=True)
     for row in rows:
         row["gpu_hours_10k_images_per_sigma"] = row["seconds_per_image"] * 10_000 / 3600
-    return {"device": torch.cuda.get_device_name(0), "model": args.run or "resnet110 (untrained)", "n": args.gpu_n, "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "model": args.run or "resnet110 (untrained)",
+        "n": args.gpu_n,
+        "rows": rows,
+    }
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -414,12 +470,21 @@ def markdown(report: dict[str, Any]) -> str:
             for r in c["rows"]
         ]
         s = c["semantics_check"]
-        lines += ["", f"Semantics: fed the same noise, the baseline's CERTIFY and tbn-ray's agree on counts, prediction and radius for "
-                  f"{s['identical_counts_predictions_radii']}/{s['images']} images.", ""]
+        lines += [
+            "",
+            f"Semantics: fed the same noise, the baseline's CERTIFY and tbn-ray's agree on counts, prediction and radius for "
+            f"{s['identical_counts_predictions_radii']}/{s['images']} images.",
+            "",
+        ]
     if "engine" in report:
         e = report["engine"]
-        lines += [f"## Sampling engine, CPU ({e['model']}, {e['images']} images, n={e['n']}, sigma={SIGMA}; best of "
-                  f"{report['args']['rounds']} interleaved whole calls)", "", *engine_table(e["rows"]), ""]  # fmt: skip
+        lines += [
+            f"## Sampling engine, CPU ({e['model']}, {e['images']} images, n={e['n']}, sigma={SIGMA}; best of "
+            f"{report['args']['rounds']} interleaved whole calls)",
+            "",
+            *engine_table(e["rows"]),
+            "",
+        ]
     if "ray" in report:
         r = report["ray"]
         lines += [
@@ -451,19 +516,34 @@ def markdown(report: dict[str, Any]) -> str:
         if "skipped" in g:
             lines += ["## GPU", "", f"Skipped: {g['skipped']}.", ""]
         else:
-            lines += [f"## GPU ({g['device']}, {g['model']}, n={g['n']})", "", "| config | seconds per image | forward passes per image "
-                      "| GPU-hours, 10k images per sigma |", "|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {row['config']} | {row['seconds_per_image']:.2f} | {row['forward_passes_per_image']:,.0f} "
-                      f"| {row['gpu_hours_10k_images_per_sigma']:.1f} |" for row in g["rows"]]  # fmt: skip
+            lines += [
+                f"## GPU ({g['device']}, {g['model']}, n={g['n']})",
+                "",
+                "| config | seconds per image | forward passes per image | GPU-hours, 10k images per sigma |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {row['config']} | {row['seconds_per_image']:.2f} | {row['forward_passes_per_image']:,.0f} "
+                f"| {row['gpu_hours_10k_images_per_sigma']:.1f} |"
+                for row in g["rows"]
+            ]
             lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="cpu,engine,ray,ray-steady,gpu", help="comma-separated: cpu, engine, ray, ray-steady, gpu")
-    parser.add_argument("--run", default=None, help="a trained run (TBN statistics at sigma 0.25) for the engine and GPU rows; default: untrained")
-    parser.add_argument("--images-per-pass", type=int, default=8, help="images packed into each forward pass (engine rows)")
+    parser.add_argument(
+        "--parts", default="cpu,engine,ray,ray-steady,gpu", help="comma-separated: cpu, engine, ray, ray-steady, gpu"
+    )
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="a trained run (TBN statistics at sigma 0.25) for the engine and GPU rows; default: untrained",
+    )
+    parser.add_argument(
+        "--images-per-pass", type=int, default=8, help="images packed into each forward pass (engine rows)"
+    )
     parser.add_argument("--gpu-engine-images", type=int, default=8, help="images for the GPU engine rows")
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--images", type=int, default=8, help="images for the CPU part")
@@ -483,7 +563,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     report: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": machine(),
@@ -495,7 +575,9 @@ def main() -> None:
         if "cpu" in parts:
             report["cpu"] = cpu_part(run, tmp, args)
         if "engine" in parts:
-            report["engine"] = engine_part(Run(Storage.open(args.run)) if args.run else make_run(tmp / "engine-run", args.arch), tmp, args)
+            report["engine"] = engine_part(
+                Run(Storage.open(args.run)) if args.run else make_run(tmp / "engine-run", args.arch), tmp, args
+            )
         if "ray" in parts:
             report["ray"] = ray_part(run, tmp, args)
         if "ray-steady" in parts:

@@ -21,7 +21,7 @@ import argparse
 import json
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +64,54 @@ def markdown(f: dict[str, Any]) -> str:
         "",
     ]
     if "clean_accuracy" in f:
-        lines += [f"Clean accuracy: **{pct(f['clean_accuracy']['accuracy'])}%** on {f['clean_accuracy']['images']} test images.", ""]
+        lines += [
+            f"Clean accuracy: **{pct(f['clean_accuracy']['accuracy'])}%** on {f['clean_accuracy']['images']} test images.",
+            "",
+        ]
     if "noise_accuracy" in f:
-        lines += ["## Accuracy under Gaussian noise (base classifier, one draw per image)", "", "| sigma | images | clean BN | TBN |", "|---|---|---|---|"]
-        lines += [f"| {r['sigma']:g} | {r['images']} | {pct(r['accuracy_clean_bn'])} | {pct(r['accuracy_tbn'])} |" for r in f["noise_accuracy"]]
+        lines += [
+            "## Accuracy under Gaussian noise (base classifier, one draw per image)",
+            "",
+            "| sigma | images | clean BN | TBN |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['sigma']:g} | {r['images']} | {pct(r['accuracy_clean_bn'])} | {pct(r['accuracy_tbn'])} |"
+            for r in f["noise_accuracy"]
+        ]
         lines.append("")
     if "certify" in f:
         c = f["certify"]
         radii = c["radii"]
-        lines += [f"## Certified accuracy (Cohen CERTIFY, n0={c['n0']}, n={c['n']}, alpha={c['alpha']}: radii above {c['max_radius']:.3f} cannot be certified at this n)", "",
-                  "| sigma | BN | images | " + " | ".join(f"r={r}" for r in radii) + " | ACR | wall s |", "|" + "---|" * (5 + len(radii))]  # fmt: skip
+        lines += [
+            f"## Certified accuracy (Cohen CERTIFY, n0={c['n0']}, n={c['n']}, alpha={c['alpha']}: radii above {c['max_radius']:.3f} cannot be certified at this n)",
+            "",
+            "| sigma | BN | images | " + " | ".join(f"r={r}" for r in radii) + " | ACR | wall s |",
+            "|" + "---|" * (5 + len(radii)),
+        ]
         for row in c["rows"]:
             cells = " | ".join(pct(row["certified"].get(r)) for r in radii)
-            images = f"{row['images']} of {row['images_planned']}" if row.get("images_planned", row["images"]) != row["images"] else str(row["images"])
-            lines.append(f"| {row['sigma']:g} | {row['bn']} | {images} | {cells} | {row['acr']:.3f} | {row['seconds']:.0f} |")
+            images = (
+                f"{row['images']} of {row['images_planned']}"
+                if row.get("images_planned", row["images"]) != row["images"]
+                else str(row["images"])
+            )
+            lines.append(
+                f"| {row['sigma']:g} | {row['bn']} | {images} | {cells} | {row['acr']:.3f} | {row['seconds']:.0f} |"
+            )
         lines.append("")
     if "autoattack" in f:
-        lines += ["## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics", "", "| threat | images | clean | AutoAttack | wall s |", "|---|---|---|---|---|"]
-        lines += [f"| {r['norm']} {r['eps_text']} | {r['images']}{'' if r.get('images_planned', r['images']) == r['images'] else ' of ' + str(r['images_planned'])} "
-                  f"| {pct(r['clean'])} | {pct(r['autoattack'])} | {r['seconds']:.0f} |" for r in f["autoattack"]]
+        lines += [
+            "## AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), clean BN statistics",
+            "",
+            "| threat | images | clean | AutoAttack | wall s |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['norm']} {r['eps_text']} | {r['images']}{'' if r.get('images_planned', r['images']) == r['images'] else ' of ' + str(r['images_planned'])} "
+            f"| {pct(r['clean'])} | {pct(r['autoattack'])} | {r['seconds']:.0f} |"
+            for r in f["autoattack"]
+        ]
         lines.append("")
     if f.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in f["notes"]], ""]
@@ -108,16 +137,30 @@ def summarize_stored(run_dir: Path, figures: dict[str, Any], radii: tuple[str, .
         first = first or meta["params"]
         s = summarize([r for r in records if r["idx"] in common])
         records = [r for r in records if r["idx"] in common]
-        rows.append({
-            "sigma": meta["sigma"], "bn": "tbn" if meta["params"]["bn"].startswith("sigma=") else "clean", "images": s["images"],
-            "images_planned": meta["images_total"], "acr": s["acr"], "seconds": round(sum(r["time"] for r in records), 1),
-            "certified": {r: s["certified_accuracy"].get(r) for r in radii}, "location": str(folder),
-        })  # fmt: skip
+        rows.append(
+            {
+                "sigma": meta["sigma"],
+                "bn": "tbn" if meta["params"]["bn"].startswith("sigma=") else "clean",
+                "images": s["images"],
+                "images_planned": meta["images_total"],
+                "acr": s["acr"],
+                "seconds": round(sum(r["time"] for r in records), 1),
+                "certified": {r: s["certified_accuracy"].get(r) for r in radii},
+                "location": str(folder),
+            }
+        )
     if first is not None:
         from scipy.special import ndtri
 
         max_r = first["sigma"] * float(ndtri(first["alpha"] ** (1 / first["n"])))
-        figures["certify"] = {"n0": first["n0"], "n": first["n"], "alpha": first["alpha"], "radii": list(radii), "max_radius": max_r, "rows": rows}
+        figures["certify"] = {
+            "n0": first["n0"],
+            "n": first["n"],
+            "alpha": first["alpha"],
+            "radii": list(radii),
+            "max_radius": max_r,
+            "rows": rows,
+        }
         if any(r["images"] < r["images_planned"] for r in rows):
             figures.setdefault("notes", []).append(
                 "certification stopped for time: every row is on the same first test images, those all its certifications "
@@ -132,15 +175,28 @@ def summarize_autoattack(run: Run, figures: dict[str, Any], images: int, batch: 
     """``--summarize``: AutoAttack accuracy from the batches stored so far, per threat model."""
     rows = []
     for norm, eps, text in AA_THREATS:
-        plan = plan_attack(run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=batch, start=0, stop=images)
+        plan = plan_attack(
+            run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=batch, start=0, stop=images
+        )
         items = [json.loads(p.read_text()) for p in sorted(plan.out.local_path().glob("clean/autoattack/batch-*.json"))]
-        items = [i for i in items if i["params"] == plan.item_params(plan.modes[0], ("autoattack", i["params"]["batch"]))]
+        items = [
+            i for i in items if i["params"] == plan.item_params(plan.modes[0], ("autoattack", i["params"]["batch"]))
+        ]
         if not items:
             continue
         clean = [c for i in items for c in i["variants"]["standard"]["clean"]]
         adv = [a for i in items for a in i["variants"]["standard"]["adversarial"]]
-        rows.append({"norm": norm, "eps_text": text, "images": len(clean), "images_planned": len(plan.test), "clean": sum(clean) / len(clean),
-                     "autoattack": sum(adv) / len(adv), "seconds": round(sum(i["seconds"] for i in items), 1)})  # fmt: skip
+        rows.append(
+            {
+                "norm": norm,
+                "eps_text": text,
+                "images": len(clean),
+                "images_planned": len(plan.test),
+                "clean": sum(clean) / len(clean),
+                "autoattack": sum(adv) / len(adv),
+                "seconds": round(sum(i["seconds"] for i in items), 1),
+            }
+        )
     if rows:
         figures["autoattack"] = rows
 
@@ -157,13 +213,19 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.001)
     ap.add_argument("--aa-images", type=int, default=100)
     ap.add_argument("--aa-batch", type=int, default=25)
-    ap.add_argument("--summarize", action="store_true", help="only rewrite the figures from what the run holds (e.g. after stopping it)")
+    ap.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only rewrite the figures from what the run holds (e.g. after stopping it)",
+    )
     ap.add_argument("--note", action="append", default=[], help="a note for the figures (with --summarize)")
     args = ap.parse_args()
     if args.summarize:
         figures = {**json.loads((RESULTS / "foreign_model.json").read_text()), "notes": []}  # notes: this call's
         summarize_stored(Path(args.work) / "aa-example-resnet18", figures)
-        summarize_autoattack(Run.open(str(Path(args.work) / "aa-example-resnet18")), figures, args.aa_images, args.aa_batch)
+        summarize_autoattack(
+            Run.open(str(Path(args.work) / "aa-example-resnet18")), figures, args.aa_images, args.aa_batch
+        )
         figures.setdefault("notes", []).extend(args.note)
         write(figures)
         print(markdown(figures))
@@ -178,12 +240,15 @@ def main() -> None:
     d = data_mod.load_from_config(data)
     figures: dict[str, Any] = {
         "model": ckpt.config.model.label,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "setup": {
-            "weights": f"pyautoattack/examples/model_test.pt ({pyautoattack.__name__} wheel)", "weights_sha256": ckpt.config.model.source.weights_sha256,
-            "data": d.description, "heldout_images": len(d.heldout), "calibrate_samples": args.calibrate_samples,
+            "weights": f"pyautoattack/examples/model_test.pt ({pyautoattack.__name__} wheel)",
+            "weights_sha256": ckpt.config.model.source.weights_sha256,
+            "data": d.description,
+            "heldout_images": len(d.heldout),
+            "calibrate_samples": args.calibrate_samples,
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), nice 10, a shared 2-core machine",
-        },  # fmt: skip
+        },
         "notes": [],
     }
 
@@ -194,16 +259,27 @@ def main() -> None:
     y = torch.as_tensor(test.labels[: args.noise_images], dtype=torch.int64)
     with torch.no_grad():
         correct = sum(int((model(x[i : i + 250]).argmax(1) == y[i : i + 250]).sum()) for i in range(0, len(x), 250))
-    figures["clean_accuracy"] = {"images": len(x), "accuracy": correct / len(x), "seconds": round(time.perf_counter() - t0, 1)}
+    figures["clean_accuracy"] = {
+        "images": len(x),
+        "accuracy": correct / len(x),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write(figures)
 
     t0 = time.perf_counter()
     have = run.load_bn_sets()
     todo = tuple(s for s in SIGMAS if bn_key(s) not in have)
     if todo:
-        calibrate_run(run, CalibrateConfig(sigmas=todo, samples=args.calibrate_samples, batch_size=250), device="cpu", progress=False)
+        calibrate_run(
+            run,
+            CalibrateConfig(sigmas=todo, samples=args.calibrate_samples, batch_size=250),
+            device="cpu",
+            progress=False,
+        )
     figures["calibrate_seconds"] = round(time.perf_counter() - t0, 1)
-    rows = noise_accuracy(run, SIGMAS, test.images[: args.noise_images], test.labels[: args.noise_images], draws=1, device="cpu")
+    rows = noise_accuracy(
+        run, SIGMAS, test.images[: args.noise_images], test.labels[: args.noise_images], draws=1, device="cpu"
+    )
     figures["noise_accuracy"] = rows
     write(figures)
 
@@ -211,27 +287,66 @@ def main() -> None:
     radii = ("0.0", "0.25", "0.5")
     for bn in ("tbn", "clean"):
         t0 = time.perf_counter()
-        cfg = CertifyConfig(sigmas=tuple(args.certify_sigmas), n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.n, max_images=args.certify_images, bn=bn)
+        cfg = CertifyConfig(
+            sigmas=tuple(args.certify_sigmas),
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            batch_size=args.n,
+            max_images=args.certify_images,
+            bn=bn,
+        )
         outs = certify_run(run, cfg, run.storage.child("certify"), device="cpu", progress=False)
         for o in outs:
             s = o.summary
-            cert_rows.append({
-                "sigma": o.sigma, "bn": bn, "images": s["images"], "acr": s["acr"], "seconds": round(time.perf_counter() - t0, 1),
-                "certified": {r: s["certified_accuracy"].get(r) for r in radii}, "location": o.location,
-            })  # fmt: skip
+            cert_rows.append(
+                {
+                    "sigma": o.sigma,
+                    "bn": bn,
+                    "images": s["images"],
+                    "acr": s["acr"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "certified": {r: s["certified_accuracy"].get(r) for r in radii},
+                    "location": o.location,
+                }
+            )
     from scipy.special import ndtri
 
     max_r = min(args.certify_sigmas) * float(ndtri(args.alpha ** (1 / args.n)))
-    figures["certify"] = {"n0": args.n0, "n": args.n, "alpha": args.alpha, "radii": list(radii), "max_radius": max_r, "rows": cert_rows}
+    figures["certify"] = {
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "radii": list(radii),
+        "max_radius": max_r,
+        "rows": cert_rows,
+    }
     write(figures)
 
     aa_rows = []
     for norm, eps, text in AA_THREATS:
         t0 = time.perf_counter()
-        plan = plan_attack(run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=args.aa_batch, start=0, stop=args.aa_images)
+        plan = plan_attack(
+            run,
+            ["clean"],
+            attacks=["autoattack"],
+            norm=norm,
+            eps=eps,
+            batch_size=args.aa_batch,
+            start=0,
+            stop=args.aa_images,
+        )
         res = run_in_process(plan, torch.device("cpu"), progress=False).result["modes"]["clean"]["variants"]["standard"]
-        aa_rows.append({"norm": norm, "eps_text": text, "images": res["images"], "clean": res["clean_accuracy"], "autoattack": res["autoattack"],
-                        "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        aa_rows.append(
+            {
+                "norm": norm,
+                "eps_text": text,
+                "images": res["images"],
+                "clean": res["clean_accuracy"],
+                "autoattack": res["autoattack"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         figures["autoattack"] = aa_rows
         write(figures)
     print(markdown(figures))

@@ -56,10 +56,23 @@ RAY_VERSION = "2.60.0"
 #: Ray's dependencies the GPU machine lacks: jsonschema for ray.init; the rest for the dashboard
 #: (``ray.dashboard.optional_deps``), which tbn-ray always starts; protobuf goes with them. At the
 #: versions installed here (the project's tested set).
-RAY_EXTRA_WHEELS = ("jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "aiohttp-cors", "opencensus",
-                    "opencensus-context", "six", "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",
-                    "opentelemetry-exporter-prometheus", "opentelemetry-semantic-conventions", "googleapis-common-protos",
-                    "protobuf")  # fmt: skip
+RAY_EXTRA_WHEELS = (
+    "jsonschema",
+    "jsonschema-specifications",
+    "referencing",
+    "rpds-py",
+    "aiohttp-cors",
+    "opencensus",
+    "opencensus-context",
+    "six",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-proto",
+    "opentelemetry-exporter-prometheus",
+    "opentelemetry-semantic-conventions",
+    "googleapis-common-protos",
+    "protobuf",
+)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 #: What travels to the GPU machine must stay under this (the call's limit on the working tree).
 CARRY_LIMIT = 64 * 2**20
@@ -89,7 +102,9 @@ def pinned(names: Sequence[str]) -> list[str]:
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
-            raise SystemExit(f"{name} is not installed here: install the project's environment first (pip install -e '.[test]')") from None
+            raise SystemExit(
+                f"{name} is not installed here: install the project's environment first (pip install -e '.[test]')"
+            ) from None
     return out
 
 
@@ -97,8 +112,23 @@ def _download(names: Sequence[str], dest: Path, python_version: str) -> None:
     if dest.exists():
         shutil.rmtree(dest)  # one version of each: two stop the install there
     dest.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-           "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *names]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        *[a for p in PLATFORMS for a in ("--platform", p)],
+        "-d",
+        str(dest),
+        *names,
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -126,10 +156,14 @@ def prepare(args: argparse.Namespace) -> None:
         _download([f"ray=={RAY_VERSION}"], wheels / "ray", args.python_version)
         _download(pinned(RAY_EXTRA_WHEELS), wheels / "extras", args.python_version)
         archive = carry / f"ray-{tag}.tar.xz"
-        sizes = ray_trim.trim(next((wheels / "ray").glob("ray-*.whl")), archive, extras=tuple(sorted((wheels / "extras").glob("*.whl"))))
+        sizes = ray_trim.trim(
+            next((wheels / "ray").glob("ray-*.whl")), archive, extras=tuple(sorted((wheels / "extras").glob("*.whl")))
+        )
         (carry / f"ray-{tag}.json").write_text(json.dumps(sizes, indent=2) + "\n")
-        log(f"trimmed Ray: {sizes['archive_bytes'] / 2**20:.1f} MiB packed, {sizes['trimmed_bytes'] / 2**20:.1f} MiB unpacked "
-            f"(wheel {sizes['wheel_bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+        log(
+            f"trimmed Ray: {sizes['archive_bytes'] / 2**20:.1f} MiB packed, {sizes['trimmed_bytes'] / 2**20:.1f} MiB unpacked "
+            f"(wheel {sizes['wheel_bytes'] / 2**20:.1f} MiB)"
+        )
     total = _tree_bytes(carry)
     log(f"{carry}: {total / 2**20:.1f} MiB to carry (limit {CARRY_LIMIT / 2**20:.0f} MiB with the working tree)")
     if total > CARRY_LIMIT:
@@ -188,8 +222,11 @@ class Session:
         given = dict(item.partition("=")[::2] for item in self.args.estimate)
         if kind in given:
             return float(given[kind])
-        measured = [rec["seconds"] for p in sorted(self.results.glob(f"{kind}*/stage.json"))
-                    if (rec := json.loads(p.read_text())).get("status") == "done" and rec.get("tiny") == self.args.tiny]  # fmt: skip
+        measured = [
+            rec["seconds"]
+            for p in sorted(self.results.glob(f"{kind}*/stage.json"))
+            if (rec := json.loads(p.read_text())).get("status") == "done" and rec.get("tiny") == self.args.tiny
+        ]
         if measured:
             return 1.1 * max(measured)
         return (TINY_ESTIMATES if self.args.tiny else GPU_ESTIMATES)[kind]
@@ -205,7 +242,9 @@ class Session:
         log(f"{name}: {' '.join(cmd)}  ({left:.0f} s left)")
         t0 = time.monotonic()
         with (logs / f"{name}.log").open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=max(1.0, left))
             except BaseException as e:  # a stop of this driver stops the command (its own process group) too
@@ -234,19 +273,40 @@ def setup(args: argparse.Namespace) -> Session:
     work.mkdir(parents=True, exist_ok=True)
     s = Session(args, results, work, time.monotonic() + args.budget)
     if s.cuda:
-        probe = subprocess.run([args.python, "-c", "import torch; raise SystemExit(not torch.cuda.is_available())"], capture_output=True)
+        probe = subprocess.run(
+            [args.python, "-c", "import torch; raise SystemExit(not torch.cuda.is_available())"], capture_output=True
+        )
         if probe.returncode:
-            raise SystemExit(f"--device {args.device}: {args.python} sees no CUDA device (use --device cpu for the rehearsal)")
+            raise SystemExit(
+                f"--device {args.device}: {args.python} sees no CUDA device (use --device cpu for the rehearsal)"
+            )
     env = dict(os.environ)
     paths = [str(REPO)]
     carry = args.carry.resolve() if args.carry else None
     if subprocess.run([args.python, "-c", "import pydantic"], capture_output=True).returncode:
         wheels = sorted((carry / "wheels").glob("*.whl")) if carry else []
         if not wheels:
-            raise SystemExit(f"{args.python} has no pydantic and no wheels were carried: run `bench/gpu_session.py prepare` first")
+            raise SystemExit(
+                f"{args.python} has no pydantic and no wheels were carried: run `bench/gpu_session.py prepare` first"
+            )
         site = work / "site"
-        subprocess.run([args.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-                        "--target", str(site), *map(str, wheels)], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                args.python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--upgrade",
+                "--target",
+                str(site),
+                *map(str, wheels),
+            ],
+            check=True,
+        )
         paths.append(str(site))
         log(f"pydantic installed from {len(wheels)} carried wheels into {site}")
     if carry and (carry / "data").is_dir():
@@ -259,14 +319,21 @@ def setup(args: argparse.Namespace) -> Session:
     archive = carry / f"ray-{_target_tag(args.python)}.tar.xz" if carry else None
     if archive and archive.is_file() and not args.installed_ray:
         s.ray_archive, s.ray_note = archive, f"trimmed Ray from {archive.name}"
-    elif not subprocess.run([args.python, "-c", "import importlib.util as u; raise SystemExit(u.find_spec('ray') is None)"],
-                            env=env, capture_output=True).returncode:  # fmt: skip
+    elif not subprocess.run(
+        [args.python, "-c", "import importlib.util as u; raise SystemExit(u.find_spec('ray') is None)"],
+        env=env,
+        capture_output=True,
+    ).returncode:
         s.ray_note = "the installed Ray"
     return s
 
 
 def _target_tag(python: str) -> str:
-    out = subprocess.run([python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"], capture_output=True, text=True)
+    out = subprocess.run(
+        [python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() or python_tag()
 
 
@@ -280,8 +347,16 @@ def _done(folder: Path) -> dict[str, Any] | None:
 
 
 def _finish(folder: Path, stage: str, seconds: float, s: Session, **extra: Any) -> dict[str, Any]:
-    rec = {"stage": stage, "status": "done", "seconds": round(seconds, 1), "device": s.args.device, "tiny": s.args.tiny,
-           "machine": platform.node(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}  # fmt: skip
+    rec = {
+        "stage": stage,
+        "status": "done",
+        "seconds": round(seconds, 1),
+        "device": s.args.device,
+        "tiny": s.args.tiny,
+        "machine": platform.node(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "stage.json").write_text(json.dumps(rec, indent=2) + "\n")
     return rec
@@ -294,11 +369,41 @@ def engine_stage(s: Session) -> tuple[int, float]:
     out = s.results / "engine"
     a = s.args
     if s.cuda:
-        parts = ["--parts", "gpu", "--gpu-images", str(a.engine_images), "--gpu-engine-images", str(a.engine_images),
-                 "--gpu-n", str(a.engine_n), "--images-per-pass", str(a.images_per_pass), "--rounds", str(a.rounds)]  # fmt: skip
+        parts = [
+            "--parts",
+            "gpu",
+            "--gpu-images",
+            str(a.engine_images),
+            "--gpu-engine-images",
+            str(a.engine_images),
+            "--gpu-n",
+            str(a.engine_n),
+            "--images-per-pass",
+            str(a.images_per_pass),
+            "--rounds",
+            str(a.rounds),
+        ]
     else:  # the same engine rows and reference-style loop, on CPU
-        parts = ["--parts", "cpu,engine", "--arch", "tiny", "--images", str(a.engine_images), "--n", str(a.engine_n), "--n0", "10",
-                 "--batch-size", "100", "--threads", "1", "--images-per-pass", "2", "--rounds", str(a.rounds)]  # fmt: skip
+        parts = [
+            "--parts",
+            "cpu,engine",
+            "--arch",
+            "tiny",
+            "--images",
+            str(a.engine_images),
+            "--n",
+            str(a.engine_n),
+            "--n0",
+            "10",
+            "--batch-size",
+            "100",
+            "--threads",
+            "1",
+            "--images-per-pass",
+            "2",
+            "--rounds",
+            str(a.rounds),
+        ]
     rc, secs = s.run("engine", [*s.python(), str(BENCH / "certify_throughput.py"), *parts, "--out", str(out)])
     if rc == 0 and not engine_rows(s.results):
         log("engine: the bench wrote no rows (no CUDA device there?): not marked done")
@@ -320,9 +425,15 @@ def engine_rows(results: Path) -> list[dict[str, Any]]:
     for section in ("gpu", "cpu", "engine", "tuned"):
         for r in report.get(section, {}).get("rows", []):
             spi = r.get("seconds_per_image") or (1 / r["images_per_s"] if r.get("images_per_s") else None)
-            rows.append({"section": section, "config": r["config"], "seconds_per_image": spi,
-                         "forward_passes_per_image": r.get("forward_passes_per_image"),
-                         "gpu_hours_10k_images_per_sigma": r.get("gpu_hours_10k_images_per_sigma")})  # fmt: skip
+            rows.append(
+                {
+                    "section": section,
+                    "config": r["config"],
+                    "seconds_per_image": spi,
+                    "forward_passes_per_image": r.get("forward_passes_per_image"),
+                    "gpu_hours_10k_images_per_sigma": r.get("gpu_hours_10k_images_per_sigma"),
+                }
+            )
     return rows
 
 
@@ -349,41 +460,92 @@ def tuned_rows(args: argparse.Namespace) -> None:
     }
     rows = []
     for i, (name, options) in enumerate(configs.items()):
-        cfg = CertifyConfig(sigmas=(0.25,), n0=args.n0, n=args.n, batch_size=args.batch_size, max_images=args.images, shards=1,
-                            channels_last=True, fold_bn=True, amp="bf16", **options)  # fmt: skip
+        cfg = CertifyConfig(
+            sigmas=(0.25,),
+            n0=args.n0,
+            n=args.n,
+            batch_size=args.batch_size,
+            max_images=args.images,
+            shards=1,
+            channels_last=True,
+            fold_bn=True,
+            amp="bf16",
+            **options,
+        )
         plan = plan_certify(run, cfg, Storage.open(args.root / f"out-{i}"), device_type=device.type)
         t0 = time.perf_counter()
         location = run_plan_in_process(plan, device, progress=False).outputs[0].location
         wall = time.perf_counter() - t0
         summary = Storage.open(location).read_json("summary.json")
         spi = summary["params"]["compute_seconds"] / summary["images"]
-        rows.append({"config": name, "seconds_per_image": spi, "wall_seconds": wall,
-                     "forward_passes_per_image": summary.get("forward_passes_per_image", args.n0 + args.n),
-                     "gpu_hours_10k_images_per_sigma": spi * 10_000 / 3600 if device.type == "cuda" else None,
-                     "certified_accuracy": summary["certified_accuracy"], "images": summary["images"], "amp": summary["params"]["amp"],
-                     "run_id": summary["params"]["run_id"]})  # fmt: skip
-        print(f"{name}: {spi:.3f} s/image, {rows[-1]['forward_passes_per_image']:,.0f} passes/image ({wall:.1f} s in all)", flush=True)
-    body = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "model": f"{args.arch} (untrained)",
-            "n0": args.n0, "n": args.n, "images": args.images, "rows": rows,
-            "note": "seconds per image: compute time of the certification (first shard included: compilation, cuDNN search)"}  # fmt: skip
+        rows.append(
+            {
+                "config": name,
+                "seconds_per_image": spi,
+                "wall_seconds": wall,
+                "forward_passes_per_image": summary.get("forward_passes_per_image", args.n0 + args.n),
+                "gpu_hours_10k_images_per_sigma": spi * 10_000 / 3600 if device.type == "cuda" else None,
+                "certified_accuracy": summary["certified_accuracy"],
+                "images": summary["images"],
+                "amp": summary["params"]["amp"],
+                "run_id": summary["params"]["run_id"],
+            }
+        )
+        print(
+            f"{name}: {spi:.3f} s/image, {rows[-1]['forward_passes_per_image']:,.0f} passes/image ({wall:.1f} s in all)",
+            flush=True,
+        )
+    body = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": f"{args.arch} (untrained)",
+        "n0": args.n0,
+        "n": args.n,
+        "images": args.images,
+        "rows": rows,
+        "note": "seconds per image: compute time of the certification (first shard included: compilation, cuDNN search)",
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tuned.json").write_text(json.dumps(body, indent=2) + "\n")
-    lines = [f"# Tuned engine ({body['device']}, {body['model']}, {args.images} images, n0={args.n0}, n={args.n})", "",
-             "| config | s / image | forward passes / image | GPU-hours, 10k images per sigma |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Tuned engine ({body['device']}, {body['model']}, {args.images} images, n0={args.n0}, n={args.n})",
+        "",
+        "| config | s / image | forward passes / image | GPU-hours, 10k images per sigma |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         gh = r["gpu_hours_10k_images_per_sigma"]
-        lines.append(f"| {r['config']} | {r['seconds_per_image']:.3f} | {r['forward_passes_per_image']:,.0f} | {'-' if gh is None else f'{gh:.2f}'} |")
+        lines.append(
+            f"| {r['config']} | {r['seconds_per_image']:.3f} | {r['forward_passes_per_image']:,.0f} | {'-' if gh is None else f'{gh:.2f}'} |"
+        )
     (args.out / "tuned.md").write_text("\n".join(lines) + "\n")
 
 
 def tuned_stage(s: Session) -> tuple[int, float]:
     out = s.results / "engine-tuned"
     a = s.args
-    sizes = ["--arch", "resnet110", "--n0", "100", "--batch-size", "4000", "--compile", "inductor"] if s.cuda else \
-        ["--arch", "tiny", "--n0", "10", "--batch-size", "100", "--compile", "eager"]  # fmt: skip
-    cmd = [*s.python(), str(Path(__file__).resolve()), "engine-tuned", "--device", a.device, "--images", str(a.engine_images),
-           "--n", str(a.engine_n), "--images-per-pass", str(a.images_per_pass if s.cuda else 2), *sizes,
-           "--root", str(s.work / "engine-tuned"), "--out", str(out)]  # fmt: skip
+    sizes = (
+        ["--arch", "resnet110", "--n0", "100", "--batch-size", "4000", "--compile", "inductor"]
+        if s.cuda
+        else ["--arch", "tiny", "--n0", "10", "--batch-size", "100", "--compile", "eager"]
+    )
+    cmd = [
+        *s.python(),
+        str(Path(__file__).resolve()),
+        "engine-tuned",
+        "--device",
+        a.device,
+        "--images",
+        str(a.engine_images),
+        "--n",
+        str(a.engine_n),
+        "--images-per-pass",
+        str(a.images_per_pass if s.cuda else 2),
+        *sizes,
+        "--root",
+        str(s.work / "engine-tuned"),
+        "--out",
+        str(out),
+    ]
     rc, secs = s.run("engine-tuned", cmd)
     if rc == 0:
         _finish(out, "engine-tuned", secs, s)
@@ -456,23 +618,67 @@ class Reproduction:
         one = {**self.base, "models": [m for m in self.base["models"] if m["name"] == model]}
         config = _write_yaml(self.s.work / "configs" / f"{self.name}-{model}.yaml", one)
         stages = [a for st in ("train", "calibrate", "certify", "evaluate") for a in ("--stage", st)]
-        rc, secs = self.s.run(f"reproduce-{model}", [*self.s.python(), "-m", "tbn_ray", "reproduce", "--config", str(config),
-                                                     "--storage", str(self.storage), *stages, "--no-progress"])  # fmt: skip
+        rc, secs = self.s.run(
+            f"reproduce-{model}",
+            [
+                *self.s.python(),
+                "-m",
+                "tbn_ray",
+                "reproduce",
+                "--config",
+                str(config),
+                "--storage",
+                str(self.storage),
+                *stages,
+                "--no-progress",
+            ],
+        )
         if rc == 0:
             for sub in (model, f"stages/{model}"):
                 _copy_tree(self.stored / sub, self.kept / sub, overwrite=True)
-            _finish(self.s.results / f"reproduce-{model}", f"reproduce-{model}", secs, self.s, model=model,
-                    storage=str(self.storage), config=str(self.s.args.config.relative_to(REPO) if self.s.args.config.is_relative_to(REPO) else self.s.args.config))  # fmt: skip
+            _finish(
+                self.s.results / f"reproduce-{model}",
+                f"reproduce-{model}",
+                secs,
+                self.s,
+                model=model,
+                storage=str(self.storage),
+                config=str(
+                    self.s.args.config.relative_to(REPO)
+                    if self.s.args.config.is_relative_to(REPO)
+                    else self.s.args.config
+                ),
+            )
         return rc, secs
 
     def report_stage(self) -> tuple[int, float]:
-        rc, secs = self.s.run("report", [*self.s.python(), "-m", "tbn_ray", "reproduce", "--config", str(self.full),
-                                         "--storage", str(self.storage), "--stage", "report", "--no-progress"])  # fmt: skip
+        rc, secs = self.s.run(
+            "report",
+            [
+                *self.s.python(),
+                "-m",
+                "tbn_ray",
+                "reproduce",
+                "--config",
+                str(self.full),
+                "--storage",
+                str(self.storage),
+                "--stage",
+                "report",
+                "--no-progress",
+            ],
+        )
         if rc == 0:
             for p in self.stored.iterdir():
                 if p.is_file() and _kept(p):
                     shutil.copy2(p, self.kept / p.name)
-            _finish(self.s.results / "report", "report", secs, self.s, report=str((self.kept / "report.md").relative_to(self.s.results)))
+            _finish(
+                self.s.results / "report",
+                "report",
+                secs,
+                self.s,
+                report=str((self.kept / "report.md").relative_to(self.s.results)),
+            )
         return rc, secs
 
 
@@ -523,18 +729,42 @@ def ray_stage(s: Session, repro: Reproduction) -> tuple[int, float]:
         arch = "tiny" if a.tiny else "preact_resnet18"
         run = s.work / "ray-run" / arch
         if not (run / "bn_stats.pt").exists():
-            rc, _ = s.run("ray-make-run", [*s.python(), str(Path(__file__).resolve()), "make-run", "--root", str(run.parent), "--arch", arch])
+            rc, _ = s.run(
+                "ray-make-run",
+                [*s.python(), str(Path(__file__).resolve()), "make-run", "--root", str(run.parent), "--arch", arch],
+            )
             if rc:
                 return rc, time.monotonic() - t0
-    common = ["certify", str(run), "--sigma", "0.25", "--n0", "100" if s.cuda else "10", "--n", str(a.ray_n),
-              "--skip", "20", "--max-images", str(a.ray_images), "--shards", str(a.ray_shards), "--batch-size", str(a.ray_batch_size),
-              "--channels-last", "--fold-bn", "--no-progress"]  # fmt: skip
+    common = [
+        "certify",
+        str(run),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "100" if s.cuda else "10",
+        "--n",
+        str(a.ray_n),
+        "--skip",
+        "20",
+        "--max-images",
+        str(a.ray_images),
+        "--shards",
+        str(a.ray_shards),
+        "--batch-size",
+        str(a.ray_batch_size),
+        "--channels-last",
+        "--fold-bn",
+        "--no-progress",
+    ]
     if s.cuda:
         common += ["--amp", "bf16"]
     local_out, ray_out = s.work / "ray-certify" / "local", s.work / "ray-certify" / "ray"
     for p in (local_out, ray_out):
         shutil.rmtree(p, ignore_errors=True)
-    rc, local_s = s.run("ray-local", [*s.python(), "-m", "tbn_ray", *common, "--local", "--device", a.device, "--output", str(local_out)])
+    rc, local_s = s.run(
+        "ray-local",
+        [*s.python(), "-m", "tbn_ray", *common, "--local", "--device", a.device, "--output", str(local_out)],
+    )
     if rc:
         return rc, time.monotonic() - t0
     env = dict(s.env)
@@ -553,16 +783,29 @@ def ray_stage(s: Session, repro: Reproduction) -> tuple[int, float]:
     body = {
         "ray": s.ray_note,
         "dashboard": next((line.strip() for line in ray_log.splitlines() if "dashboard" in line), None),
-        "model": local_sum["params"].get("model"), "run": str(run), "trained_epochs": local_sum["params"].get("epoch"), "device": a.device, "images": len(ray_rows), "n": a.ray_n, "shards": a.ray_shards,
+        "model": local_sum["params"].get("model"),
+        "run": str(run),
+        "trained_epochs": local_sum["params"].get("epoch"),
+        "device": a.device,
+        "images": len(ray_rows),
+        "n": a.ray_n,
+        "shards": a.ray_shards,
         "command_seconds": {"local": round(local_s, 2), "ray": round(ray_s, 2)},
         "shard_span_seconds": {"local": local_sum["params"]["wall_seconds"], "ray": ray_sum["params"]["wall_seconds"]},
-        "compute_seconds": {"local": local_sum["params"]["compute_seconds"], "ray": ray_sum["params"]["compute_seconds"]},
+        "compute_seconds": {
+            "local": local_sum["params"]["compute_seconds"],
+            "ray": ray_sum["params"]["compute_seconds"],
+        },
         "overhead_end_to_end": ray_s / local_s - 1,
         "overhead_shard_span": ray_sum["params"]["wall_seconds"] / local_sum["params"]["wall_seconds"] - 1,
         "identical_predictions_radii": same,
         "certified_accuracy": {"local": local_sum.get("certified_accuracy"), "ray": ray_sum.get("certified_accuracy")},
-        "command": "tbn-ray " + " ".join(common[:1] + ["RUN"] + common[2:]) + " [--local --device D | " + " ".join(pool) + "]",
-    }  # fmt: skip
+        "command": "tbn-ray "
+        + " ".join(common[:1] + ["RUN"] + common[2:])
+        + " [--local --device D | "
+        + " ".join(pool)
+        + "]",
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "ray.json").write_text(json.dumps(body, indent=2, default=str) + "\n")
     (out / "certify-local.tsv").write_text((local_dir / "certify.tsv").read_text())
@@ -577,45 +820,73 @@ def ray_stage(s: Session, repro: Reproduction) -> tuple[int, float]:
 
 def plan(s: Session, repro: Reproduction) -> list[tuple[str, str, Any]]:
     """(stage, estimate kind, function) in the order they run."""
-    stages: list[tuple[str, str, Any]] = [("engine", "engine", lambda: engine_stage(s)), ("engine-tuned", "engine-tuned", lambda: tuned_stage(s))]
+    stages: list[tuple[str, str, Any]] = [
+        ("engine", "engine", lambda: engine_stage(s)),
+        ("engine-tuned", "engine-tuned", lambda: tuned_stage(s)),
+    ]
     stages += [(f"reproduce-{m}", "reproduce", (lambda m=m: repro.model_stage(m))) for m in repro.models()]
     stages += [("report", "report", repro.report_stage), ("ray", "ray", lambda: ray_stage(s, repro))]
     return stages
 
 
 def summary(s: Session, status: dict[str, str]) -> str:
-    lines = [f"# GPU session ({'CPU rehearsal, --tiny' if s.args.tiny else s.args.device})", "",
-             "| stage | status | seconds |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GPU session ({'CPU rehearsal, --tiny' if s.args.tiny else s.args.device})",
+        "",
+        "| stage | status | seconds |",
+        "|---|---|---|",
+    ]
     for stage, st in status.items():
         rec = _done(s.results / stage)
         lines.append(f"| {stage} | {st} | {rec['seconds'] if rec else '-'} |")
     rows = engine_rows(s.results)
     if rows:
-        lines += ["", "## Engine table (`engine/certify_throughput.md`)", "",
-                  "| part | config | s / image | forward passes / image | GPU-hours, 10k images per sigma |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Engine table (`engine/certify_throughput.md`)",
+            "",
+            "| part | config | s / image | forward passes / image | GPU-hours, 10k images per sigma |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
             gh = r["gpu_hours_10k_images_per_sigma"]
             fp = r["forward_passes_per_image"]
-            lines.append(f"| {r['section']} | {r['config']} | {r['seconds_per_image']:.3f} | {'-' if fp is None else f'{fp:,.0f}'} "
-                         f"| {'-' if gh is None else f'{gh:.2f}'} |")  # fmt: skip
+            lines.append(
+                f"| {r['section']} | {r['config']} | {r['seconds_per_image']:.3f} | {'-' if fp is None else f'{fp:,.0f}'} "
+                f"| {'-' if gh is None else f'{gh:.2f}'} |"
+            )
     rep = report_figures(s.results)
     if rep:
         lines += ["", f"## Reproduction (`reproduce/{rep.get('name', '')}/report.md`)", ""]
         t = rep.get("totals", {})
         lines += ["| model | stage | device | seconds |", "|---|---|---|---|"]
         for name, m in rep.get("models", {}).items():
-            lines += [f"| {name} | {stage} | {m['devices'][stage]} | {secs:.1f} |" for stage, secs in m.get("seconds", {}).items()]
+            lines += [
+                f"| {name} | {stage} | {m['devices'][stage]} | {secs:.1f} |"
+                for stage, secs in m.get("seconds", {}).items()
+            ]
         if t:
-            lines += ["", f"Total {t['seconds']:.0f} s of device time, {t['gpu_hours']:.3f} GPU-hours, "
-                      f"${t['usd']:.2f} at ${rep['cost']['price_per_gpu_hour']:.2f} per GPU-hour."]
+            lines += [
+                "",
+                f"Total {t['seconds']:.0f} s of device time, {t['gpu_hours']:.3f} GPU-hours, "
+                f"${t['usd']:.2f} at ${rep['cost']['price_per_gpu_hour']:.2f} per GPU-hour.",
+            ]
     ray_json = s.results / "ray" / "ray.json"
     if ray_json.is_file():
         r = json.loads(ray_json.read_text())
-        lines += ["", "## Ray actors (`ray/ray.json`)", "",
-                  f"{r['images']} images, n={r['n']}, {r['shards']} shards, {r['ray']}: in-process {r['command_seconds']['local']:.1f} s, "
-                  f"Ray {r['command_seconds']['ray']:.1f} s ({100 * r['overhead_end_to_end']:+.0f}% end to end"
-                  + (f", {100 * r['overhead_shard_span']:+.0f}% over the shard span" if r["overhead_shard_span"] is not None else "")
-                  + f"); identical predictions and radii: {r['identical_predictions_radii']}/{r['images']}."]  # fmt: skip
+        lines += [
+            "",
+            "## Ray actors (`ray/ray.json`)",
+            "",
+            f"{r['images']} images, n={r['n']}, {r['shards']} shards, {r['ray']}: in-process {r['command_seconds']['local']:.1f} s, "
+            f"Ray {r['command_seconds']['ray']:.1f} s ({100 * r['overhead_end_to_end']:+.0f}% end to end"
+            + (
+                f", {100 * r['overhead_shard_span']:+.0f}% over the shard span"
+                if r["overhead_shard_span"] is not None
+                else ""
+            )
+            + f"); identical predictions and radii: {r['identical_predictions_radii']}/{r['images']}.",
+        ]
     elif "ray" in status and status["ray"].startswith("skipped"):
         lines += ["", f"Ray: {status['ray']}."]
     return "\n".join(lines) + "\n"
@@ -668,7 +939,9 @@ def run_session(args: argparse.Namespace) -> int:
         failed |= rc != 0
     text = summary(s, status)
     (s.results / "summary.md").write_text(text)
-    (s.results / "summary.json").write_text(json.dumps({"status": status, "engine": engine_rows(s.results)}, indent=2) + "\n")
+    (s.results / "summary.json").write_text(
+        json.dumps({"status": status, "engine": engine_rows(s.results)}, indent=2) + "\n"
+    )
     if args.pack:
         log(f"packed: {pack(s, args.pack)}")
     print(text)
@@ -685,21 +958,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="fill the carry folder (needs the network)")
     p.add_argument("--carry", type=Path, default=REPO / ".gpu-carry")
     p.add_argument("--python-version", default="3.12", help="the GPU machine's Python")
-    p.add_argument("--shared-data", type=Path, default=None, help="shared/data to copy (default: found above the checkout)")
+    p.add_argument(
+        "--shared-data", type=Path, default=None, help="shared/data to copy (default: found above the checkout)"
+    )
     p.add_argument("--no-ray", action="store_true", help="no trimmed Ray")
     r = sub.add_parser("run", help="run the stages not finished yet")
     r.add_argument("--device", default="cuda", help="cuda (the GPU machine) or cpu (the rehearsal)")
     r.add_argument("--tiny", action="store_true", help="the rehearsal's sizes and bench/gpu-tiny.yaml")
-    r.add_argument("--budget", type=float, default=540.0, help="seconds this call may take; stages are started only if they fit")
+    r.add_argument(
+        "--budget", type=float, default=540.0, help="seconds this call may take; stages are started only if they fit"
+    )
     r.add_argument("--results", type=Path, default=REPO / "results" / "gpu")
-    r.add_argument("--work", type=Path, default=Path("/tmp/tbn-gpu-session"), help="scratch (weights, caches); the same path every call")
-    r.add_argument("--carry", type=Path, default=REPO / ".gpu-carry", help="what prepare made (wheels, data, trimmed Ray)")
+    r.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/tbn-gpu-session"),
+        help="scratch (weights, caches); the same path every call",
+    )
+    r.add_argument(
+        "--carry", type=Path, default=REPO / ".gpu-carry", help="what prepare made (wheels, data, trimmed Ray)"
+    )
     r.add_argument("--pack", type=Path, default=None, help="also write gpu-results.tar.gz and summary.md here")
-    r.add_argument("--stages", default=None, help="comma list of stages or groups (engine, reproduce, report, ray); default all")
+    r.add_argument(
+        "--stages", default=None, help="comma list of stages or groups (engine, reproduce, report, ray); default all"
+    )
     r.add_argument("--config", type=Path, default=PAPER_FAST)
     r.add_argument("--python", default=sys.executable, help="the interpreter of the commands (python3 with torch)")
     r.add_argument("--estimate", action="append", default=[], help="KIND=SECONDS, overrides a stage's estimate")
-    r.add_argument("--installed-ray", action="store_true", help="use the installed Ray even if a trimmed one was carried")
+    r.add_argument(
+        "--installed-ray", action="store_true", help="use the installed Ray even if a trimmed one was carried"
+    )
     r.add_argument("--engine-images", type=int, default=None)
     r.add_argument("--engine-n", type=int, default=None)
     r.add_argument("--images-per-pass", type=int, default=8)
@@ -733,8 +1021,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "make-run":
         make_untrained_run(args.root, args.arch)
         return 0
-    sizes = {"engine_images": (16, 2), "engine_n": (100_000, 100), "ray_images": (32, 4), "ray_n": (100_000, 100),
-             "ray_shards": (8, 2), "ray_batch_size": (10_000, 100), "ray_cpus_per_actor": (8, 1)}  # fmt: skip
+    sizes = {
+        "engine_images": (16, 2),
+        "engine_n": (100_000, 100),
+        "ray_images": (32, 4),
+        "ray_n": (100_000, 100),
+        "ray_shards": (8, 2),
+        "ray_batch_size": (10_000, 100),
+        "ray_cpus_per_actor": (8, 1),
+    }
     for name, (gpu, tiny) in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else gpu)

@@ -30,8 +30,10 @@ DROP_PACKAGES = ("rllib", "serve", "data", "llm", "jars", "workflow", "cpp", "te
 #: The dashboard's compiled front end, replaced by a one-page stub: the dashboard process refuses
 #: to start without ``client/build`` (and its ``static/``), but its HTTP and state APIs need none of it.
 DASHBOARD_CLIENT = "dashboard/client"
-STUB_INDEX = ("<!doctype html><title>Ray dashboard</title><p>The dashboard's front end is not installed "
-              "(trimmed Ray); its HTTP and state APIs are served.</p>\n")  # fmt: skip
+STUB_INDEX = (
+    "<!doctype html><title>Ray dashboard</title><p>The dashboard's front end is not installed "
+    "(trimmed Ray); its HTTP and state APIs are served.</p>\n"
+)
 #: File name suffixes never needed at run time.
 DROP_SUFFIXES = (".pyi", ".pxd", ".h", ".hpp", ".pyx")
 
@@ -55,8 +57,14 @@ def _is_elf(path: Path) -> bool:
         return f.read(4) == b"\x7fELF"
 
 
-def trim(wheel: Path, out: Path, *, keep_dashboard_client: bool = False, extras: tuple[Path, ...] = (),
-         strip: str | None = "strip") -> dict[str, object]:  # fmt: skip
+def trim(
+    wheel: Path,
+    out: Path,
+    *,
+    keep_dashboard_client: bool = False,
+    extras: tuple[Path, ...] = (),
+    strip: str | None = "strip",
+) -> dict[str, object]:
     """Unpack ``wheel`` (and ``extras``), remove what is not needed, strip ELF symbols, write ``out``
     (tar.xz, top folder ``site/``); returns the sizes and what was removed."""
     with tempfile.TemporaryDirectory(prefix="ray-trim-") as tmp:
@@ -125,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wheel", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--extra", type=Path, action="append", default=[], help="a dependency wheel unpacked beside ray/")
+    parser.add_argument(
+        "--extra", type=Path, action="append", default=[], help="a dependency wheel unpacked beside ray/"
+    )
     parser.add_argument("--keep-dashboard-client", action="store_true", help="keep the dashboard's front-end build")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here too")
     args = parser.parse_args()

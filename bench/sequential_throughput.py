@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,38 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     return model, f"trained run {args.run}, TBN statistics at sigma={args.sigma}"
 
 
-def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mode: str, per_pass: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, mode: str, per_pass: int, args: argparse.Namespace
+) -> dict[str, Any]:
     counted = Counted(model)
     start, cpu = time.perf_counter(), time.process_time()
-    cfg = CertifyConfig(sigmas=(args.sigma,), n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=0,
-                        images_per_pass=per_pass, adaptive=mode == "sequential", adaptive_design="sequential")  # fmt: skip
+    cfg = CertifyConfig(
+        sigmas=(args.sigma,),
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        seed=0,
+        images_per_pass=per_pass,
+        adaptive=mode == "sequential",
+        adaptive_design="sequential",
+    )
     records = certify_examples(counted, images, labels, range(len(images)), cfg, sigma=args.sigma, device="cpu")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     s = summarize(records)
-    return {"mode": mode, "images_per_pass": per_pass, "passes": counted.passes, "rows": counted.rows,
-            "rows_per_pass": counted.rows / counted.passes, "fill": counted.rows / (counted.passes * args.batch_size),
-            "wall_s": wall, "cpu_s": cpu, "rows_per_s": counted.rows / wall, "certified_accuracy@0": s["certified_accuracy"]["0.0"],
-            "acr": s["acr"]}  # fmt: skip
+    return {
+        "mode": mode,
+        "images_per_pass": per_pass,
+        "passes": counted.passes,
+        "rows": counted.rows,
+        "rows_per_pass": counted.rows / counted.passes,
+        "fill": counted.rows / (counted.passes * args.batch_size),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "rows_per_s": counted.rows / wall,
+        "certified_accuracy@0": s["certified_accuracy"]["0.0"],
+        "acr": s["acr"],
+    }
 
 
 def main() -> None:
@@ -97,23 +117,45 @@ def main() -> None:
     model, described = load_model(args)
     with torch.inference_mode():  # warm-up: the first pass pays one-time allocation costs
         model(torch.rand(args.batch_size, 3, 32, 32))
-    rows = [measure(model, images, labels, mode, p, args) for p in args.images_per_pass for mode in ("fixed", "sequential")]
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
-              "model": described, "sigma": args.sigma, "images": len(images), "n0": args.n0, "n": args.n, "alpha": args.alpha,
-              "batch_size": args.batch_size, "threads": args.threads, "load": load, "sequential": CertifyConfig().sequential.model_dump(), "rows": rows}  # fmt: skip
-    lines = ["# Sequential CERTIFY throughput (CPU)", "", f"{report['date']}; `{report['command']}`", "",
-             f"{described}; {len(images)} CIFAR-10 test images, sigma={args.sigma}, n0={args.n0}, n={args.n}, alpha={args.alpha}, "
-             f"batch {args.batch_size}, {args.threads} torch thread(s). 'fill' = rows per pass / batch size; 'cpu s' = this "
-             f"process's CPU time (robust to other processes on a shared machine; wall time is not); 1-minute load average "
-             f"{report['load']:.1f} at start. Ratios are fixed / sequential at the same images per pass.", "",
-             "| images/pass | procedure | forward passes | rows | rows/pass | fill | wall s | cpu s | passes ratio | rows ratio | wall ratio | cpu ratio | cert. acc r=0 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        measure(model, images, labels, mode, p, args) for p in args.images_per_pass for mode in ("fixed", "sequential")
+    ]
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "model": described,
+        "sigma": args.sigma,
+        "images": len(images),
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "load": load,
+        "sequential": CertifyConfig().sequential.model_dump(),
+        "rows": rows,
+    }
+    lines = [
+        "# Sequential CERTIFY throughput (CPU)",
+        "",
+        f"{report['date']}; `{report['command']}`",
+        "",
+        f"{described}; {len(images)} CIFAR-10 test images, sigma={args.sigma}, n0={args.n0}, n={args.n}, alpha={args.alpha}, "
+        f"batch {args.batch_size}, {args.threads} torch thread(s). 'fill' = rows per pass / batch size; 'cpu s' = this "
+        f"process's CPU time (robust to other processes on a shared machine; wall time is not); 1-minute load average "
+        f"{report['load']:.1f} at start. Ratios are fixed / sequential at the same images per pass.",
+        "",
+        "| images/pass | procedure | forward passes | rows | rows/pass | fill | wall s | cpu s | passes ratio | rows ratio | wall ratio | cpu ratio | cert. acc r=0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fixed = next(f for f in rows if f["mode"] == "fixed" and f["images_per_pass"] == r["images_per_pass"])
-        lines.append(f"| {r['images_per_pass']} | {r['mode']} | {r['passes']:,} | {r['rows']:,} | {r['rows_per_pass']:.0f} | {r['fill']:.3f} | "
-                     f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {fixed['passes'] / r['passes']:.2f}x | {fixed['rows'] / r['rows']:.2f}x | "
-                     f"{fixed['wall_s'] / r['wall_s']:.2f}x | {fixed['cpu_s'] / r['cpu_s']:.2f}x | "
-                     f"{100 * r['certified_accuracy@0']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['images_per_pass']} | {r['mode']} | {r['passes']:,} | {r['rows']:,} | {r['rows_per_pass']:.0f} | {r['fill']:.3f} | "
+            f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {fixed['passes'] / r['passes']:.2f}x | {fixed['rows'] / r['rows']:.2f}x | "
+            f"{fixed['wall_s'] / r['wall_s']:.2f}x | {fixed['cpu_s'] / r['cpu_s']:.2f}x | "
+            f"{100 * r['certified_accuracy@0']:.1f} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = "\n".join(lines) + "\n"

@@ -31,8 +31,12 @@ def interleaved(configs: dict[str, Callable[[int], Any]], units: int, rounds: in
                 times[name][u].append((wall, cpu, os.getloadavg()[0]))
                 results[name].append(result)
         loads = [t[-1][2] for per in times.values() for t in per]
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n}: {sum(t[-1][0] for t in per):.1f} s" for n, per in times.items())
-              + f" (load average {min(loads):.1f}-{max(loads):.1f})", flush=True)
+        print(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(f"{n}: {sum(t[-1][0] for t in per):.1f} s" for n, per in times.items())
+            + f" (load average {min(loads):.1f}-{max(loads):.1f})",
+            flush=True,
+        )
     return {
         name: {
             "wall_best_s": sum(min(w for w, _, _ in t) for t in per),

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from tbn_ray.store.cifar10 import load_from_config
-from tbn_ray.science import data as data_mod
 from tbn_ray.config import TrainConfig
+from tbn_ray.science import data as data_mod
 from tbn_ray.science.models import build_model
 from tbn_ray.science.training import epoch_seed, make_loader, make_optimizer, make_scheduler, train_epoch
+from tbn_ray.store.cifar10 import load_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -77,8 +77,14 @@ def in_process(cfg: TrainConfig, device: torch.device, threads: int) -> dict[str
         generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1))
         m = train_epoch(model, loader, optimizer, scheduler, cfg, device, generator=generator)
         epochs.append({"images": m["images"], "seconds": m["seconds"], "images_per_s": m["images_per_s"]})
-    return {"mode": "in-process", "workers": 1, "threads": threads, "device": str(device), "epochs": epochs,
-            "images_per_s": epochs[-1]["images_per_s"]}  # fmt: skip
+    return {
+        "mode": "in-process",
+        "workers": 1,
+        "threads": threads,
+        "device": str(device),
+        "epochs": epochs,
+        "images_per_s": epochs[-1]["images_per_s"],
+    }
 
 
 def on_ray(cfg: TrainConfig, cluster: Any, workers: int, cpus: float, gpus: int, root: Path) -> dict[str, Any]:
@@ -87,9 +93,14 @@ def on_ray(cfg: TrainConfig, cluster: Any, workers: int, cpus: float, gpus: int,
 
     t0 = time.perf_counter()
     ckpt = train_on_ray(
-        cfg, Storage.open(root), Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus), cluster,
-        recovery=Recovery(keep=1, max_failures=0), fresh=True, say=lambda _: None,
-    )  # fmt: skip
+        cfg,
+        Storage.open(root),
+        Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus),
+        cluster,
+        recovery=Recovery(keep=1, max_failures=0),
+        fresh=True,
+        say=lambda _: None,
+    )
     wall = time.perf_counter() - t0
     history = ckpt.meta["history"]
     in_epochs = sum(h["seconds"] + h["eval_seconds"] for h in history)
@@ -98,7 +109,9 @@ def on_ray(cfg: TrainConfig, cluster: Any, workers: int, cpus: float, gpus: int,
         "workers": workers,
         "cpus_per_worker": cpus,
         "gpus_per_worker": gpus,
-        "epochs": [{"images": h["images"], "seconds": h["seconds"], "images_per_s": h["images_per_s"]} for h in history],
+        "epochs": [
+            {"images": h["images"], "seconds": h["seconds"], "images_per_s": h["images_per_s"]} for h in history
+        ],
         "images_per_s": history[-1]["images_per_s"],
         "fit_wall_s": wall,
         "fixed_cost_s": wall - in_epochs,
@@ -112,12 +125,14 @@ def compare(args: argparse.Namespace, device: str, cluster: Any, root: Path) -> 
     counts = [w for w in args.workers if w <= available]
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.repeats):
-        runs.setdefault("in-process", []).append(in_process(config(args, "bench-inproc", device), torch.device(device), threads=1))
+        runs.setdefault("in-process", []).append(
+            in_process(config(args, "bench-inproc", device), torch.device(device), threads=1)
+        )
         for w in counts:
             cfg = config(args, f"bench-ray{w}", device)
             runs.setdefault(f"ray-{w}", []).append(on_ray(cfg, cluster, w, 1.0, int(gpu), root))
     rows = []
-    for key, measured in runs.items():
+    for measured in runs.values():
         row = dict(measured[0])
         for figure in ("images_per_s", "fit_wall_s", "fixed_cost_s"):
             if figure in row:
@@ -154,14 +169,19 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         extra = (
-            f"{r['fit_wall_s']:.1f} {r['fit_wall_s_all']} | {r['fixed_cost_s']:.1f} {r['fixed_cost_s_all']}" if r["mode"] == "ray" else "- | -"
+            f"{r['fit_wall_s']:.1f} {r['fit_wall_s_all']} | {r['fixed_cost_s']:.1f} {r['fixed_cost_s_all']}"
+            if r["mode"] == "ray"
+            else "- | -"
         )
         lines.append(
             f"| {r['mode']} | {r['workers']} | {r['images_per_s']:.1f} {r['images_per_s_all']} | "
             f"{r['speedup_vs_in_process']:.2f}x | {extra} |"
         )
     if result["ray_per_epoch_overhead"] is not None:
-        lines += ["", f"Ray Train per-epoch overhead (1 worker, same threads): {100 * result['ray_per_epoch_overhead']:.1f}%"]
+        lines += [
+            "",
+            f"Ray Train per-epoch overhead (1 worker, same threads): {100 * result['ray_per_epoch_overhead']:.1f}%",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -187,14 +207,24 @@ def main() -> None:
     cluster = connect(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count())
     root = Path(tempfile.mkdtemp(prefix="tbn-bench-"))
     setup = {
-        "command": "python bench/train_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"
+        "command": "python bench/train_throughput.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "out"
         ),
-        "model": args.arch, "pgd_steps": args.pgd_steps, "batch": args.batch, "images": args.images,
-        "epochs": args.epochs, "repeats": args.repeats, "data": "CIFAR-10 byte-exact subset",
+        "model": args.arch,
+        "pgd_steps": args.pgd_steps,
+        "batch": args.batch,
+        "images": args.images,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "data": "CIFAR-10 byte-exact subset",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.cuda.device_count()} GPUs",
-        "torch": torch.__version__, "ray": ray.__version__, "load_before": [round(v, 1) for v in load_before],
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "load_before": [round(v, 1) for v in load_before],
+    }
     try:
         results = [compare(args, "cpu", cluster, root)]
         if torch.cuda.is_available():

@@ -8,7 +8,16 @@ machines have torch but no Ray.
 __version__ = "0.1.0"
 
 #: The Python API (``tbn_ray.api``), imported on first use so that the CLI starts fast.
-_API = ("load_model", "calibrate", "certify", "evaluate_attack", "evaluate_corruptions", "Calibration", "Certification", "Evaluation")
+_API = (
+    "load_model",
+    "calibrate",
+    "certify",
+    "evaluate_attack",
+    "evaluate_corruptions",
+    "Calibration",
+    "Certification",
+    "Evaluation",
+)
 __all__ = ["__version__", *_API]
 
 

@@ -29,8 +29,15 @@ from pydantic import BaseModel
 from torch import nn
 
 from tbn_ray.config import (
-    CalibrateConfig, CertifyConfig, DataConfig, EvaluateConfig, ModelConfig, ModelSource, TrainConfig, parse_config,
-)  # fmt: skip
+    CalibrateConfig,
+    CertifyConfig,
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    ModelSource,
+    TrainConfig,
+    parse_config,
+)
 from tbn_ray.errors import TbnError
 from tbn_ray.store.runs import Checkpoint, Run, hash_weights, usable_bn_sets
 from tbn_ray.store.storage import Storage
@@ -84,7 +91,10 @@ class Calibration:
     sets: dict[str, dict[str, Any]]
 
     def rows(self) -> list[dict[str, Any]]:
-        return [{"set": name, **{k: v for k, v in entry.get("meta", {}).items() if not isinstance(v, (dict, list))}} for name, entry in self.sets.items()]
+        return [
+            {"set": name, **{k: v for k, v in entry.get("meta", {}).items() if not isinstance(v, (dict, list))}}
+            for name, entry in self.sets.items()
+        ]
 
     def to_pandas(self):  # type: ignore[no-untyped-def]
         import pandas as pd
@@ -125,7 +135,9 @@ class Certification:
     def _summary(self, sigma: float) -> dict[str, Any]:
         key = next((k for k in self.summaries if abs(k - sigma) < 1e-12), None)
         if key is None:
-            raise TbnError(f"no certification at sigma {sigma:g} here; certified: {', '.join(f'{k:g}' for k in self.summaries)}")
+            raise TbnError(
+                f"no certification at sigma {sigma:g} here; certified: {', '.join(f'{k:g}' for k in self.summaries)}"
+            )
         return self.summaries[key]
 
     def _at(self, sigma: float) -> list[dict[str, Any]]:
@@ -173,7 +185,12 @@ class Evaluation:
                 for variant, row in body["variants"].items():
                     out.append({"bn": mode, "variant": variant, **{k: v for k, v in row.items() if k != "definition"}})
             else:
-                out.append({"bn": mode, **{k: v for k, v in body.items() if not isinstance(v, (dict, list)) and k != "definition"}})
+                out.append(
+                    {
+                        "bn": mode,
+                        **{k: v for k, v in body.items() if not isinstance(v, (dict, list)) and k != "definition"},
+                    }
+                )
         return out
 
     def to_pandas(self):  # type: ignore[no-untyped-def]
@@ -183,14 +200,21 @@ class Evaluation:
 
 
 @contextmanager
-def _run_of(model: ModelLike, stats: Calibration | Mapping[str, Any] | None, storage: str | Path | None, name: str | None,
-            data: str | DataConfig | None) -> Iterator[tuple[Run, str | None]]:  # fmt: skip
+def _run_of(
+    model: ModelLike,
+    stats: Calibration | Mapping[str, Any] | None,
+    storage: str | Path | None,
+    name: str | None,
+    data: str | DataConfig | None,
+) -> Iterator[tuple[Run, str | None]]:
     """The run a call works on and where its files are kept (None: a temporary folder, removed after)."""
     if isinstance(model, (str, Path)):
         model = Run.open(str(model))
     if isinstance(model, Run):
         if stats is not None:
-            raise TbnError("stats= is for a module; a run holds its own (tbn_ray.calibrate(run, ...) stores them there)")
+            raise TbnError(
+                "stats= is for a module; a run holds its own (tbn_ray.calibrate(run, ...) stores them there)"
+            )
         yield model, model.uri
         return
     if not isinstance(model, nn.Module):
@@ -207,8 +231,10 @@ def _run_of(model: ModelLike, stats: Calibration | Mapping[str, Any] | None, sto
         if stats is not None:
             given = dict(stats.sets) if isinstance(stats, Calibration) else stats
             if not usable_bn_sets(given):
-                raise TbnError("stats= must be what tbn_ray.calibrate returns (or its .sets: {'sigma=0.25': {'stats': ..., 'meta': ...}}), "
-                               f"got {type(stats).__name__}")  # fmt: skip
+                raise TbnError(
+                    "stats= must be what tbn_ray.calibrate returns (or its .sets: {'sigma=0.25': {'stats': ..., 'meta': ...}}), "
+                    f"got {type(stats).__name__}"
+                )
             given = dict(given)
             held = run.load_bn_sets()
             _no_other_statistics(held, given, run.uri)
@@ -220,7 +246,10 @@ def _run_of(model: ModelLike, stats: Calibration | Mapping[str, Any] | None, sto
 
 
 def load_model(
-    spec: str | Path, *, weights: str | Path | None = None, threat_model: str | None = None,
+    spec: str | Path,
+    *,
+    weights: str | Path | None = None,
+    threat_model: str | None = None,
     normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
 ) -> nn.Module:
     """The model ``spec`` names, in eval mode, taking [0, 1] images: a run (its name under the
@@ -234,7 +263,9 @@ def load_model(
         model, _ = imported_model(text, threat_model=threat_model, weights=weights, normalize=normalize)
         return model
     if weights is not None or threat_model is not None or normalize is not None:
-        raise TbnError("weights=, threat_model= and normalize= are for robustbench:NAME and module:callable; a run holds its own")
+        raise TbnError(
+            "weights=, threat_model= and normalize= are for robustbench:NAME and module:callable; a run holds its own"
+        )
     return Run.open(text).load_model()[0]
 
 
@@ -246,6 +277,7 @@ def _weights_digest(network: nn.Module) -> str:
 
 def _same_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     sa, sb = a.get("stats", {}), b.get("stats", {})
+
     def same(x: Any, y: Any) -> bool:
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
             return x.shape == y.shape and torch.equal(x, y)
@@ -260,13 +292,23 @@ def _no_other_statistics(held: Mapping[str, Any], given: Mapping[str, Any], wher
     """``stats=`` may add statistics sets to a module's stored run, never replace one it holds."""
     for key, value in given.items():
         if key in held and not _same_set(held[key], value):
-            raise TbnError(f"{where} already holds other {key} statistics than the stats= given: pass another name=, or the stats stored there")
+            raise TbnError(
+                f"{where} already holds other {key} statistics than the stats= given: pass another name=, or the stats stored there"
+            )
 
 
 def calibrate(
-    model: ModelLike, *, config: CalibrateConfig | None = None, storage: str | Path | None = None, name: str | None = None,
-    data: str | DataConfig | None = None, device: str = "auto", progress: bool = False, replace: bool = False, **settings: Any,
-) -> Calibration:  # fmt: skip
+    model: ModelLike,
+    *,
+    config: CalibrateConfig | None = None,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    data: str | DataConfig | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    replace: bool = False,
+    **settings: Any,
+) -> Calibration:
     """TBN: BN statistics estimated once per sigma on Gaussian-noised held-out training images
     (never the test set), returned (and, for a run, stored in its bn_stats.pt). ``settings``:
     ``CalibrateConfig`` fields (sigmas, samples, batch_size, seed). A set stored with other
@@ -275,21 +317,34 @@ def calibrate(
 
     cfg = _settings(CalibrateConfig, config, settings, "tbn_ray.calibrate")
     with _run_of(model, None, storage, name, data) as (run, _):
-        override = None if isinstance(run, ModuleRun) or data is None else (data if isinstance(data, DataConfig) else DataConfig(source=data))
-        return Calibration(calibrate_run(run, cfg, data_cfg=override, device=device, progress=progress, replace=replace))
+        override = (
+            None
+            if isinstance(run, ModuleRun) or data is None
+            else (data if isinstance(data, DataConfig) else DataConfig(source=data))
+        )
+        return Calibration(
+            calibrate_run(run, cfg, data_cfg=override, device=device, progress=progress, replace=replace)
+        )
 
 
 def certify(
-    model: ModelLike, stats: Calibration | Mapping[str, Any] | None = None, *, config: CertifyConfig | None = None,
-    storage: str | Path | None = None, name: str | None = None, data: str | DataConfig | None = None, device: str = "auto",
-    progress: bool = False, **settings: Any,
-) -> Certification:  # fmt: skip
+    model: ModelLike,
+    stats: Calibration | Mapping[str, Any] | None = None,
+    *,
+    config: CertifyConfig | None = None,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    data: str | DataConfig | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    **settings: Any,
+) -> Certification:
     """Cohen's CERTIFY on the selected test images at each sigma, with that sigma's frozen TBN
     statistics (``bn="tbn"``, from ``stats`` for a module) or the clean ones (``bn="clean"``).
     ``settings``: ``CertifyConfig`` fields (``sigma=`` for one sigma); with probability at least
     1 - alpha per image, each non-abstaining prediction holds within its radius."""
-    from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
     from tbn_ray.devices import resolve_device
+    from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
     from tbn_ray.store.certify_layout import certify_output
     from tbn_ray.store.results import read_results
 
@@ -302,42 +357,81 @@ def certify(
         if data is not None and not isinstance(run, ModuleRun):
             cfg = cfg.model_copy(update={"data": data if isinstance(data, DataConfig) else DataConfig(source=data)})
         dev = resolve_device(device)
-        result = run_plan_in_process(plan_certify(run, cfg, certify_output(run), device_type=dev.type), dev, progress=progress)
+        result = run_plan_in_process(
+            plan_certify(run, cfg, certify_output(run), device_type=dev.type), dev, progress=progress
+        )
         records, summaries = {}, {}
         for o in result.outputs:
             records[o.sigma], summaries[o.sigma] = read_results(o.location)[0], o.summary
         return Certification(result.run_id, result.location if kept else None, records, summaries)
 
 
-def _evaluation(kind: str, model: ModelLike, stats, bn: Sequence[str], config, storage, name, data, device, progress, settings):  # type: ignore[no-untyped-def]
-    from tbn_ray.jobs.evaluate import run_in_process
+def _evaluation(
+    kind: str, model: ModelLike, stats, bn: Sequence[str], config, storage, name, data, device, progress, settings
+):  # type: ignore[no-untyped-def]
     from tbn_ray.devices import resolve_device
+    from tbn_ray.jobs.evaluate import run_in_process
 
     bn = [bn] if isinstance(bn, str) else bn  # bn="clean" is one mode, not the letters of one
     indices = settings.pop("indices", None)
     ev = _settings(EvaluateConfig, config, settings, f"tbn_ray.evaluate_{kind}")
     start, stop = indices if indices is not None else (None, None)
     with _run_of(model, stats, storage, name, data) as (run, kept):
-        override = None if isinstance(run, ModuleRun) or data is None else (data if isinstance(data, DataConfig) else DataConfig(source=data))
+        override = (
+            None
+            if isinstance(run, ModuleRun) or data is None
+            else (data if isinstance(data, DataConfig) else DataConfig(source=data))
+        )
         if kind == "attack":
             from tbn_ray.jobs.evaluate_attack import plan_attack
 
-            plan = plan_attack(run, list(bn), attacks=ev.attacks, norm=ev.norm, eps=ev.eps, steps=ev.attack_steps, restarts=ev.restarts,
-                               step_size=ev.step_size, batch_size=ev.batch_size, seed=ev.seed, data_cfg=override, start=start, stop=stop)  # fmt: skip
+            plan = plan_attack(
+                run,
+                list(bn),
+                attacks=ev.attacks,
+                norm=ev.norm,
+                eps=ev.eps,
+                steps=ev.attack_steps,
+                restarts=ev.restarts,
+                step_size=ev.step_size,
+                batch_size=ev.batch_size,
+                seed=ev.seed,
+                data_cfg=override,
+                start=start,
+                stop=stop,
+            )
         else:
             from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
 
-            plan = plan_corruptions(run, list(bn), corruptions=ev.corruptions, severities=ev.severities, batch_size=ev.batch_size,
-                                    seed=ev.cifar10c_seed, data_cfg=override, start=start, stop=stop, progress=progress)  # fmt: skip
+            plan = plan_corruptions(
+                run,
+                list(bn),
+                corruptions=ev.corruptions,
+                severities=ev.severities,
+                batch_size=ev.batch_size,
+                seed=ev.cifar10c_seed,
+                data_cfg=override,
+                start=start,
+                stop=stop,
+                progress=progress,
+            )
         result = run_in_process(plan, resolve_device(device), progress=progress)
         return Evaluation(result.eval_id, result.location if kept else None, result.result)
 
 
 def evaluate_attack(
-    model: ModelLike, stats: Calibration | Mapping[str, Any] | None = None, *, bn: Sequence[str] = ("clean",),
-    config: EvaluateConfig | None = None, storage: str | Path | None = None, name: str | None = None, data: str | DataConfig | None = None,
-    device: str = "auto", progress: bool = False, **settings: Any,
-) -> Evaluation:  # fmt: skip
+    model: ModelLike,
+    stats: Calibration | Mapping[str, Any] | None = None,
+    *,
+    bn: Sequence[str] = ("clean",),
+    config: EvaluateConfig | None = None,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    data: str | DataConfig | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    **settings: Any,
+) -> Evaluation:
     """Empirical robustness per BN mode (``bn``: clean, sigma:<s>, test-batch[:N]) under the
     attacks of ``settings`` (``EvaluateConfig`` fields: attacks, norm, eps, attack_steps, ...;
     ``indices=(start, stop)`` of the test set)."""
@@ -345,10 +439,18 @@ def evaluate_attack(
 
 
 def evaluate_corruptions(
-    model: ModelLike, stats: Calibration | Mapping[str, Any] | None = None, *, bn: Sequence[str] = ("clean",),
-    config: EvaluateConfig | None = None, storage: str | Path | None = None, name: str | None = None, data: str | DataConfig | None = None,
-    device: str = "auto", progress: bool = False, **settings: Any,
-) -> Evaluation:  # fmt: skip
+    model: ModelLike,
+    stats: Calibration | Mapping[str, Any] | None = None,
+    *,
+    bn: Sequence[str] = ("clean",),
+    config: EvaluateConfig | None = None,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    data: str | DataConfig | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    **settings: Any,
+) -> Evaluation:
     """CIFAR-10-C accuracy (regenerated, seeded) per corruption and severity for each BN mode
     (``settings``: ``EvaluateConfig`` fields corruptions, severities, batch_size, cifar10c_seed;
     ``indices=(start, stop)``)."""

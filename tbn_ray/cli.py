@@ -18,11 +18,38 @@ import tbn_ray
 from tbn_ray.cli_evaluate import data_app, evaluate_app
 from tbn_ray.cli_import import import_model
 from tbn_ray.cli_options import (
-    Command, AddressOpt, ConfigOpt, DataOpt, DeviceOpt, ProgressOpt, RunArg, Settings, StorageOpt, Where, about, about_run,
-    check_local, config_options, data_override, index_range, load_flags, pool_options, ray_about, require_ray, storage_root,
+    AddressOpt,
+    Command,
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    ProgressOpt,
+    RunArg,
+    Settings,
+    StorageOpt,
+    Where,
+    about,
+    about_run,
+    check_local,
+    config_options,
+    data_override,
+    index_range,
+    load_flags,
+    pool_options,
+    ray_about,
+    require_ray,
+    storage_root,
     where_options,
-)  # fmt: skip
-from tbn_ray.config import CalibrateConfig, CertifyConfig, ExperimentConfig, NoiseTrainingConfig, RuntimeConfig, TrainConfig, parse_config
+)
+from tbn_ray.config import (
+    CalibrateConfig,
+    CertifyConfig,
+    ExperimentConfig,
+    NoiseTrainingConfig,
+    RuntimeConfig,
+    TrainConfig,
+    parse_config,
+)
 from tbn_ray.errors import TbnError, TbnWarning, log
 from tbn_ray.store.storage import DEFAULT_STORAGE
 
@@ -47,9 +74,19 @@ def _start(
     ctx: typer.Context,
     threads: Annotated[
         Optional[str],
-        typer.Option(envvar="TBN_THREADS", show_envvar=False, help=about("torch CPU threads of this process: a number or auto (the CPUs it may use that are idle now; $OMP_NUM_THREADS if set); env TBN_THREADS", RuntimeConfig, "threads")),
+        typer.Option(
+            envvar="TBN_THREADS",
+            show_envvar=False,
+            help=about(
+                "torch CPU threads of this process: a number or auto (the CPUs it may use that are idle now; $OMP_NUM_THREADS if set); env TBN_THREADS",
+                RuntimeConfig,
+                "threads",
+            ),
+        ),
     ] = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
 ) -> None:
     """Certified and corruption-robust CIFAR-10 classifiers from adversarially trained models,
     with test-time adaptive batch normalization (TBN)."""
@@ -58,7 +95,9 @@ def _start(
         raise typer.Exit()
     from tbn_ray.threads import apply_threads
 
-    setting = parse_config(RuntimeConfig, {} if threads is None else {"threads": threads}, "--threads", {"threads": "--threads"})
+    setting = parse_config(
+        RuntimeConfig, {} if threads is None else {"threads": threads}, "--threads", {"threads": "--threads"}
+    )
     apply_threads(setting.threads)
 
 
@@ -68,19 +107,46 @@ def train(
     name: Annotated[Optional[str], typer.Option(help=about("run name", TrainConfig, "name"))] = None,
     storage: StorageOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="training epochs (default: the config's optim.epochs)")] = None,
-    objective: Annotated[Optional[str], typer.Option(help=about("training objective: adversarial (PGD) | gaussian | consistency", TrainConfig, "objective"))] = None,
-    noise_sigma: Annotated[Optional[float], typer.Option(help=about("noise level of the gaussian and consistency objectives", NoiseTrainingConfig, "sigma"))] = None,
+    objective: Annotated[
+        Optional[str],
+        typer.Option(
+            help=about("training objective: adversarial (PGD) | gaussian | consistency", TrainConfig, "objective")
+        ),
+    ] = None,
+    noise_sigma: Annotated[
+        Optional[float],
+        typer.Option(
+            help=about("noise level of the gaussian and consistency objectives", NoiseTrainingConfig, "sigma")
+        ),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="start over instead of resuming")] = False,
-    local: Annotated[bool, typer.Option("--local", help="train in this process without Ray (one device, --device)")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="train in this process without Ray (one device, --device)")
+    ] = False,
     workers: Annotated[Optional[int], typer.Option(help=ray_about("Ray Train DDP workers", "workers"))] = None,
-    cpus_per_worker: Annotated[Optional[float], typer.Option(help=ray_about("CPUs each worker reserves and uses as torch threads", "cpus_per_worker"))] = None,
-    gpus_per_worker: Annotated[Optional[int], typer.Option(help=ray_about("0: CPU workers (gloo); 1: one GPU per worker (nccl)", "gpus_per_worker"))] = None,
+    cpus_per_worker: Annotated[
+        Optional[float],
+        typer.Option(help=ray_about("CPUs each worker reserves and uses as torch threads", "cpus_per_worker")),
+    ] = None,
+    gpus_per_worker: Annotated[
+        Optional[int],
+        typer.Option(help=ray_about("0: CPU workers (gloo); 1: one GPU per worker (nccl)", "gpus_per_worker")),
+    ] = None,
     address: AddressOpt = None,
-    keep: Annotated[Optional[int], typer.Option(help=ray_about("Ray checkpoints kept, the most recent; best.pt is kept besides", "keep"))] = None,
-    max_failures: Annotated[Optional[int], typer.Option(help=ray_about("worker failures recovered from the last checkpoint", "max_failures"))] = None,
-    start_timeout: Annotated[Optional[float], typer.Option(help=ray_about("seconds to wait for the workers to be placed, per attempt", "start_timeout_s"))] = None,
+    keep: Annotated[
+        Optional[int],
+        typer.Option(help=ray_about("Ray checkpoints kept, the most recent; best.pt is kept besides", "keep")),
+    ] = None,
+    max_failures: Annotated[
+        Optional[int],
+        typer.Option(help=ray_about("worker failures recovered from the last checkpoint", "max_failures")),
+    ] = None,
+    start_timeout: Annotated[
+        Optional[float],
+        typer.Option(help=ray_about("seconds to wait for the workers to be placed, per attempt", "start_timeout_s")),
+    ] = None,
 ) -> None:
     """Training on Ray Train (DDP), or in this process with --local; resumes the run of the same name.
 
@@ -91,16 +157,26 @@ def train(
     from tbn_ray.store.runs import Run
 
     ray_flags = {
-        "--workers": ("ray.workers", workers), "--cpus-per-worker": ("ray.cpus_per_worker", cpus_per_worker),
-        "--gpus-per-worker": ("ray.gpus_per_worker", gpus_per_worker), "--keep": ("ray.keep", keep),
-        "--max-failures": ("ray.max_failures", max_failures), "--start-timeout": ("ray.start_timeout_s", start_timeout),
-    }  # fmt: skip
+        "--workers": ("ray.workers", workers),
+        "--cpus-per-worker": ("ray.cpus_per_worker", cpus_per_worker),
+        "--gpus-per-worker": ("ray.gpus_per_worker", gpus_per_worker),
+        "--keep": ("ray.keep", keep),
+        "--max-failures": ("ray.max_failures", max_failures),
+        "--start-timeout": ("ray.start_timeout_s", start_timeout),
+    }
     check_local(local, device, "--gpus-per-worker", {"--address": address, **{f: v for f, (_, v) in ray_flags.items()}})
-    cfg = load_flags(config, {
-        "--name": ("train.name", name), "--epochs": ("train.optim.epochs", epochs), "--data": ("train.data.source", data),
-        "--objective": ("train.objective", objective), "--noise-sigma": ("train.noise.sigma", noise_sigma),
-        "--device": ("train.device", device), **ray_flags,
-    })  # fmt: skip
+    cfg = load_flags(
+        config,
+        {
+            "--name": ("train.name", name),
+            "--epochs": ("train.optim.epochs", epochs),
+            "--data": ("train.data.source", data),
+            "--objective": ("train.objective", objective),
+            "--noise-sigma": ("train.noise.sigma", noise_sigma),
+            "--device": ("train.device", device),
+            **ray_flags,
+        },
+    )
     root = storage_root(storage)
     if local:
         from tbn_ray.jobs.pipeline import train_run
@@ -127,23 +203,40 @@ def train(
 @app.command(cls=Command)
 def calibrate(
     run: RunArg,
-    sigma: Annotated[Optional[list[float]], typer.Option("--sigma", help=about("noise level, repeatable", CalibrateConfig, "sigmas"))] = None,
+    sigma: Annotated[
+        Optional[list[float]], typer.Option("--sigma", help=about("noise level, repeatable", CalibrateConfig, "sigmas"))
+    ] = None,
     config: ConfigOpt = None,
-    samples: Annotated[Optional[int], typer.Option(help=about("noisy samples per sigma", CalibrateConfig, "samples"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=about("images per forward pass", CalibrateConfig, "batch_size"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=about("seed of the noise and of the held-out images drawn", CalibrateConfig, "seed"))] = None,
+    samples: Annotated[
+        Optional[int], typer.Option(help=about("noisy samples per sigma", CalibrateConfig, "samples"))
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help=about("images per forward pass", CalibrateConfig, "batch_size"))
+    ] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(help=about("seed of the noise and of the held-out images drawn", CalibrateConfig, "seed")),
+    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
-    replace: Annotated[bool, typer.Option("--replace", help="replace a stored set made with other settings (refused without it)")] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="replace a stored set made with other settings (refused without it)")
+    ] = False,
 ) -> None:
     """TBN: estimate frozen BN statistics per sigma on noisy held-out training images."""
     from tbn_ray.jobs.pipeline import calibrate_run
     from tbn_ray.store.runs import Run
 
-    cfg = load_flags(config, {
-        "--sigma": ("calibrate.sigmas", sigma or None), "--samples": ("calibrate.samples", samples),
-        "--batch-size": ("calibrate.batch_size", batch_size), "--seed": ("calibrate.seed", seed), "--device": ("train.device", device),
-    })  # fmt: skip
+    cfg = load_flags(
+        config,
+        {
+            "--sigma": ("calibrate.sigmas", sigma or None),
+            "--samples": ("calibrate.samples", samples),
+            "--batch-size": ("calibrate.batch_size", batch_size),
+            "--seed": ("calibrate.seed", seed),
+            "--device": ("train.device", device),
+        },
+    )
     with about_run(run):
         r = Run.open(run)
         calibrate_run(r, cfg.calibrate, data_cfg=data_override(data), device=cfg.train.device, replace=replace)
@@ -156,16 +249,23 @@ def calibrate(
 def certify(
     run: RunArg,
     config: ConfigOpt = None,
-    indices: Annotated[Optional[str], typer.Option(help="test indices START:STOP, STOP excluded; with --skip, every skip-th (default: from --start to the end)")] = None,
-    output: Annotated[Optional[str], typer.Option(help="results root; results go to <output>/<run-id> (default: RUN/certify)")] = None,
+    indices: Annotated[
+        Optional[str],
+        typer.Option(
+            help="test indices START:STOP, STOP excluded; with --skip, every skip-th (default: from --start to the end)"
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[str], typer.Option(help="results root; results go to <output>/<run-id> (default: RUN/certify)")
+    ] = None,
     data: DataOpt = None,
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
     settings: Settings = None,  # type: ignore[assignment]  (one flag per field of CertifyConfig)
 ) -> None:
     """Randomized-smoothing certification (Cohen et al. CERTIFY) with frozen TBN statistics,
     sharded across Ray actors; resumable: the same command again skips finished shards."""
-    from tbn_ray.jobs.certify import plan_certify
     from tbn_ray.devices import resolve_device
+    from tbn_ray.jobs.certify import plan_certify
     from tbn_ray.store.certify_layout import certify_output
     from tbn_ray.store.runs import Run
 
@@ -180,7 +280,9 @@ def certify(
         r = Run.open(run)
         dev = resolve_device(cfg.train.device) if where.local else None
         # Everything is checked here, before Ray starts; on Ray the device follows the actors' GPUs.
-        plan = plan_certify(r, cfg.certify, certify_output(r, output), device_type=dev.type if dev is not None else "cpu")
+        plan = plan_certify(
+            r, cfg.certify, certify_output(r, output), device_type=dev.type if dev is not None else "cpu"
+        )
     _run_certification(plan, dev, cfg, where)
 
 
@@ -202,12 +304,19 @@ def _run_certification(plan, dev, cfg: ExperimentConfig, where: Where) -> None: 
     print(accuracy_table([{**o.summary, "params": o.summary} for o in result.outputs]))
     for o in result.outputs:
         log(cap_note(o.sigma, cfg.certify.n, cfg.certify.alpha))
-    log(f"results in {result.location}: {result.shards_computed} shard(s) certified now, {result.shards_skipped} reused; report {result.report}")
+    log(
+        f"results in {result.location}: {result.shards_computed} shard(s) certified now, {result.shards_skipped} reused; report {result.report}"
+    )
 
 
 @app.command(cls=Command)
 def report(
-    results: Annotated[str, typer.Argument(metavar="RESULTS", help="a certification's results, <output>/<run-id> (local or s3://)", show_default=False)],
+    results: Annotated[
+        str,
+        typer.Argument(
+            metavar="RESULTS", help="a certification's results, <output>/<run-id> (local or s3://)", show_default=False
+        ),
+    ],
 ) -> None:
     """Rebuild the per-sigma results, the markdown table and the plot from the shard files alone."""
     from tbn_ray.jobs.certify import aggregate
@@ -234,17 +343,21 @@ def shipped_config(name: str) -> Path:
     for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
         if (root / "configs" / name).is_file():
             return root / "configs" / name
-    raise TbnError(f"configs/{name} is neither in the working directory nor beside the tbn_ray package: pass --config PATH")
+    raise TbnError(
+        f"configs/{name} is neither in the working directory nor beside the tbn_ray package: pass --config PATH"
+    )
 
 
 @app.command(
     cls=Command,
     help="The whole pipeline at CPU scale: train briefly, calibrate TBN, certify a few dozen images, report.\n\n"
     f"Results go to <storage>/quickstart: $TBN_STORAGE if set, else {DEFAULT_STORAGE} in the working directory "
-    "(checkpoint, TBN statistics, certify/<run-id>/report.md and certified_accuracy.png). Run again, it resumes."
+    "(checkpoint, TBN statistics, certify/<run-id>/report.md and certified_accuracy.png). Run again, it resumes.",
 )
 def quickstart(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="experiment YAML (default: configs/quickstart.yaml)")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="experiment YAML (default: configs/quickstart.yaml)")
+    ] = None,
     storage: StorageOpt = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
@@ -258,10 +371,14 @@ def quickstart(
 
 @app.command(cls=Command)
 def sweep(
-    config: Annotated[Path, typer.Option("--config", "-c", help="sweep YAML, e.g. configs/sweep.yaml (required)", show_default=False)],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="sweep YAML, e.g. configs/sweep.yaml (required)", show_default=False)
+    ],
     storage: StorageOpt = None,
     address: AddressOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the stored sweep of this name (an error if there is none)")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the stored sweep of this name (an error if there is none)")
+    ] = False,
 ) -> None:
     """Ray Tune over the training epsilon and the TBN sigma: each epsilon trained once, every (epsilon, sigma)
     calibrated and certified on held-out validation images; a table, a heatmap and best.json. Re-running resumes."""
@@ -277,18 +394,25 @@ def sweep(
     with connected(address, job_name=f"tbn-ray sweep {cfg.name}", log=log) as cluster:
         result = run_sweep(cfg, root, cluster)
     print(root.read_text("results.md"))
-    log(f"sweep finished in {time.perf_counter() - t0:.0f} s; best: epsilon {result.best['epsilon']:g}, sigma {result.best['sigma']:g}")
+    log(
+        f"sweep finished in {time.perf_counter() - t0:.0f} s; best: epsilon {result.best['epsilon']:g}, sigma {result.best['sigma']:g}"
+    )
     log(f"results: {result.files['results.md']}, {result.files['heatmap.png']}, {result.files['best.json']}")
-
 
 
 @app.command(cls=Command)
 def reproduce(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="reproduction YAML (default: configs/paper.yaml)")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="reproduction YAML (default: configs/paper.yaml)")
+    ] = None,
     storage: StorageOpt = None,
     stage: Annotated[
         Optional[list[str]],
-        typer.Option("--stage", help="train | calibrate | certify | evaluate | report, repeatable (default: all, in this order)", show_default=False),
+        typer.Option(
+            "--stage",
+            help="train | calibrate | certify | evaluate | report, repeatable (default: all, in this order)",
+            show_default=False,
+        ),
     ] = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -305,7 +429,9 @@ def reproduce(
     if files:
         print(Reproduction.open(cfg, root).root.read_text("report.md"))
         log(f"report: {files['report.md']}, {files['certified_accuracy.png']}")
-    log(f"reproduce {cfg.name}: stage(s) {', '.join(s for s in STAGES if s in (stage or STAGES))} finished in {time.perf_counter() - t0:.0f} s")
+    log(
+        f"reproduce {cfg.name}: stage(s) {', '.join(s for s in STAGES if s in (stage or STAGES))} finished in {time.perf_counter() - t0:.0f} s"
+    )
 
 
 def main() -> None:
@@ -324,7 +450,11 @@ def main() -> None:
         if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):  # not click's usage error
             _one_line_or_raise(e)
         ctx = getattr(e, "ctx", None)
-        hint = f" (see tbn-ray {ctx.command_path.removeprefix('tbn-ray').strip()} -h)".replace("  ", " ") if ctx is not None else ""
+        hint = (
+            f" (see tbn-ray {ctx.command_path.removeprefix('tbn-ray').strip()} -h)".replace("  ", " ")
+            if ctx is not None
+            else ""
+        )
         print(f"tbn-ray: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
         sys.exit(2)
     except BaseException as e:
@@ -351,7 +481,9 @@ def _one_line_or_raise(e: BaseException) -> None:
     from tbn_ray import signals
 
     if signals.received():
-        print("tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr)
+        print(
+            "tbn-ray: stopped by SIGTERM; finished work is kept: run the same command again to resume", file=sys.stderr
+        )
         sys.exit(signals.EXIT_STATUS)
     if isinstance(e, TbnError):
         print(f"tbn-ray: error: {e}", file=sys.stderr)

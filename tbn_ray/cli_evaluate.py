@@ -12,9 +12,25 @@ from typing import Annotated, Any, Optional
 import typer
 
 from tbn_ray.cli_options import (
-    Command, ConfigOpt, DataOpt, IndicesOpt, ProgressOpt, RunArg, StorageOpt, Where, about, about_run, data_override, load_flags,
-    option_group, parse_indices, pool_options, require_ray, storage_root, where_options,
-)  # fmt: skip
+    Command,
+    ConfigOpt,
+    DataOpt,
+    IndicesOpt,
+    ProgressOpt,
+    RunArg,
+    StorageOpt,
+    Where,
+    about,
+    about_run,
+    data_override,
+    load_flags,
+    option_group,
+    parse_indices,
+    pool_options,
+    require_ray,
+    storage_root,
+    where_options,
+)
 from tbn_ray.config import EvaluateConfig, ExperimentConfig
 from tbn_ray.errors import log
 
@@ -25,11 +41,19 @@ def _help_when_bare(ctx: typer.Context) -> None:
         raise typer.Exit()
 
 
-data_app = typer.Typer(rich_markup_mode=None, invoke_without_command=True, callback=_help_when_bare, help="Data sets derived from CIFAR-10, cached in the storage layer.")
+data_app = typer.Typer(
+    rich_markup_mode=None,
+    invoke_without_command=True,
+    callback=_help_when_bare,
+    help="Data sets derived from CIFAR-10, cached in the storage layer.",
+)
 evaluate_app = typer.Typer(
-    rich_markup_mode=None, invoke_without_command=True, callback=_help_when_bare,
+    rich_markup_mode=None,
+    invoke_without_command=True,
+    callback=_help_when_bare,
     help="Corruption (CIFAR-10-C) and adversarial robustness per BN mode, sharded across Ray actors.",
-)  # fmt: skip
+)
+
 
 @dataclass(frozen=True)
 class Cifar10cChoice:
@@ -45,25 +69,65 @@ class Cifar10cChoice:
     def flags(self) -> dict[str, tuple[str, Any]]:
         """The flags that override the ``evaluate`` config section."""
         return {
-            "--corruptions": ("evaluate.corruptions", self.corruptions), "--severities": ("evaluate.severities", self.severities),
+            "--corruptions": ("evaluate.corruptions", self.corruptions),
+            "--severities": ("evaluate.severities", self.severities),
             "--seed": ("evaluate.cifar10c_seed", self.seed),
-        }  # fmt: skip
+        }
 
 
 #: The options of ``Cifar10cChoice``, for every command that reads or writes CIFAR-10-C.
-cifar10c_options = option_group("cifar10c", Cifar10cChoice, {
-    "corruptions": (Optional[str], typer.Option(help=about("'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions")), None),
-    "severities": (Optional[str], typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities")), None),
-    "seed": (Optional[int], typer.Option("--seed", help=about("CIFAR-10-C regeneration seed (per-image randomness derives from it)", EvaluateConfig, "cifar10c_seed")), None),
-    "indices": (Optional[str], IndicesOpt.__metadata__[0], None),
-    "released": (Optional[Path], typer.Option(help="folder of the released CIFAR-10-C (<corruption>.npy, labels.npy), imported instead of regenerated (default: regenerate)"), None),
-})  # fmt: skip
+cifar10c_options = option_group(
+    "cifar10c",
+    Cifar10cChoice,
+    {
+        "corruptions": (
+            Optional[str],
+            typer.Option(
+                help=about(
+                    "'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions"
+                )
+            ),
+            None,
+        ),
+        "severities": (
+            Optional[str],
+            typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities")),
+            None,
+        ),
+        "seed": (
+            Optional[int],
+            typer.Option(
+                "--seed",
+                help=about(
+                    "CIFAR-10-C regeneration seed (per-image randomness derives from it)",
+                    EvaluateConfig,
+                    "cifar10c_seed",
+                ),
+            ),
+            None,
+        ),
+        "indices": (Optional[str], IndicesOpt.__metadata__[0], None),
+        "released": (
+            Optional[Path],
+            typer.Option(
+                help="folder of the released CIFAR-10-C (<corruption>.npy, labels.npy), imported instead of regenerated (default: regenerate)"
+            ),
+            None,
+        ),
+    },
+)
 BnOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--bn", help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)"),
+    typer.Option(
+        "--bn",
+        help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)",
+    ),
 ]
 BatchOpt = Annotated[
-    Optional[int], typer.Option(help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size"))
+    Optional[int],
+    typer.Option(
+        help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size")
+    ),
 ]
 
 
@@ -74,9 +138,9 @@ def _evaluate_config(config: Path | None, flags: dict[str, tuple[str, Any]], whe
 
 def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type: ignore[no-untyped-def]
     """The planned evaluation in this process (--local) or on Ray; prints the run's evaluation report."""
+    from tbn_ray.devices import resolve_device
     from tbn_ray.jobs.evaluate import run_in_process
     from tbn_ray.reports.evaluation import evaluation_section
-    from tbn_ray.devices import resolve_device
     from tbn_ray.store.storage import Storage
 
     if where.local:
@@ -89,7 +153,9 @@ def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type:
         with connected(where.address, job_name=f"tbn-ray evaluate {plan.job_id}", log=log) as cluster:
             result = run_plan_on_ray(plan, cluster, **pool_options(cfg.ray), progress=where.progress)
     print(evaluation_section(Storage.open(plan.run_uri), image=None))
-    log(f"results in {result.location}: {result.items_computed} item(s) computed now, {result.items_skipped} reused; report {result.report}")
+    log(
+        f"results in {result.location}: {result.items_computed} item(s) computed now, {result.items_skipped} reused; report {result.report}"
+    )
 
 
 @data_app.command("cifar10c", cls=Command)
@@ -106,8 +172,8 @@ def data_cifar10c(
 
     from tbn_ray.jobs.evaluate import select_test
     from tbn_ray.science.corruptions import parse_corruptions, parse_severities
-    from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
     from tbn_ray.store.cifar10 import load_from_config
+    from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
 
     ev = load_flags(None, cifar10c.flags()).evaluate
     names, levels = parse_corruptions(ev.corruptions), parse_severities(ev.severities)
@@ -116,14 +182,22 @@ def data_cifar10c(
     root.check()
     released = cifar10c.released
     if released is not None:
-        c10c = released_cifar10c(root, released, np.arange(start or 0, 10_000 if stop is None else stop), names, levels, progress=progress)
+        c10c = released_cifar10c(
+            root, released, np.arange(start or 0, 10_000 if stop is None else stop), names, levels, progress=progress
+        )
         c10c.write_metadata()
-        log(f"{c10c.description}: {len(names)} x {len(levels)} arrays of {len(c10c.index)} images in {c10c.storage.uri}")
+        log(
+            f"{c10c.description}: {len(names)} x {len(levels)} arrays of {len(c10c.index)} images in {c10c.storage.uri}"
+        )
         return
     d = load_from_config(data_override(data or "auto"))
-    c10c = regenerated_cifar10c(root, select_test(d, start, stop), seed=ev.cifar10c_seed, data_description=d.description)
+    c10c = regenerated_cifar10c(
+        root, select_test(d, start, stop), seed=ev.cifar10c_seed, data_description=d.description
+    )
     written, present = generate_cifar10c(c10c, names, levels, progress=progress)
-    log(f"{c10c.description}: {written} array(s) written, {present} already there, {len(c10c.index)} images each -> {c10c.storage.uri}")
+    log(
+        f"{c10c.description}: {written} array(s) written, {present} already there, {len(c10c.index)} images each -> {c10c.storage.uri}"
+    )
     log(f"sample grid: {c10c.storage.object_uri('sample_grid.png')}")
 
 
@@ -135,7 +209,12 @@ def evaluate_corruptions(
     bn: BnOpt = None,
     config: ConfigOpt = None,
     batch_size: BatchOpt = None,
-    storage: Annotated[Optional[str], typer.Option(help="root of the CIFAR-10-C cache, as tbn-ray data cifar10c --storage (default: the run's parent)")] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="root of the CIFAR-10-C cache, as tbn-ray data cifar10c --storage (default: the run's parent)"
+        ),
+    ] = None,
     data: DataOpt = None,
     cifar10c: Cifar10cChoice = None,  # type: ignore[assignment]  (the options of cifar10c_options)
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
@@ -150,10 +229,19 @@ def evaluate_corruptions(
     start, stop = parse_indices(cifar10c.indices)
     with about_run(run):
         plan = plan_corruptions(
-            Run.open(run), bn or [], cache_root=storage_root(storage) if storage else None, corruptions=ev.corruptions, severities=ev.severities,
-            batch_size=ev.batch_size, seed=ev.cifar10c_seed, released=cifar10c.released, data_cfg=data_override(data), start=start, stop=stop,
+            Run.open(run),
+            bn or [],
+            cache_root=storage_root(storage) if storage else None,
+            corruptions=ev.corruptions,
+            severities=ev.severities,
+            batch_size=ev.batch_size,
+            seed=ev.cifar10c_seed,
+            released=cifar10c.released,
+            data_cfg=data_override(data),
+            start=start,
+            stop=stop,
             progress=where.progress,
-        )  # fmt: skip
+        )
     _run_evaluation(plan, cfg, where)
 
 
@@ -163,14 +251,33 @@ def evaluate_attack(
     run: RunArg,
     bn: BnOpt = None,
     norm: Annotated[Optional[str], typer.Option(help=about("l2 | linf", EvaluateConfig, "norm"))] = None,
-    eps: Annotated[Optional[str], typer.Option(help=about("budget in [0,1] pixel units, e.g. 0.5 or 8/255", EvaluateConfig, "eps"))] = None,
+    eps: Annotated[
+        Optional[str], typer.Option(help=about("budget in [0,1] pixel units, e.g. 0.5 or 8/255", EvaluateConfig, "eps"))
+    ] = None,
     config: ConfigOpt = None,
-    attack: Annotated[Optional[list[str]], typer.Option("--attack", help=about("pgd | apgd-ce | autoattack (standard AutoAttack, frozen BN modes only; needs tbn-ray[zoo]), repeatable", EvaluateConfig, "attacks"))] = None,
-    steps: Annotated[Optional[int], typer.Option(help=about("iterations per attack run", EvaluateConfig, "attack_steps"))] = None,
+    attack: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--attack",
+            help=about(
+                "pgd | apgd-ce | autoattack (standard AutoAttack, frozen BN modes only; needs tbn-ray[zoo]), repeatable",
+                EvaluateConfig,
+                "attacks",
+            ),
+        ),
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option(help=about("iterations per attack run", EvaluateConfig, "attack_steps"))
+    ] = None,
     restarts: Annotated[Optional[int], typer.Option(help=about("random restarts", EvaluateConfig, "restarts"))] = None,
-    step_size: Annotated[Optional[float], typer.Option(help="PGD step size; APGD sets its own (default: 2.5 eps / steps)")] = None,
+    step_size: Annotated[
+        Optional[float], typer.Option(help="PGD step size; APGD sets its own (default: 2.5 eps / steps)")
+    ] = None,
     batch_size: BatchOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help=about("random starts derive from (seed, attack, batch)", EvaluateConfig, "seed"))] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(help=about("random starts derive from (seed, attack, batch)", EvaluateConfig, "seed")),
+    ] = None,
     indices: IndicesOpt = None,
     data: DataOpt = None,
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
@@ -180,16 +287,36 @@ def evaluate_attack(
     from tbn_ray.jobs.evaluate_attack import plan_attack
     from tbn_ray.store.runs import Run
 
-    cfg = _evaluate_config(config, {
-        "--attack": ("evaluate.attacks", attack or None), "--steps": ("evaluate.attack_steps", steps), "--restarts": ("evaluate.restarts", restarts),
-        "--batch-size": ("evaluate.batch_size", batch_size), "--norm": ("evaluate.norm", norm), "--eps": ("evaluate.eps", eps), "--seed": ("evaluate.seed", seed),
-        "--step-size": ("evaluate.step_size", step_size),
-    }, where)  # fmt: skip
+    cfg = _evaluate_config(
+        config,
+        {
+            "--attack": ("evaluate.attacks", attack or None),
+            "--steps": ("evaluate.attack_steps", steps),
+            "--restarts": ("evaluate.restarts", restarts),
+            "--batch-size": ("evaluate.batch_size", batch_size),
+            "--norm": ("evaluate.norm", norm),
+            "--eps": ("evaluate.eps", eps),
+            "--seed": ("evaluate.seed", seed),
+            "--step-size": ("evaluate.step_size", step_size),
+        },
+        where,
+    )
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):
         plan = plan_attack(
-            Run.open(run), bn or [], attacks=ev.attacks, norm=ev.norm, eps=ev.eps, steps=ev.attack_steps, restarts=ev.restarts,
-            step_size=ev.step_size, batch_size=ev.batch_size, seed=ev.seed, data_cfg=data_override(data), start=start, stop=stop,
-        )  # fmt: skip
+            Run.open(run),
+            bn or [],
+            attacks=ev.attacks,
+            norm=ev.norm,
+            eps=ev.eps,
+            steps=ev.attack_steps,
+            restarts=ev.restarts,
+            step_size=ev.step_size,
+            batch_size=ev.batch_size,
+            seed=ev.seed,
+            data_cfg=data_override(data),
+            start=start,
+            stop=stop,
+        )
     _run_evaluation(plan, cfg, where)

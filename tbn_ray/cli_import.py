@@ -13,12 +13,47 @@ from tbn_ray.errors import log
 
 
 def import_model(
-    spec: Annotated[str, typer.Argument(metavar="SPEC", help="robustbench:<zoo name> (e.g. robustbench:Engstrom2019Robustness) or module:callable returning an nn.Module (e.g. my_models.resnet:ResNet18)", show_default=False)],
-    threat_model: Annotated[Optional[str], typer.Option("--threat-model", help="robustbench: the zoo's threat model, L2 | Linf | corruptions (default: the only one listing the name)")] = None,
-    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="robustbench: its model directory, <dir>/cifar10/<threat model>/<name>.pt; downloaded there if missing and online (default: ./models)")] = None,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="the state_dict file (required for module:callable; for robustbench, instead of the zoo's weights)")] = None,
-    normalize: Annotated[Optional[tuple[str, str]], typer.Option("--normalize", metavar="MEAN STD", help="module:callable taking normalised images: per-channel mean and std as comma lists, e.g. --normalize 0.4914,0.4822,0.4465 0.2471,0.2435,0.2616; put in front so the model takes [0, 1] images (default: none, the model takes [0, 1] images)")] = None,
-    name: Annotated[Optional[str], typer.Option(help="run name (default: <zoo name>-<threat model>, or <callable>-<weights sha256 prefix>)")] = None,
+    spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="SPEC",
+            help="robustbench:<zoo name> (e.g. robustbench:Engstrom2019Robustness) or module:callable returning an nn.Module (e.g. my_models.resnet:ResNet18)",
+            show_default=False,
+        ),
+    ],
+    threat_model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--threat-model",
+            help="robustbench: the zoo's threat model, L2 | Linf | corruptions (default: the only one listing the name)",
+        ),
+    ] = None,
+    model_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model-dir",
+            help="robustbench: its model directory, <dir>/cifar10/<threat model>/<name>.pt; downloaded there if missing and online (default: ./models)",
+        ),
+    ] = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--weights",
+            help="the state_dict file (required for module:callable; for robustbench, instead of the zoo's weights)",
+        ),
+    ] = None,
+    normalize: Annotated[
+        Optional[tuple[str, str]],
+        typer.Option(
+            "--normalize",
+            metavar="MEAN STD",
+            help="module:callable taking normalised images: per-channel mean and std as comma lists, e.g. --normalize 0.4914,0.4822,0.4465 0.2471,0.2435,0.2616; put in front so the model takes [0, 1] images (default: none, the model takes [0, 1] images)",
+        ),
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="run name (default: <zoo name>-<threat model>, or <callable>-<weights sha256 prefix>)"),
+    ] = None,
     storage: StorageOpt = None,
     data: DataOpt = None,
 ) -> None:
@@ -28,9 +63,15 @@ def import_model(
 
     norm = parse_normalize(*normalize) if normalize is not None else None
     run, ckpt = import_run(
-        spec, storage_root(storage), name=name, data=data_override(data), threat_model=threat_model, model_dir=model_dir,
-        weights=weights, normalize=norm,
-    )  # fmt: skip
+        spec,
+        storage_root(storage),
+        name=name,
+        data=data_override(data),
+        threat_model=threat_model,
+        model_dir=model_dir,
+        weights=weights,
+        normalize=norm,
+    )
     log(f"run: {run.uri}; next: tbn-ray calibrate {run.uri} --sigma 0.25")
 
 

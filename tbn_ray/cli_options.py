@@ -35,7 +35,9 @@ class Command(TyperCommand):
 
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
         for param in self.params:
-            if getattr(param, "nargs", 1) <= 1 or not getattr(param, "opts", None):  # typer vendors its own click: no isinstance
+            if getattr(param, "nargs", 1) <= 1 or not getattr(
+                param, "opts", None
+            ):  # typer vendors its own click: no isinstance
                 continue
             for i, token in enumerate(args):
                 if token not in param.opts:
@@ -45,7 +47,9 @@ class Command(TyperCommand):
                 if flag is not None or len(values) < param.nargs:
                     got = ", ".join(repr(v) for v in (values[: values.index(flag)] if flag else values)) or "nothing"
                     then = f" and then the option {flag}" if flag else ""
-                    raise TbnError(f"{token} takes {param.nargs} values ({param.metavar or 'values'}); it got {got}{then}")
+                    raise TbnError(
+                        f"{token} takes {param.nargs} values ({param.metavar or 'values'}); it got {got}{then}"
+                    )
         return super().parse_args(ctx, args)
 
 
@@ -57,33 +61,59 @@ def about(text: str, model: type[BaseModel], field: str) -> str:
 def ray_about(text: str, field: str) -> str:
     """Help for a Ray placement flag; a field without a fixed default explains what decides it."""
     value = RayConfig.model_fields[field]
-    return f"{text} (default: {value.description.removeprefix('default: ')})" if value.default is None else about(text, RayConfig, field)
+    return (
+        f"{text} (default: {value.description.removeprefix('default: ')})"
+        if value.default is None
+        else about(text, RayConfig, field)
+    )
 
 
-RunArg = Annotated[str, typer.Argument(metavar="RUN", help="run directory (or a checkpoint file in it), local or s3://", show_default=False)]
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="RUN", help="run directory (or a checkpoint file in it), local or s3://", show_default=False
+    ),
+]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="experiment YAML, configs/*.yaml (default: none, every default from tbn_ray/config/)")
+    Optional[Path],
+    typer.Option(
+        "--config", "-c", help="experiment YAML, configs/*.yaml (default: none, every default from tbn_ray/config/)"
+    ),
 ]
 DataOpt = Annotated[
     Optional[str],
-    typer.Option("--data", help=about("CIFAR-10 source: auto | official | jpeg | partial; env TBN_DATA", DataConfig, "source")),
+    typer.Option(
+        "--data", help=about("CIFAR-10 source: auto | official | jpeg | partial; env TBN_DATA", DataConfig, "source")
+    ),
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=about("auto | cpu | cuda | cuda:N", TrainConfig, "device"))]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help=about("auto | cpu | cuda | cuda:N", TrainConfig, "device"))
+]
 LocalDeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help=about("with --local: auto | cpu | cuda | cuda:N", TrainConfig, "device"))
+    Optional[str],
+    typer.Option("--device", help=about("with --local: auto | cpu | cuda | cuda:N", TrainConfig, "device")),
 ]
 StorageOpt = Annotated[
     Optional[str],
-    typer.Option("--storage", help=f"results root: a directory or s3://bucket/prefix (default: $TBN_STORAGE, else {DEFAULT_STORAGE})"),
+    typer.Option(
+        "--storage",
+        help=f"results root: a directory or s3://bucket/prefix (default: $TBN_STORAGE, else {DEFAULT_STORAGE})",
+    ),
 ]
 AddressOpt = Annotated[
     Optional[str],
-    typer.Option(help="Ray cluster to join: auto | host:port (default: $RAY_ADDRESS, else a local instance with the dashboard)"),
+    typer.Option(
+        help="Ray cluster to join: auto | host:port (default: $RAY_ADDRESS, else a local instance with the dashboard)"
+    ),
 ]
 ActorsOpt = Annotated[Optional[int], typer.Option(help=ray_about("actors to start", "actors"))]
 GpusPerActorOpt = Annotated[Optional[float], typer.Option(help=ray_about("GPUs per actor", "gpus_per_actor"))]
-CpusPerActorOpt = Annotated[Optional[float], typer.Option(help=ray_about("CPUs per actor, also its torch threads", "cpus_per_actor"))]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar (default: on)", show_default=False)]
+CpusPerActorOpt = Annotated[
+    Optional[float], typer.Option(help=ray_about("CPUs per actor, also its torch threads", "cpus_per_actor"))
+]
+ProgressOpt = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="show a progress bar (default: on)", show_default=False)
+]
 IndicesOpt = Annotated[
     Optional[str], typer.Option(help="test indices START:STOP, STOP excluded (default: every test image of the source)")
 ]
@@ -92,13 +122,19 @@ IndicesOpt = Annotated[
 Settings = dict[str, tuple[str, Any]]
 
 #: Ray placement flags of certify and evaluate: flag -> config field.
-POOL_FLAGS = {"--actors": "ray.actors", "--gpus-per-actor": "ray.gpus_per_actor", "--cpus-per-actor": "ray.cpus_per_actor"}
+POOL_FLAGS = {
+    "--actors": "ray.actors",
+    "--gpus-per-actor": "ray.gpus_per_actor",
+    "--cpus-per-actor": "ray.cpus_per_actor",
+}
 
 
 def load_flags(config: Path | None, flags: dict[str, tuple[str, Any]]) -> ExperimentConfig:
     """The experiment config with the flags given applied: ``{flag: (dotted field, value or None)}``.
     A bad value is a one-line error that names its flag."""
-    given = {field: flag for flag, (field, value) in flags.items() if value is not None}  # a YAML value is named by its file and key
+    given = {
+        field: flag for flag, (field, value) in flags.items() if value is not None
+    }  # a YAML value is named by its file and key
     return load_config(config, flags=given, **dict(flags.values()))
 
 
@@ -180,12 +216,18 @@ class Where:
 
     def flags(self) -> dict[str, tuple[str, Any]]:
         """The device and pool flags as ``load_flags`` takes them, after the local-versus-Ray check."""
-        pool = {"--actors": self.actors, "--gpus-per-actor": self.gpus_per_actor, "--cpus-per-actor": self.cpus_per_actor}
+        pool = {
+            "--actors": self.actors,
+            "--gpus-per-actor": self.gpus_per_actor,
+            "--cpus-per-actor": self.cpus_per_actor,
+        }
         check_local(self.local, self.device, "--gpus-per-actor", {"--address": self.address, **pool})
         return {"--device": ("train.device", self.device), **{f: (POOL_FLAGS[f], v) for f, v in pool.items()}}
 
 
-def option_group(param: str, make: Callable[..., Any], options: dict[str, tuple[Any, Any, Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def option_group(
+    param: str, make: Callable[..., Any], options: dict[str, tuple[Any, Any, Any]]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the flags ``options`` (name -> (type, typer option, default)), declared once
     for every command that takes them; the command receives them as one argument ``param``,
     ``make(**values)``. The flags follow the command's own in its help."""
@@ -193,8 +235,10 @@ def option_group(param: str, make: Callable[..., Any], options: dict[str, tuple[
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
         kept = [p for name, p in signature.parameters.items() if name != param]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
-                 for name, (kind, option, default) in options.items()]  # fmt: skip
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+            for name, (kind, option, default) in options.items()
+        ]
 
         @functools.wraps(command)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -222,7 +266,9 @@ def _flag_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def config_options(section: str, model: type[BaseModel], *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def config_options(
+    section: str, model: type[BaseModel], *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """One flag per field of ``model`` (the ``section`` of the experiment config), named, typed and
     described by the field itself, so a field added to the config is a flag at once. The command
     receives them as one argument ``settings``: ``{flag: (dotted field, value or None)}``, as
@@ -256,12 +302,16 @@ def config_options(section: str, model: type[BaseModel], *, skip: tuple[str, ...
 
 def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options that say where a sharded job runs, as one ``where: Where`` argument."""
-    return option_group("where", Where, {
-        "local": (bool, typer.Option("--local", help=local_help), False),
-        "address": (Optional[str], AddressOpt.__metadata__[0], None),
-        "actors": (Optional[int], ActorsOpt.__metadata__[0], None),
-        "gpus_per_actor": (Optional[float], GpusPerActorOpt.__metadata__[0], None),
-        "cpus_per_actor": (Optional[float], CpusPerActorOpt.__metadata__[0], None),
-        "device": (Optional[str], LocalDeviceOpt.__metadata__[0], None),
-        "progress": (bool, ProgressOpt.__metadata__[0], True),
-    })  # fmt: skip
+    return option_group(
+        "where",
+        Where,
+        {
+            "local": (bool, typer.Option("--local", help=local_help), False),
+            "address": (Optional[str], AddressOpt.__metadata__[0], None),
+            "actors": (Optional[int], ActorsOpt.__metadata__[0], None),
+            "gpus_per_actor": (Optional[float], GpusPerActorOpt.__metadata__[0], None),
+            "cpus_per_actor": (Optional[float], CpusPerActorOpt.__metadata__[0], None),
+            "device": (Optional[str], LocalDeviceOpt.__metadata__[0], None),
+            "progress": (bool, ProgressOpt.__metadata__[0], True),
+        },
+    )

@@ -126,4 +126,3 @@ def ray_local(s3_server: str):  # type: ignore[no-untyped-def]
         cluster = connect(num_cpus=4, dashboard_port=free_port(), job_name=SESSION_JOB_NAME)
         yield cluster
     disconnect(cluster)
-

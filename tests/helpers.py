@@ -53,7 +53,12 @@ def s3_last_modified(uri: str, keep: Callable[[str], bool]) -> dict[str, float]:
     import boto3
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    pages = (
+        boto3.session.Session()
+        .client("s3")
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=prefix + "/")
+    )
     return {o["Key"]: o["LastModified"].timestamp() for p in pages for o in p.get("Contents", []) if keep(o["Key"])}
 
 
@@ -71,7 +76,9 @@ def tiny_run(root, sigmas: tuple[float, ...] = (0.25,)):  # type: ignore[no-unty
     if not (SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz").is_file():
         pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
     run = Run(root.child("tiny"))
-    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
+    cfg = TrainConfig(
+        name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA))
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     run.save_checkpoint(make_checkpoint(model, cfg, 1, {"note": "untrained"}))
@@ -82,7 +89,9 @@ def tiny_run(root, sigmas: tuple[float, ...] = (0.25,)):  # type: ignore[no-unty
     return run
 
 
-def certify_with(model, images, labels, indices, *, sigma: float, device="cpu", adaptive=None, compile_backend=None, **fields):  # type: ignore[no-untyped-def]
+def certify_with(
+    model, images, labels, indices, *, sigma: float, device="cpu", adaptive=None, compile_backend=None, **fields
+):  # type: ignore[no-untyped-def]
     """``smoothing.certify_examples`` with the certify settings given as keywords, made into the
     ``CertifyConfig`` that carries them (a bad value is the config's one-line error)."""
     from tbn_ray.config import AdaptiveConfig, CertifyConfig, parse_config
@@ -92,9 +101,17 @@ def certify_with(model, images, labels, indices, *, sigma: float, device="cpu", 
         from tbn_ray.config import SequentialConfig
 
         if type(adaptive).__name__ == "SequentialSampling":
-            fields.update(adaptive=True, adaptive_design="sequential", sequential={k: getattr(adaptive, k) for k in SequentialConfig.model_fields})
+            fields.update(
+                adaptive=True,
+                adaptive_design="sequential",
+                sequential={k: getattr(adaptive, k) for k in SequentialConfig.model_fields},
+            )
         else:
-            fields.update(adaptive=True, adaptive_design="pilot", adaptive_sampling={k: getattr(adaptive, k) for k in AdaptiveConfig.model_fields})
+            fields.update(
+                adaptive=True,
+                adaptive_design="pilot",
+                adaptive_sampling={k: getattr(adaptive, k) for k in AdaptiveConfig.model_fields},
+            )
     if compile_backend is not None:
         fields["compile"] = compile_backend
     cfg = parse_config(CertifyConfig, {"sigmas": [sigma], **fields}, "test settings")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest, norm
-
 from pydantic import ValidationError
+from scipy.stats import binomtest, norm
 
 from tbn_ray.config import REPORT_RADII, AdaptiveConfig
 from tbn_ray.science.adaptive import AdaptiveSampling, certifying_counts, predicted_radius
@@ -19,7 +18,7 @@ from tbn_ray.science.smoothing import (
     summarize,
 )
 
-from .helpers import SHARED_DATA, partial_test_images, certify_with
+from .helpers import SHARED_DATA, certify_with, partial_test_images
 from .test_report import nearest_class_mean
 from .test_smoothing import one_thread  # noqa: F401 (autouse fixture: one torch thread)
 
@@ -83,7 +82,11 @@ def test_plan_uses_the_full_n_only_where_it_pays() -> None:
     # the counts that certify each report radius are Cohen's radius, exactly
     for r, k in zip(REPORT_RADII, certifying_counts(n, sigma, alpha, REPORT_RADII)):
         if k <= n:
-            assert sigma * norm.ppf(lower_confidence_bound(int(k), n, alpha)) >= r > sigma * norm.ppf(lower_confidence_bound(int(k) - 1, n, alpha))
+            assert (
+                sigma * norm.ppf(lower_confidence_bound(int(k), n, alpha))
+                >= r
+                > sigma * norm.ppf(lower_confidence_bound(int(k) - 1, n, alpha))
+            )
         else:  # beyond the count-limited cap sigma * Phi^-1(alpha^(1/n))
             assert r > sigma * norm.ppf(alpha ** (1 / n))
     # predicted radii are Cohen's radius at the expected count, and grow with n
@@ -97,8 +100,16 @@ def test_plan_uses_the_full_n_only_where_it_pays() -> None:
     assert plan.plan(841, 1000, sigma, n, alpha)[0] >= 0.75 * n
     # all votes for c_A: more pilot evidence, fewer estimation draws (the count-limited cap)
     assert plan.plan(20_000, 20_000, sigma, n, alpha)[0] < plan.plan(1000, 1000, sigma, n, alpha)[0]
-    for bad in (dict(pilot=0), dict(extra_pilots=(0,)), dict(tolerance=-1.0), dict(max_loss=float("inf")),
-                dict(fractions=(0.5,)), dict(abstain_alpha=1.0), dict(radii=(float("nan"),)), dict(posterior_points=0)):  # fmt: skip
+    for bad in (
+        dict(pilot=0),
+        dict(extra_pilots=(0,)),
+        dict(tolerance=-1.0),
+        dict(max_loss=float("inf")),
+        dict(fractions=(0.5,)),
+        dict(abstain_alpha=1.0),
+        dict(radii=(float("nan"),)),
+        dict(posterior_points=0),
+    ):
         with pytest.raises(ValidationError):  # the config's checks
             AdaptiveSampling(**bad)
     assert AdaptiveSampling.from_config(AdaptiveConfig()) == AdaptiveSampling()

@@ -36,8 +36,28 @@ def _same(records: list[dict]) -> list[tuple]:
 def test_api_on_a_module_gives_the_clis_records(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = subprocess.run([sys.executable, "-m", "tbn_ray", "certify", str(run_dir), "--sigma", "0.25", "--local", "--data", "partial",
-                          "--output", str(tmp_path / "cli"), "--no-progress", *flags], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tbn_ray",
+            "certify",
+            str(run_dir),
+            "--sigma",
+            "0.25",
+            "--local",
+            "--data",
+            "partial",
+            "--output",
+            str(tmp_path / "cli"),
+            "--no-progress",
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     (cli_parquet,) = (tmp_path / "cli").glob("*/sigma=0.25/radii.parquet")
     by_cli = pq.read_table(cli_parquet).to_pylist()
@@ -91,8 +111,16 @@ def test_api_settings_are_the_configs(run_dir: Path) -> None:
 def test_api_evaluate_attack_on_a_module_per_bn_mode(run_dir: Path) -> None:
     model, _ = Run.open(str(run_dir)).load_model()
     stats = Run.open(str(run_dir)).load_bn_sets()
-    result = tbn_ray.evaluate_attack(model, stats, bn=["clean", "sigma:0.25"], attacks=["pgd"], attack_steps=2, batch_size=8,
-                                     indices=(0, 8), data="partial")  # fmt: skip
+    result = tbn_ray.evaluate_attack(
+        model,
+        stats,
+        bn=["clean", "sigma:0.25"],
+        attacks=["pgd"],
+        attack_steps=2,
+        batch_size=8,
+        indices=(0, 8),
+        data="partial",
+    )
     rows = {(r["bn"], r["variant"]): r for r in result.rows()}
     assert {bn for bn, _ in rows} == {"clean", "sigma=0.25"}
     for row in rows.values():
@@ -120,7 +148,9 @@ def test_load_model_and_the_result_accessors(run_dir: Path, monkeypatch: pytest.
         assert result.certified_accuracy(0.25, float(r)) == pytest.approx(summary["certified_accuracy"][r])
     with pytest.raises(TbnError, match="no certification at sigma 0.5"):
         result.acr(0.5)
-    attack = tbn_ray.evaluate_attack(model, bn="clean", data="partial", indices=(0, 4), attacks=["pgd"], attack_steps=1, batch_size=4)
+    attack = tbn_ray.evaluate_attack(
+        model, bn="clean", data="partial", indices=(0, 4), attacks=["pgd"], attack_steps=1, batch_size=4
+    )
     assert 0 <= attack.accuracy("clean", "pgd") <= 1
     with pytest.raises(TbnError, match="name the attack"):
         attack.accuracy("clean")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbn_ray.science.attacks import pgd
 from tbn_ray.config import AttackConfig, ModelConfig
+from tbn_ray.science.attacks import pgd
 from tbn_ray.science.models import build_model
 
 from .helpers import partial_test_images
@@ -79,7 +79,9 @@ def test_budget_box_and_loss_increase(model: nn.Module, cifar: tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_no_side_effects_on_mode_or_gradients(model: nn.Module, cifar: tuple[torch.Tensor, torch.Tensor], mode: str) -> None:
+def test_no_side_effects_on_mode_or_gradients(
+    model: nn.Module, cifar: tuple[torch.Tensor, torch.Tensor], mode: str
+) -> None:
     model.train(mode == "train")
     model.body[1].train(mode != "train")  # a mixed setting must survive too
     before = [m.training for m in model.modules()]
@@ -137,8 +139,14 @@ def test_restarts_keep_the_worst_case_per_example(model: nn.Module, cifar: tuple
 def test_linf_random_start_is_uniform_in_the_box(model: nn.Module) -> None:
     eps = 0.1
     x = torch.full((64, 3, 32, 32), 0.5)  # far enough from 0 and 1 that no clipping happens
-    adv = pgd(model, x, torch.zeros(64, dtype=torch.int64), AttackConfig(norm="linf", eps=eps, steps=1),
-              generator=torch.Generator().manual_seed(0), loss_fn=_no_gradient)  # fmt: skip
+    adv = pgd(
+        model,
+        x,
+        torch.zeros(64, dtype=torch.int64),
+        AttackConfig(norm="linf", eps=eps, steps=1),
+        generator=torch.Generator().manual_seed(0),
+        loss_fn=_no_gradient,
+    )
     d = (adv - x).flatten().double()
     assert d.abs().max() <= eps + 1e-6
     assert abs(float(d.mean())) < 0.01 * eps
@@ -153,8 +161,14 @@ def test_l2_random_start_is_uniform_in_the_ball() -> None:
     eps, n = 0.2, 20_000
     flat = nn.Sequential(nn.Flatten(), nn.Linear(2, 3))
     x = torch.full((n, 1, 1, 2), 0.5)
-    adv = pgd(flat, x, torch.zeros(n, dtype=torch.int64), AttackConfig(norm="l2", eps=eps, steps=1),
-              generator=torch.Generator().manual_seed(0), loss_fn=_no_gradient)  # fmt: skip
+    adv = pgd(
+        flat,
+        x,
+        torch.zeros(n, dtype=torch.int64),
+        AttackConfig(norm="l2", eps=eps, steps=1),
+        generator=torch.Generator().manual_seed(0),
+        loss_fn=_no_gradient,
+    )
     d = (adv - x).view(n, 2).double()
     r = d.norm(dim=1)
     assert r.max() <= eps + 1e-6

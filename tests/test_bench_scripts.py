@@ -12,8 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, out: Path) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out), "--name", "smoke"],
-                   check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out), "--name", "smoke"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads((out / "smoke.json").read_text())
 
 
@@ -24,7 +29,10 @@ def test_adaptive_sampling_benchmark_runs_and_compares_the_designs(tmp_path: Pat
     assert modes["fixed"]["passes_per_image"][0] == 100 + 20000
     # skipping wrong guesses costs no certified accuracy and saves draws on this population (57% wrong)
     assert modes["sequential"]["passes_ratio"] > 1.5 * modes["sequential-every"]["passes_ratio"] > 1.5
-    assert report["sequential"]["skip_misclassified"] is True and (tmp_path / "smoke.md").read_text().count("sequential-every") >= 2
+    assert (
+        report["sequential"]["skip_misclassified"] is True
+        and (tmp_path / "smoke.md").read_text().count("sequential-every") >= 2
+    )
 
 
 def test_sequential_throughput_benchmark_runs_on_a_real_model(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ def run(tmp_path: Path) -> Run:
 
 def _certify(run: Run, cfg: CertifyConfig, out: Storage):  # type: ignore[no-untyped-def]
     data = DataConfig(source="partial", shared_dir=str(SHARED_DATA))
-    return run_plan_in_process(plan_certify(run, cfg.model_copy(update={"data": data, "shards": 2}), out), CPU, progress=False)
+    return run_plan_in_process(
+        plan_certify(run, cfg.model_copy(update={"data": data, "shards": 2}), out), CPU, progress=False
+    )
 
 
 def _records(location: str) -> list[dict]:

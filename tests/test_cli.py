@@ -126,7 +126,9 @@ def test_unknown_architecture_and_missing_data_directory(tmp_path):
     (tmp_path / "bad.yaml").write_text(TINY.replace("arch: tiny", "arch: resnet9000"))
     p = tbn("train", "--config", "bad.yaml", "--local", cwd=tmp_path)
     assert p.returncode == 2 and "resnet9000" in p.stderr and "Traceback" not in p.stderr
-    (tmp_path / "nodata.yaml").write_text(TINY.replace("source: partial", f"source: partial, shared_dir: {tmp_path / 'none'}"))
+    (tmp_path / "nodata.yaml").write_text(
+        TINY.replace("source: partial", f"source: partial, shared_dir: {tmp_path / 'none'}")
+    )
     p = tbn("train", "--config", "nodata.yaml", "--local", cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
@@ -198,7 +200,11 @@ def test_show_a_run_on_s3(trained, s3_bucket):
         if path.is_file():
             remote.write_bytes(path.relative_to(trained).as_posix(), path.read_bytes())
     text = describe_run(Run.open(remote.uri))
-    assert text.startswith(f"run: {remote.uri}") and "sigma=0.25: 6/6 images" in text and "TBN statistics: sigma=0.25" in text
+    assert (
+        text.startswith(f"run: {remote.uri}")
+        and "sigma=0.25: 6/6 images" in text
+        and "TBN statistics: sigma=0.25" in text
+    )
 
 
 def test_missing_things_point_at_show_and_bad_numbers_fail_before_ray(trained, tmp_path):
@@ -206,7 +212,10 @@ def test_missing_things_point_at_show_and_bad_numbers_fail_before_ray(trained, t
     assert p.returncode == 2 and f"tbn-ray show {trained}" in p.stderr and "tbn-ray calibrate" in p.stderr
     p = tbn("certify", str(trained), "--actors", "0", "--sigma", "inf", cwd=tmp_path)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "--sigma: Input should be a finite number" in p.stderr and "--actors: Input should be greater than or equal to 1" in p.stderr
+    assert (
+        "--sigma: Input should be a finite number" in p.stderr
+        and "--actors: Input should be greater than or equal to 1" in p.stderr
+    )
     assert "Ray" not in p.stdout  # refused before a Ray instance starts
 
 
@@ -221,4 +230,3 @@ def test_a_local_ray_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     [line] = [x for x in p.stderr.splitlines() if x.startswith("tbn-ray: error:")]
     assert "could not start a local Ray instance" in line and "--address" in line
-

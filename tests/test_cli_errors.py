@@ -59,6 +59,12 @@ def test_the_show_hint_only_where_it_helps_and_bare_run_names(trained, tmp_path)
     env_root = trained.parent  # TBN_STORAGE of tbn(): a bare run name resolves under it from any directory
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    shown = subprocess.run([sys.executable, "-m", "tbn_ray", "show", trained.name], cwd=elsewhere, capture_output=True, text=True,
-                           env={**os.environ, "TBN_STORAGE": str(env_root)}, timeout=120)  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "tbn_ray", "show", trained.name],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TBN_STORAGE": str(env_root)},
+        timeout=120,
+    )
     assert shown.returncode == 0 and shown.stdout.startswith(f"run: {trained}"), shown.stderr

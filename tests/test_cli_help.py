@@ -31,7 +31,9 @@ ALL = list(commands(ROOT))
 
 def tbn(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tbn_ray", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tbn_ray", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(("path", "cmd"), ALL, ids=[" ".join(p) or "tbn-ray" for p, _ in ALL])
@@ -44,7 +46,9 @@ def test_every_option_is_described_with_its_default(path, cmd):
             continue
         assert param.help, f"{' '.join(path)} {param.opts}: no help"
         if param.param_type_name == "option" and not param.is_flag and not param.required:
-            assert "(default: " in param.help or "(required" in param.help, f"{' '.join(path)} {param.opts}: no default in {param.help!r}"
+            assert "(default: " in param.help or "(required" in param.help, (
+                f"{' '.join(path)} {param.opts}: no default in {param.help!r}"
+            )
         if param.param_type_name == "argument":
             assert (param.metavar or "").isupper(), param.name
 
@@ -84,7 +88,9 @@ def test_a_certify_flag_and_its_yaml_key_set_the_same_field(tmp_path):
     cmd = dict(ALL)[("certify",)]
     opts = {o for p in cmd.params for o in p.opts}
     assert {"--images-per-pass", "--fold-bn", "--n0", "--cudnn-autotune", "--adaptive"} <= opts
-    from_flags = load_flags(None, {"--images-per-pass": ("certify.images_per_pass", 3), "--fold-bn": ("certify.fold_bn", True)}).certify
+    from_flags = load_flags(
+        None, {"--images-per-pass": ("certify.images_per_pass", 3), "--fold-bn": ("certify.fold_bn", True)}
+    ).certify
     assert from_yaml == from_flags and from_yaml.identity("cpu") != CertifyConfig().identity("cpu")
 
 

@@ -44,7 +44,11 @@ def test_validates_against_the_ray_schema(raw: dict[str, Any]) -> None:
         ("typo in a key", lambda c: c["available_node_types"]["gpu_1x_spot"].update(min_worker=0), "min_worker"),
         ("fractional GPU", lambda c: c["available_node_types"]["gpu_1x_spot"]["resources"].update(GPU=0.5), "integer"),
         ("unknown head type", lambda c: c.update(head_node_type="head_typo"), "head_node_type"),
-        ("more nodes at start than allowed", lambda c: c["available_node_types"]["gpu_1x_spot"].update(min_workers=11), "max_workers"),
+        (
+            "more nodes at start than allowed",
+            lambda c: c["available_node_types"]["gpu_1x_spot"].update(min_workers=11),
+            "max_workers",
+        ),
         ("unknown top-level key", lambda c: c.update(max_worker=4), "max_worker"),
     ],
 )

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tbn_ray.config import load_reproduce_config, REPORT_RADII, AttackConfig, EvaluateConfig, ExperimentConfig, SweepConfig, load_config, load_sweep_config, parse_config
+from tbn_ray.config import (
+    REPORT_RADII,
+    AttackConfig,
+    EvaluateConfig,
+    ExperimentConfig,
+    SweepConfig,
+    load_config,
+    load_reproduce_config,
+    load_sweep_config,
+    parse_config,
+)
 from tbn_ray.errors import TbnError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -19,16 +29,27 @@ def test_shipped_configs_validate(path):
     elif path.name.startswith("paper"):
         cfg = load_reproduce_config(path)
         expected = {
-            "paper.yaml": ["l2", "l2", "l2", "linf"], "paper-fast.yaml": ["l2", "linf"],
-            "paper-cpu.yaml": ["l2-PGD eps 1 (2 steps)", "gaussian sigma 0.25", "gaussian sigma 0.5", "linf-PGD eps 0.03137 (2 steps)"],
-        }[path.name]  # fmt: skip
-        labels = [cfg.train_config(m).objective_label if path.name == "paper-cpu.yaml" else cfg.train_config(m).attack.norm for m in cfg.models]
+            "paper.yaml": ["l2", "l2", "l2", "linf"],
+            "paper-fast.yaml": ["l2", "linf"],
+            "paper-cpu.yaml": [
+                "l2-PGD eps 1 (2 steps)",
+                "gaussian sigma 0.25",
+                "gaussian sigma 0.5",
+                "linf-PGD eps 0.03137 (2 steps)",
+            ],
+        }[path.name]
+        labels = [
+            cfg.train_config(m).objective_label if path.name == "paper-cpu.yaml" else cfg.train_config(m).attack.norm
+            for m in cfg.models
+        ]
         assert labels == expected
         if path.name == "paper-cpu.yaml":  # the baselines are certified with their own statistics at their own sigma
             assert [(cfg.certify_sigmas(m), cfg.certify_bn(m), cfg.attacked(m)) for m in cfg.models] == [
-                ((0.25, 0.5), ("tbn", "clean"), True), ((0.25,), ("clean",), False),
-                ((0.5,), ("clean",), False), ((0.25, 0.5), ("tbn", "clean"), True),
-            ]  # fmt: skip
+                ((0.25, 0.5), ("tbn", "clean"), True),
+                ((0.25,), ("clean",), False),
+                ((0.5,), ("clean",), False),
+                ((0.25, 0.5), ("tbn", "clean"), True),
+            ]
     else:
         assert isinstance(load_config(path), ExperimentConfig)
 
@@ -98,20 +119,45 @@ def test_evaluate_defaults_come_from_config_and_are_validated(tmp_path):
     from .helpers import SHARED_DATA, tiny_run
 
     cfg = load_config(None).evaluate
-    assert (cfg.batch_size, cfg.attack_steps, cfg.restarts, cfg.attacks, cfg.norm, cfg.eps, cfg.seed) == (200, 50, 1, ("pgd", "apgd-ce"), "l2", 0.5, 0)
+    assert (cfg.batch_size, cfg.attack_steps, cfg.restarts, cfg.attacks, cfg.norm, cfg.eps, cfg.seed) == (
+        200,
+        50,
+        1,
+        ("pgd", "apgd-ce"),
+        "l2",
+        0.5,
+        0,
+    )
     assert (cfg.corruptions, cfg.severities, cfg.cifar10c_seed) == ("all", "1-5", 0)
     shown = CliRunner().invoke(app, ["evaluate", "attack", "--help"], terminal_width=1000).output
-    for flag, default in {"--batch-size": "200", "--steps": "50", "--restarts": "1", "--attack": "pgd, apgd-ce", "--norm": "l2", "--eps": "0.5"}.items():
+    for flag, default in {
+        "--batch-size": "200",
+        "--steps": "50",
+        "--restarts": "1",
+        "--attack": "pgd, apgd-ce",
+        "--norm": "l2",
+        "--eps": "0.5",
+    }.items():
         assert re.search(rf"^  {flag} <.*\(default: {re.escape(default)}\)$", shown, re.M), (flag, shown)
     run = tiny_run(Storage.open(tmp_path / "runs"))
     plan = plan_attack(run, ["clean"], data_cfg=DataConfig(source="partial", shared_dir=str(SHARED_DATA)), stop=4)
     t = plan.threat
-    assert (plan.batch_size, plan.attacks, t.steps, t.restarts, t.norm, t.eps, plan.seed) == (200, ("pgd", "apgd-ce"), 50, 1, "l2", 0.5, 0)
+    assert (plan.batch_size, plan.attacks, t.steps, t.restarts, t.norm, t.eps, plan.seed) == (
+        200,
+        ("pgd", "apgd-ce"),
+        50,
+        1,
+        "l2",
+        0.5,
+        0,
+    )
 
     for flag in ("--batch-size", "--restarts"):
         result = CliRunner().invoke(app, ["evaluate", "attack", run.storage.uri, "--bn", "clean", "--local", flag, "0"])
         error = result.exception
-        assert isinstance(error, TbnError) and str(error) == f"{flag}: Input should be greater than or equal to 1 (got 0)", (flag, error)
+        assert (
+            isinstance(error, TbnError) and str(error) == f"{flag}: Input should be greater than or equal to 1 (got 0)"
+        ), (flag, error)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("evaluate: {attack_steps: 0}\n")
     with pytest.raises(TbnError) as e:
@@ -123,7 +169,12 @@ def test_evaluate_section_of_an_experiment_config(tmp_path):
     path = tmp_path / "experiment.yaml"
     path.write_text("evaluate: {attack_steps: 7, attacks: [pgd]}\n")
     cfg = load_config(path, **{"evaluate.restarts": 3, "evaluate.batch_size": None}).evaluate
-    assert (cfg.attack_steps, cfg.attacks, cfg.restarts, cfg.batch_size) == (7, ("pgd",), 3, EvaluateConfig().batch_size)
+    assert (cfg.attack_steps, cfg.attacks, cfg.restarts, cfg.batch_size) == (
+        7,
+        ("pgd",),
+        3,
+        EvaluateConfig().batch_size,
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,7 +188,12 @@ def test_evaluate_section_of_an_experiment_config(tmp_path):
     ],
 )
 def test_no_field_takes_nan_or_infinity_and_errors_name_the_flag(override, message):
-    flags = {"calibrate.sigmas": "--sigma", "certify.alpha": "--alpha", "ray.start_timeout_s": "--start-timeout", "evaluate.eps": "--eps"}
+    flags = {
+        "calibrate.sigmas": "--sigma",
+        "certify.alpha": "--alpha",
+        "ray.start_timeout_s": "--start-timeout",
+        "evaluate.eps": "--eps",
+    }
     with pytest.raises(TbnError) as e:
         load_config(None, flags=flags, **override)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -182,7 +238,10 @@ def test_a_sample_size_too_small_for_any_radius_says_so_without_a_negative_cap()
     from tbn_ray.reports.certify import cap_note, radius_cap
 
     assert radius_cap(0.25, 1, 0.001) == 0.0
-    assert "no radius is certifiable with n=1" in cap_note(0.25, 1, 0.001) and "-" not in cap_note(0.25, 1, 0.001).split("alpha=")[0]
+    assert (
+        "no radius is certifiable with n=1" in cap_note(0.25, 1, 0.001)
+        and "-" not in cap_note(0.25, 1, 0.001).split("alpha=")[0]
+    )
     assert radius_cap(0.25, 100_000, 0.001) == pytest.approx(0.25 * 3.8, abs=0.01)
 
 
@@ -223,7 +282,15 @@ def test_a_sigma_or_a_budget_no_image_survives_is_warned_of_in_one_line(tmp_path
         AttackConfig(norm="linf", eps=8 / 255)
         AttackConfig(norm="l2", eps=2.0)
     # the command line prints it as one line before going on (here: to the missing run's error)
-    out = subprocess.run([sys.executable, "-m", "tbn_ray", "certify", str(tmp_path / "none"), "--sigma", "1e9"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tbn_ray", "certify", str(tmp_path / "none"), "--sigma", "1e9"],
+        capture_output=True,
+        text=True,
+    )
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and lines[0].startswith("tbn-ray: warning: sigma 1e+09") and lines[-1].startswith("tbn-ray: error:"), out.stderr
+    assert (
+        out.returncode == 2
+        and lines[0].startswith("tbn-ray: warning: sigma 1e+09")
+        and lines[-1].startswith("tbn-ray: error:")
+    ), out.stderr
     assert len(lines) == 2

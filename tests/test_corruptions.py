@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from tbn_ray.errors import TbnError
 from tbn_ray.science import corruptions as C
 from tbn_ray.science.corruptions.base import clipped_zoom
-from tbn_ray.errors import TbnError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-partial" / "cifar10_test_prefix.npz"
 N_IMAGES = 64

@@ -13,13 +13,15 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
-from tbn_ray.science import data as D
-from tbn_ray.store import cifar10 as S
 from tbn_ray.config import DataConfig
 from tbn_ray.errors import TbnError
+from tbn_ray.science import data as D
+from tbn_ray.store import cifar10 as S
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_partial = pytest.mark.skipif(not (SHARED / "cifar10-partial").is_dir(), reason=f"byte-exact subset not found at {SHARED}/cifar10-partial")
+needs_partial = pytest.mark.skipif(
+    not (SHARED / "cifar10-partial").is_dir(), reason=f"byte-exact subset not found at {SHARED}/cifar10-partial"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +78,9 @@ def test_partial_shapes_heldout_rule_and_exact_bytes(partial: D.Cifar10) -> None
     assert np.array_equal(d.test.index, np.arange(1017))
     # the pixels handed out are the published bytes (README md5 of the raw arrays)
     assert hashlib.md5(d.test.images.tobytes()).hexdigest() == "0c4c38dfa836385de34b32047bf21481"
-    whole_train = np.concatenate([d.train.images, d.heldout.images])[np.argsort(np.concatenate([d.train.index, d.heldout.index]))]
+    whole_train = np.concatenate([d.train.images, d.heldout.images])[
+        np.argsort(np.concatenate([d.train.index, d.heldout.index]))
+    ]
     assert hashlib.md5(whole_train.tobytes()).hexdigest() == "1cd03138cda319861da4963f1e6a81ca"
     assert np.bincount(d.test.labels, minlength=10).tolist() == [105, 93, 100, 104, 92, 87, 114, 102, 110, 110]
 
@@ -113,7 +117,9 @@ def test_train_limit_and_config(partial: D.Cifar10) -> None:
 
 def test_partial_loads_again_the_same(partial: D.Cifar10) -> None:
     again = S.load_cifar10("partial", shared_dir=SHARED)  # how fast: bench/, not a test
-    assert np.array_equal(again.test.images, partial.test.images) and np.array_equal(again.train.index, partial.train.index)
+    assert np.array_equal(again.test.images, partial.test.images) and np.array_equal(
+        again.train.index, partial.train.index
+    )
 
 
 # --- jpeg ---------------------------------------------------------------------------------
@@ -130,7 +136,10 @@ def test_jpeg_full_set_in_official_order(jpeg_first_load: tuple[D.Cifar10, Path,
     # labels agree with the exact subset's official labels
     assert np.array_equal(d.test.by_index(partial.test.index).labels, partial.test.labels)
     # pixels: each JPEG image is close to the exact image of the same index, far from its neighbour's
-    for jpeg_split, exact in ((d.test, partial.test.subset(slice(0, 100))), (d.train, partial.train.subset(slice(0, 100)))):
+    for jpeg_split, exact in (
+        (d.test, partial.test.subset(slice(0, 100))),
+        (d.train, partial.train.subset(slice(0, 100))),
+    ):
         lossy = jpeg_split.by_index(exact.index).images.astype(np.float64)
         truth = exact.images.astype(np.float64)
         matched = ((lossy - truth) ** 2).mean()
@@ -139,7 +148,9 @@ def test_jpeg_full_set_in_official_order(jpeg_first_load: tuple[D.Cifar10, Path,
         assert shifted > 1000, shifted
 
 
-def test_jpeg_second_load_hits_the_cache(jpeg_first_load: tuple[D.Cifar10, Path, float], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jpeg_second_load_hits_the_cache(
+    jpeg_first_load: tuple[D.Cifar10, Path, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     first, cache, _ = jpeg_first_load
     files = list(cache.glob("*.npz"))
     assert files == [S.jpeg_cache_path(SHARED, cache)]

@@ -67,7 +67,9 @@ def test_two_identical_runs_at_once_compute_each_unit_once(out_uri: str, capsys:
     assert not job.out.list(".claims/")  # every claim released
 
 
-def test_a_run_waits_for_a_claimed_unit_and_takes_it_over_once_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_waits_for_a_claimed_unit_and_takes_it_over_once_stale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A unit claimed by another run that then stops (no refresh, no result) is left to it while
     its claim is fresh, and computed by this run once the claim is stale; nothing twice."""
     job = SleepJob(str(tmp_path / "out"), units_=3, seconds=0.1)
@@ -84,7 +86,9 @@ def test_a_run_waits_for_a_claimed_unit_and_takes_it_over_once_stale(tmp_path: P
     assert not job.out.list(".claims/")
 
 
-def test_the_fresh_claim_of_an_ended_process_on_this_host_is_taken_over_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_fresh_claim_of_an_ended_process_on_this_host_is_taken_over_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A run killed a moment ago (kill -9, a crash) leaves fresh claims; on the same host its
     process is known to be gone, so the re-run does not wait for them to go stale."""
     import socket
@@ -96,7 +100,10 @@ def test_the_fresh_claim_of_an_ended_process_on_this_host_is_taken_over_at_once(
     ended.wait()
     killed = Claims(job.out, owner=f"{socket.gethostname()}:{ended.pid}:killed", settle_s=0.0)
     assert killed.take([job.label(0), job.label(1)]) == {job.label(0): None, job.label(1): None}
-    assert run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2) == (2, 0)
+    assert run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2) == (
+        2,
+        0,
+    )
     assert computations(job.out) == Counter(range(2))
     assert "another run is writing" not in capsys.readouterr().out
 
@@ -114,5 +121,7 @@ def test_a_unit_another_run_stores_is_not_computed_again(tmp_path: Path) -> None
             other.release(job.label(2))
 
         threading.Thread(target=other_run_finishes_unit_2, daemon=True).start()
-        computed, skipped = run_in_process(job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2)
+        computed, skipped = run_in_process(
+            job, torch.device("cpu"), progress=False, claims=Claims(job.out, **FAST), poll_s=0.2
+        )
     assert (computed, skipped) == (2, 1) and computations(job.out) == Counter(range(3))

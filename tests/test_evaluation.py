@@ -18,25 +18,25 @@ import pytest
 import torch
 from torch import nn
 
-from tbn_ray.store.cifar10 import load_cifar10
-from tbn_ray.science import corruptions as C
-from tbn_ray.science import data as data_mod
-from tbn_ray.science.attacks import apgd_ce, pgd
-from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig
 from tbn_ray.errors import TbnError
+from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.jobs.evaluate import run_in_process
 from tbn_ray.jobs.evaluate_attack import plan_attack
 from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
+from tbn_ray.jobs.pipeline import calibrate_run
 from tbn_ray.reports.evaluation import evaluation_section
+from tbn_ray.science import corruptions as C
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.attacks import apgd_ce, pgd
 from tbn_ray.science.bn_modes import BNMode, bn_mode, parse_bn_mode, used_bn_stats
 from tbn_ray.science.robustness import attack_variants, correct_predictions, run_attack
-from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.science.tbn import CLEAN, batch_statistics, bn_layers
+from tbn_ray.science.training import fit
+from tbn_ray.store.cifar10 import load_cifar10
 from tbn_ray.store.cifar10c import Cifar10C
 from tbn_ray.store.runs import Run, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.tbn import CLEAN, batch_statistics, bn_layers
-from tbn_ray.science.training import fit
 
 from .helpers import SHARED_DATA
 
@@ -66,7 +66,9 @@ def cifar() -> Iterator[data_mod.Cifar10]:
 
 @pytest.fixture(scope="module")
 def run(cifar: data_mod.Cifar10, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    d = data_mod.Cifar10(cifar.source, cifar.description, cifar.train.subset(slice(0, 1024)), cifar.heldout, cifar.test, cifar.classes)
+    d = data_mod.Cifar10(
+        cifar.source, cifar.description, cifar.train.subset(slice(0, 1024)), cifar.heldout, cifar.test, cifar.classes
+    )
     model = fit(TRAIN, d, CPU, progress=False)
     r = Run(Storage.open(tmp_path_factory.mktemp("runs")).child("tiny"))
     r.save_checkpoint(make_checkpoint(model, TRAIN, TRAIN.optim.epochs, {"data": d.description}))
@@ -98,7 +100,11 @@ def test_test_batch_normalises_with_the_batch_moments_and_restores_everything(ru
     stats = run.bn_stats(CLEAN, model)
     seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     hooks = [
-        bn.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0].detach().double().numpy(), o.detach().double().numpy())))
+        bn.register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(
+                name, (i[0].detach().double().numpy(), o.detach().double().numpy())
+            )
+        )
         for name, bn in bn_layers(model)
     ]
     with bn_mode(model, parse_bn_mode("test-batch"), stats):
@@ -113,14 +119,18 @@ def test_test_batch_normalises_with_the_batch_moments_and_restores_everything(ru
         mean, var = inp.mean(axis=(0, 2, 3)), inp.var(axis=(0, 2, 3))
         bn = layers[name]
         gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
-        expected = (inp - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * gamma[None, :, None, None] + beta[None, :, None, None]
+        expected = (inp - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + bn.eps) * gamma[
+            None, :, None, None
+        ] + beta[None, :, None, None]
         assert np.allclose(out, expected, atol=1e-4), name
         assert np.allclose(used[name]["running_mean"].numpy(), mean, atol=1e-5)
         assert np.allclose(used[name]["running_var"].numpy(), var, rtol=1e-4, atol=1e-6)
         # the running statistics really differ from the batch's (otherwise this test proves nothing)
         assert not np.allclose(bn.running_mean.numpy(), mean, atol=1e-3)
     after = _state(model)
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # weights, gamma/beta, buffers
+    assert after.keys() == before.keys() and all(
+        torch.equal(after[k], before[k]) for k in before
+    )  # weights, gamma/beta, buffers
     assert not any(m.training for m in model.modules())
     assert all(bn.track_running_stats and "forward" not in bn.__dict__ for bn in layers.values())
 
@@ -212,14 +222,18 @@ def _write_released(directory: Path, c10c: Cifar10C, corruptions: tuple[str, ...
     directory.mkdir()
     np.save(directory / "labels.npy", np.tile(all_labels, 5).astype(np.uint8))
     for corruption in corruptions:
-        arr = np.lib.format.open_memmap(directory / f"{corruption}.npy", mode="w+", dtype=np.uint8, shape=(50_000, 32, 32, 3))
+        arr = np.lib.format.open_memmap(
+            directory / f"{corruption}.npy", mode="w+", dtype=np.uint8, shape=(50_000, 32, 32, 3)
+        )
         for s in C.SEVERITIES:
             arr[(s - 1) * 10_000 + c10c.index] = c10c.load(corruption, s)
         arr.flush()
         del arr
 
 
-def test_corruption_evaluation_caches_resumes_and_accepts_released_files(run: Run, cifar: data_mod.Cifar10, tmp_path: Path) -> None:
+def test_corruption_evaluation_caches_resumes_and_accepts_released_files(
+    run: Run, cifar: data_mod.Cifar10, tmp_path: Path
+) -> None:
     modes = ["clean", "sigma:0.25", "test-batch", "test-batch:32"]
     kw = dict(corruptions="gaussian_noise,contrast", severities="1,5", batch_size=32, start=0, stop=64, progress=False)
     plan = plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), **kw)
@@ -241,20 +255,31 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(run: Ru
         # recomputed independently of the items
         stats = run.bn_stats(mode.stats_name, model)
         images = C.corrupt(cifar.test.images[:64], "gaussian_noise", 5, seed=0)
-        expected = correct_predictions(model, images, cifar.test.labels[:64], mode, stats, batch_size=32, device=CPU).mean()
+        expected = correct_predictions(
+            model, images, cifar.test.labels[:64], mode, stats, batch_size=32, device=CPU
+        ).mean()
         assert row["accuracy"]["gaussian_noise"]["5"] == pytest.approx(expected)
-        assert row["mean"] == pytest.approx(np.mean([row["accuracy"][c][s] for c in ("gaussian_noise", "contrast") for s in ("1", "5")]))
-        assert row["severity_mean"]["5"] == pytest.approx((row["accuracy"]["gaussian_noise"]["5"] + row["accuracy"]["contrast"]["5"]) / 2)
+        assert row["mean"] == pytest.approx(
+            np.mean([row["accuracy"][c][s] for c in ("gaussian_noise", "contrast") for s in ("1", "5")])
+        )
+        assert row["severity_mean"]["5"] == pytest.approx(
+            (row["accuracy"]["gaussian_noise"]["5"] + row["accuracy"]["contrast"]["5"]) / 2
+        )
         assert row["grid"] == "2 x 2" and not row["standard_grid"]
 
     # the same command again: every item reused
-    again = run_in_process(plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), **kw), CPU, progress=False)
+    again = run_in_process(
+        plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), **kw), CPU, progress=False
+    )
     assert (again.items_computed, again.items_skipped) == (0, 20) and again.result["modes"] == r["modes"]
     # the report: markdown, plot, every number in one JSON
     evaluate = run.storage.child("evaluate")
     assert c10c.description in evaluate.read_text("report.md")
     assert evaluate.read_bytes("corruption_accuracy.png")[:4] == b"\x89PNG"
-    assert evaluate.read_json("evaluation.json")["results"][0]["modes"]["clean"]["accuracy"] == r["modes"]["clean"]["accuracy"]
+    assert (
+        evaluate.read_json("evaluation.json")["results"][0]["modes"]["clean"]["accuracy"]
+        == r["modes"]["clean"]["accuracy"]
+    )
     section = evaluation_section(run.storage)
     assert section is not None and "| test-batch:32 | 32 |" in section
 
@@ -262,7 +287,11 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(run: Ru
     released = tmp_path / "released"
     with np.load(SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz") as z:
         _write_released(released, c10c, ("gaussian_noise", "contrast"), z["all_labels"])
-    rel = run_in_process(plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), released=released, **kw), CPU, progress=False)
+    rel = run_in_process(
+        plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), released=released, **kw),
+        CPU,
+        progress=False,
+    )
     assert rel.result["source"] == "CIFAR-10-C (released)" and rel.eval_id != result.eval_id
     for key, row in rel.result["modes"].items():
         assert row["accuracy"] == r["modes"][key]["accuracy"]
@@ -275,7 +304,11 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
     result = run_in_process(plan, CPU, progress=False)
     assert result.items_computed == 2 * 2 * 2
     r = result.result
-    assert r["attack"]["eps"] == 0.5 and r["attack"]["steps"] == 3 and r["attack"]["pgd_step_size"] == pytest.approx(2.5 * 0.5 / 3)
+    assert (
+        r["attack"]["eps"] == 0.5
+        and r["attack"]["steps"] == 3
+        and r["attack"]["pgd_step_size"] == pytest.approx(2.5 * 0.5 / 3)
+    )
     clean = r["modes"]["clean"]["variants"]["standard"]
     tb = r["modes"]["test-batch-b24"]["variants"]
     assert set(tb) == {"adaptive", "batch-1", "fixed-clean-batch", "non-adaptive"}
@@ -284,7 +317,10 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
     # items hold per-image flags for the selected indices; the aggregate is their mean
     item = plan.out.read_json(plan.item_key(parse_bn_mode("clean"), ("pgd", 1)))
     assert item["indices"] == list(range(24, 48))
-    flags = item["variants"]["standard"]["adversarial"] + plan.out.read_json(plan.item_key(parse_bn_mode("clean"), ("pgd", 0)))["variants"]["standard"]["adversarial"]
+    flags = (
+        item["variants"]["standard"]["adversarial"]
+        + plan.out.read_json(plan.item_key(parse_bn_mode("clean"), ("pgd", 0)))["variants"]["standard"]["adversarial"]
+    )
     assert clean["pgd"] == pytest.approx(np.mean(flags))
     # adding a mode later reuses the finished ones
     more = run_in_process(plan_attack(run, ["clean", "test-batch", "sigma:0.25"], **kw), CPU, progress=False)
@@ -294,7 +330,11 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
 
 
 def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
-    run_in_process(plan_attack(run, ["clean"], attacks=["pgd"], norm="l2", eps="0.25", steps=1, batch_size=16, start=0, stop=16), CPU, progress=False)
+    run_in_process(
+        plan_attack(run, ["clean"], attacks=["pgd"], norm="l2", eps="0.25", steps=1, batch_size=16, start=0, stop=16),
+        CPU,
+        progress=False,
+    )
     cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=40, batch_size=40, max_images=3)
     (out,) = certify_run(run, cfg, run.storage.child("certify"), device="cpu", progress=False)
     certify_dir = Storage.open(out.location.rsplit("/", 1)[0])  # <output>/<run-id>
@@ -303,7 +343,9 @@ def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
     assert "## Corruption and adversarial robustness" in report and "l2, eps=0.25" in report
     # a corruption plot (when an earlier test wrote one) is linked relative to the report
     for link in re.findall(r"!\[corruption accuracy per BN mode\]\(([^)]+)\)", report):
-        assert (certify_dir.local_path() / link).resolve() == run.storage.local_path("evaluate/corruption_accuracy.png").resolve()
+        assert (certify_dir.local_path() / link).resolve() == run.storage.local_path(
+            "evaluate/corruption_accuracy.png"
+        ).resolve()
     # `tbn-ray report` rebuilds the same report from the shard files alone
     certify_dir.local_path("report.md").unlink()
     aggregate(certify_dir)
@@ -313,7 +355,10 @@ def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
 def test_bad_input_fails_before_any_work(run: Run, tmp_path: Path) -> None:
     cache = Storage.open(tmp_path / "cache")
     cases = [
-        (lambda: plan_corruptions(run, ["clean"], cache_root=cache, corruptions="fog,smog"), "unknown corruption 'smog'"),
+        (
+            lambda: plan_corruptions(run, ["clean"], cache_root=cache, corruptions="fog,smog"),
+            "unknown corruption 'smog'",
+        ),
         (lambda: plan_corruptions(run, ["clean"], cache_root=cache, severities="1-6"), "severities must lie in 1..5"),
         (lambda: plan_corruptions(run, ["clean", "median"], cache_root=cache), "unknown BN mode 'median'"),
         (lambda: plan_corruptions(run, ["sigma:0.5"], cache_root=cache), "tbn-ray calibrate .* --sigma 0.5"),
@@ -330,17 +375,28 @@ def test_bad_input_fails_before_any_work(run: Run, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_bad_input_one_line_exit_2(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input_one_line_exit_2(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The console entry point (tbn-ray = tbn_ray.cli:main), in this process: one stderr line, exit 2."""
     from tbn_ray.cli import main
 
     common = ["--local", "--storage", str(tmp_path / "cache")]
     cases = {
-        "corruption": (["evaluate", "corruptions", run.uri, "--bn", "clean", "--corruptions", "fog,smog", *common], "unknown corruption 'smog'"),
-        "sigma": (["evaluate", "corruptions", run.uri, "--bn", "test-batch", "--bn", "sigma:0.12", *common], "tbn-ray calibrate"),
+        "corruption": (
+            ["evaluate", "corruptions", run.uri, "--bn", "clean", "--corruptions", "fog,smog", *common],
+            "unknown corruption 'smog'",
+        ),
+        "sigma": (
+            ["evaluate", "corruptions", run.uri, "--bn", "test-batch", "--bn", "sigma:0.12", *common],
+            "tbn-ray calibrate",
+        ),
         "eps": (["evaluate", "attack", run.uri, "--bn", "clean", "--eps", "0", "--local"], "--eps must be > 0"),
         "mode": (["evaluate", "attack", run.uri, "--bn", "adabn", "--local"], "unknown BN mode 'adabn'"),
-        "severity": (["data", "cifar10c", "--severities", "0-5", "--storage", str(tmp_path / "cache")], "severities must lie in 1..5"),
+        "severity": (
+            ["data", "cifar10c", "--severities", "0-5", "--storage", str(tmp_path / "cache")],
+            "severities must lie in 1..5",
+        ),
     }
     for name, (args, message) in cases.items():
         monkeypatch.setattr(sys, "argv", ["tbn-ray", *args])
@@ -361,7 +417,19 @@ def test_cli_takes_evaluation_defaults_from_the_config_and_flags_override_them(
 
     config = tmp_path / "experiment.yaml"
     config.write_text("evaluate: {batch_size: 4, attack_steps: 1, restarts: 2, attacks: [pgd]}\n")
-    args = ["evaluate", "attack", run.uri, "--bn", "clean", "--eps", "0.125", "--indices", "0:8", "--local", "--no-progress"]
+    args = [
+        "evaluate",
+        "attack",
+        run.uri,
+        "--bn",
+        "clean",
+        "--eps",
+        "0.125",
+        "--indices",
+        "0:8",
+        "--local",
+        "--no-progress",
+    ]
     monkeypatch.setattr(sys, "argv", ["tbn-ray", *args, "--config", str(config), "--restarts", "1"])
     with pytest.raises(SystemExit) as exit_info:
         main()

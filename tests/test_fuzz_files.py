@@ -36,20 +36,30 @@ from tbn_ray.store.storage import Storage  # noqa: E402
 from .helpers import SHARED_DATA, tiny_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 # --- what a damaged file can hold -----------------------------------------------------------
 
 #: Values of the wrong type for any field: scalars, strings, tensors, and small nests of them.
 confused_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=6)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats()
+    | st.text(max_size=6)
     | st.integers(0, 3).map(lambda n: torch.full((n,), float("nan"))),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
-)  # fmt: skip
+)
 #: The same for JSON and YAML (no tensors, finite numbers).
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
 )
@@ -117,7 +127,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def certified(run: Run) -> Storage:
     """A finished certification (two shards of real test images) under <output>/<run-id>."""
     cfg = CertifyConfig(sigmas=(0.25,), n0=10, n=50, batch_size=50, max_images=4)
-    (output,) = certify_run(run, cfg.model_copy(update={"shards": 2}), run.storage.child("certify"), device="cpu", progress=False)
+    (output,) = certify_run(
+        run, cfg.model_copy(update={"shards": 2}), run.storage.child("certify"), device="cpu", progress=False
+    )
     return Storage.open(output.location.rpartition("/")[0])
 
 
@@ -170,7 +182,11 @@ def test_bn_stats_fed_junk(run: Run) -> None:
         return torch_bytes({**valid, "sets": {bn_key(0.25): {"stats": stats, "meta": {}}}})
 
     @FUZZ
-    @given(st.one_of(damaged(file.data), confused(valid, confused_values).map(torch_bytes), confused_values.map(confused_set)))
+    @given(
+        st.one_of(
+            damaged(file.data), confused(valid, confused_values).map(torch_bytes), confused_values.map(confused_set)
+        )
+    )
     def check(data: bytes) -> None:
         file.put(data)
         read_or_one_line_error(lambda: Run.open(run.uri).load_bn_sets(), str(path))
@@ -178,7 +194,9 @@ def test_bn_stats_fed_junk(run: Run) -> None:
     try:
         check()
         file.put(np.random.default_rng(0).bytes(300))
-        with pytest.raises(TbnError, match="is not a readable tbn-ray BN statistics file .*: delete it and run tbn-ray calibrate"):
+        with pytest.raises(
+            TbnError, match="is not a readable tbn-ray BN statistics file .*: delete it and run tbn-ray calibrate"
+        ):
             Run.open(run.uri).load_bn_sets()
     finally:
         file.restore()
@@ -204,8 +222,14 @@ def test_shard_fed_junk(certified: Storage) -> None:
         return buf.getvalue()
 
     @FUZZ
-    @given(st.one_of(damaged(file.data), confused(meta, json_values).map(with_meta), json_values.map(with_meta),
-                     st.sampled_from(table.column_names).map(without_column)))  # fmt: skip
+    @given(
+        st.one_of(
+            damaged(file.data),
+            confused(meta, json_values).map(with_meta),
+            json_values.map(with_meta),
+            st.sampled_from(table.column_names).map(without_column),
+        )
+    )
     def check(data: bytes) -> None:
         file.put(data)
         read_or_one_line_error(lambda: aggregate(certified), certified.uri)
@@ -269,7 +293,12 @@ def test_sweep_state_fed_junk(tmp_path: Path) -> None:
     valid_csv = b"epoch,seconds,eval_seconds,train_loss\n1,2.5,0.5,2.1\n2,2.4,0.5,1.9\n"
 
     @FUZZ
-    @given(st.one_of(damaged(valid_yaml), confused(yaml.safe_load(valid_yaml), json_values).map(lambda c: yaml.safe_dump(c).encode())))
+    @given(
+        st.one_of(
+            damaged(valid_yaml),
+            confused(yaml.safe_load(valid_yaml), json_values).map(lambda c: yaml.safe_dump(c).encode()),
+        )
+    )
     def check_yaml(data: bytes) -> None:
         stored.write_bytes("sweep.yaml", data)
         # the file, or (for a readable config that differs) the sweep it belongs to
@@ -313,11 +342,13 @@ def test_released_cifar10c_fed_junk(tmp_path: Path) -> None:
 
 def test_cached_cifar10c_array_fed_junk(tmp_path: Path) -> None:
     """An unusable array in the cache is made again, whatever its bytes: never an error."""
-    from tbn_ray.store.cifar10c import regenerated_cifar10c
     from tbn_ray.store.cifar10 import load_from_config
+    from tbn_ray.store.cifar10c import regenerated_cifar10c
 
     d = load_from_config(DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
-    c10c = regenerated_cifar10c(Storage.open(tmp_path), d.test.by_index(d.test.index[:2]), seed=0, data_description=d.description)
+    c10c = regenerated_cifar10c(
+        Storage.open(tmp_path), d.test.by_index(d.test.index[:2]), seed=0, data_description=d.description
+    )
     good = c10c.load("brightness", 1)
     key = c10c.key("brightness", 1)
     valid = c10c.storage.read_bytes(key)
@@ -366,9 +397,25 @@ def test_cli_exit_2_for_each_file_kind(
         (["certify", bad_stats.uri, *certify], bad_stats.storage.object_uri("bn_stats.pt")),
         (["certify", run.uri, "--config", str(bad_yaml), *certify], str(bad_yaml)),
         (["report", certified.uri], certified.uri),
-        (["data", "cifar10c", "--released", str(released), "--corruptions", "fog", "--severities", "1",
-          "--indices", "0:2", "--storage", str(tmp_path / "cache"), "--no-progress"], str(released)),
-    ]  # fmt: skip
+        (
+            [
+                "data",
+                "cifar10c",
+                "--released",
+                str(released),
+                "--corruptions",
+                "fog",
+                "--severities",
+                "1",
+                "--indices",
+                "0:2",
+                "--storage",
+                str(tmp_path / "cache"),
+                "--no-progress",
+            ],
+            str(released),
+        ),
+    ]
     try:
         shard_file.put(b"PAR1\x00\x00")
         for argv, names in cases:

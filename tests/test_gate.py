@@ -17,7 +17,7 @@ import tbn_ray
 from tbn_ray.errors import SoundnessError, TbnError
 from tbn_ray.store.runs import Run
 
-from .helpers import SHARED_DATA, copy_fixture_run, certify_with, partial_test_images
+from .helpers import SHARED_DATA, certify_with, copy_fixture_run, partial_test_images
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
@@ -85,16 +85,30 @@ def test_the_cli_and_the_reproduction_refuse_a_base_classifier_that_turns_out_ba
 ) -> None:
     """Whatever builds f from a stored run (here the shard's ``base_classifier``, made to return a
     batch-dependent function), the gate in the science entry point refuses it before any draw."""
-    import tbn_ray.jobs.certify as jobs_certify
     from typer.testing import CliRunner
 
+    import tbn_ray.jobs.certify as jobs_certify
     from tbn_ray.cli import app
 
     built = jobs_certify.base_classifier
     monkeypatch.setattr(jobs_certify, "base_classifier", lambda net, cfg, device: BatchMean(built(net, cfg, device)))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-    result = CliRunner().invoke(app, ["certify", str(run_dir), "--sigma", "0.25", "--local", "--data", "partial",
-                                      "--output", str(tmp_path / "out"), "--no-progress", *flags])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "certify",
+            str(run_dir),
+            "--sigma",
+            "0.25",
+            "--local",
+            "--data",
+            "partial",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *flags,
+        ],
+    )
     assert isinstance(result.exception, SoundnessError) and "depends on the batch" in str(result.exception)
     assert not list((tmp_path / "out").rglob("*.parquet"))  # nothing certified
 
@@ -103,8 +117,12 @@ def test_the_cli_and_the_reproduction_refuse_a_base_classifier_that_turns_out_ba
     from tbn_ray.store.reproduction import Reproduction
     from tbn_ray.store.storage import Storage
 
-    cfg = ReproduceConfig(models=(ModelSpec(name="tiny"),), device="cpu", certify_clean=False,
-                          certify={"sigmas": (0.25,), **SETTINGS, "data": {"source": "partial"}})  # fmt: skip
+    cfg = ReproduceConfig(
+        models=(ModelSpec(name="tiny"),),
+        device="cpu",
+        certify_clean=False,
+        certify={"sigmas": (0.25,), **SETTINGS, "data": {"source": "partial"}},
+    )
     rep = Reproduction.open(cfg, Storage.open(tmp_path / "rep"))
     shutil.copytree(run_dir, Path(rep.run(cfg.models[0]).uri))
     with pytest.raises(SoundnessError, match="depends on the batch"):

@@ -35,8 +35,14 @@ BUDGET_S = 1200
 
 def _session(*args: str | Path, timeout: float = BUDGET_S + 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TBN_CACHE", "RAY_ADDRESS")}
-    return subprocess.run([sys.executable, str(SCRIPT), "run", "--device", "cpu", "--tiny", "--budget", str(BUDGET_S), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "run", "--device", "cpu", "--tiny", "--budget", str(BUDGET_S), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @contextmanager
@@ -63,13 +69,25 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[
             shutil.rmtree(root, ignore_errors=True)
             t0 = time.monotonic()
             results, work, none = root / "results", root / "work", root / "no-carry"
-            first = _session("--stages", "engine,reproduce-l2_eps1.0", "--results", results, "--work", work, "--carry", none,
-                             "--pack", root / "out1")  # fmt: skip
+            first = _session(
+                "--stages",
+                "engine,reproduce-l2_eps1.0",
+                "--results",
+                results,
+                "--work",
+                work,
+                "--carry",
+                none,
+                "--pack",
+                root / "out1",
+            )
             assert first.returncode == 0, first.stdout + first.stderr
             shutil.rmtree(work)  # the machine is given back: only the results folder survives
             second = _session("--results", results, "--work", work, "--carry", none, "--pack", root / "out2")
             assert second.returncode == 0, second.stdout + second.stderr
-            outputs.write_text(json.dumps({"first": first.stdout, "second": second.stdout, "seconds": time.monotonic() - t0}))
+            outputs.write_text(
+                json.dumps({"first": first.stdout, "second": second.stdout, "seconds": time.monotonic() - t0})
+            )
     calls = json.loads(outputs.read_text())
     return {"root": root, "results": root / "results", **calls}
 
@@ -78,8 +96,14 @@ def test_first_call_runs_only_its_stages(rehearsal: dict[str, object]) -> None:
     assert (rehearsal["root"] / "out1" / "gpu-results.tar.gz").is_file()  # type: ignore[operator]
     # the second call's summary: what the first did is "done earlier", the rest done now
     status = json.loads((rehearsal["results"] / "summary.json").read_text())["status"]  # type: ignore[operator]
-    assert status == {"engine": "done earlier", "engine-tuned": "done", "reproduce-l2_eps1.0": "done earlier",
-                      "reproduce-linf_8": "done", "report": "done", "ray": "done"}  # fmt: skip
+    assert status == {
+        "engine": "done earlier",
+        "engine-tuned": "done",
+        "reproduce-l2_eps1.0": "done earlier",
+        "reproduce-linf_8": "done",
+        "report": "done",
+        "ray": "done",
+    }
     first = rehearsal["first"]
     assert "| engine | done |" in first and "| reproduce-l2_eps1.0 | done |" in first
     assert "reproduce-linf_8" not in first  # not asked for in that call
@@ -109,13 +133,15 @@ def test_reproduction_report_reads_both_models_across_calls(rehearsal: dict[str,
     kept = rehearsal["results"] / "reproduce" / "gpu-tiny"  # type: ignore[operator]
     report = json.loads((kept / "report.json").read_text())
     assert set(report["models"]) == {"l2_eps1.0", "linf_8"}
-    for name, m in report["models"].items():
+    for m in report["models"].values():
         assert set(m["certify"]) == {"tbn", "clean"}
         assert set(m["certify"]["tbn"]) == {"0.25", "0.5"}
         assert m["certify"]["tbn"]["0.25"]["images"] == 4
         assert m["certify"]["tbn"]["0.25"]["params"]["n"] == 200
         noise = {r["sigma"]: r for r in m["noise"]["rows"]}
-        assert set(noise) == {0.25, 0.5} and all(0 <= r["accuracy_clean_bn"] <= 1 and 0 <= r["accuracy_tbn"] <= 1 for r in noise.values())
+        assert set(noise) == {0.25, 0.5} and all(
+            0 <= r["accuracy_clean_bn"] <= 1 and 0 <= r["accuracy_tbn"] <= 1 for r in noise.values()
+        )
         assert all(r["images"] == 32 for r in noise.values())
         assert m["seconds"]["train"] > 0 and m["training"]["epochs"] == 1
     assert report["totals"]["seconds"] > 0
@@ -150,10 +176,22 @@ def test_pack_holds_the_results_folder(rehearsal: dict[str, object]) -> None:
 
 
 def test_budget_too_small_starts_nothing(tmp_path: Path) -> None:
-    out = _session("--budget", "5", "--results", tmp_path / "results", "--work", tmp_path / "work", "--carry", tmp_path / "none", timeout=120)
+    out = _session(
+        "--budget",
+        "5",
+        "--results",
+        tmp_path / "results",
+        "--work",
+        tmp_path / "work",
+        "--carry",
+        tmp_path / "none",
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     status = json.loads((tmp_path / "results" / "summary.json").read_text())["status"]
-    assert status["engine"].startswith("left for the next call") and status["engine-tuned"].startswith("left for the next call")
+    assert status["engine"].startswith("left for the next call") and status["engine-tuned"].startswith(
+        "left for the next call"
+    )
     assert status["report"] == "waits for the models"
     assert not (tmp_path / "results" / "engine").exists()
 
@@ -163,9 +201,15 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
 
     wheel = tmp_path / "ray-0-cp311-cp311-manylinux2014_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        for name, body in {"ray/__init__.py": "", "ray/rllib/big.py": "x" * 1000, "ray/jars/a.jar": "j" * 500,
-                           "ray/dashboard/client/build/index.html": "<html>" * 100, "ray/dashboard/head.py": "",
-                           "ray/_raylet.pyi": "", "ray/util/__pycache__/x.pyc": "c"}.items():  # fmt: skip
+        for name, body in {
+            "ray/__init__.py": "",
+            "ray/rllib/big.py": "x" * 1000,
+            "ray/jars/a.jar": "j" * 500,
+            "ray/dashboard/client/build/index.html": "<html>" * 100,
+            "ray/dashboard/head.py": "",
+            "ray/_raylet.pyi": "",
+            "ray/util/__pycache__/x.pyc": "c",
+        }.items():
             z.writestr(name, body)
         info = zipfile.ZipInfo("ray/core/src/ray/raylet/raylet")
         info.external_attr = 0o755 << 16
@@ -178,7 +222,9 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
     assert sizes["removed_bytes"]["ray/dashboard/client"] == 600
     site = ray_trim.unpack(tmp_path / "ray.tar.xz", tmp_path / "unpacked")
     assert not (site / "ray" / "rllib").exists() and not (site / "ray" / "_raylet.pyi").exists()
-    assert (site / "ray" / "dashboard" / "client" / "build" / "static").is_dir()  # the dashboard refuses to start without it
+    assert (
+        site / "ray" / "dashboard" / "client" / "build" / "static"
+    ).is_dir()  # the dashboard refuses to start without it
     assert "not installed" in (site / "ray" / "dashboard" / "client" / "build" / "index.html").read_text()
     assert os.access(site / "ray" / "core" / "src" / "ray" / "raylet" / "raylet", os.X_OK)
     assert (site / "dep" / "__init__.py").read_text() == "VALUE = 1\n"
@@ -187,11 +233,17 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
 
 _TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
 #: A trimmed Ray for this Python: made by ``gpu_session.py prepare`` (the GPU machine's) or ``ray_trim.py`` by hand.
-TRIMMED = next(iter([*(REPO / ".gpu-carry").glob(f"ray-{_TAG}.tar.xz"), *(REPO / ".gpu-carry-build").glob(f"**/ray-{_TAG}.tar.xz")]),
-               REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz")  # fmt: skip
+TRIMMED = next(
+    iter(
+        [*(REPO / ".gpu-carry").glob(f"ray-{_TAG}.tar.xz"), *(REPO / ".gpu-carry-build").glob(f"**/ray-{_TAG}.tar.xz")]
+    ),
+    REPO / ".gpu-carry" / f"ray-{_TAG}.tar.xz",
+)
 
 
-@pytest.mark.skipif(not TRIMMED.is_file(), reason="no trimmed Ray for this Python (bench/ray_trim.py, see results/gpu/README.md)")
+@pytest.mark.skipif(
+    not TRIMMED.is_file(), reason="no trimmed Ray for this Python (bench/ray_trim.py, see results/gpu/README.md)"
+)
 def test_trimmed_ray_starts_with_dashboard_and_runs_an_actor_pool(tmp_path: Path) -> None:
     import ray_trim
 
@@ -219,15 +271,32 @@ def test_paper_fast_config_is_the_gpu_reproduction_and_the_tiny_one_mirrors_it()
     fast = load_reproduce_config(REPO / "configs" / "paper-fast.yaml")
     tiny = load_reproduce_config(REPO / "bench" / "gpu-tiny.yaml")
     attacks = {m.name: fast.train_config(m).attack for m in fast.models}
-    assert {k: (a.norm, round(a.eps, 6)) for k, a in attacks.items()} == {"l2_eps1.0": ("l2", 1.0), "linf_8": ("linf", round(8 / 255, 6))}
+    assert {k: (a.norm, round(a.eps, 6)) for k, a in attacks.items()} == {
+        "l2_eps1.0": ("l2", 1.0),
+        "linf_8": ("linf", round(8 / 255, 6)),
+    }
     train = fast.train_config(fast.models[0])
     assert train.model.arch == "preact_resnet18" and 20 <= train.optim.epochs <= 30 and train.data.source == "jpeg"
     c = fast.certify
-    assert (c.sigmas, c.n, c.skip, c.max_images, c.adaptive, fast.certify_clean) == ((0.25, 0.5), 100_000, 20, 500, True, True)
+    assert (c.sigmas, c.n, c.skip, c.max_images, c.adaptive, fast.certify_clean) == (
+        (0.25, 0.5),
+        100_000,
+        20,
+        500,
+        True,
+        True,
+    )
     assert fast.calibrate.sigmas == (0.25, 0.5) and set(fast.evaluate.attacks) == {"pgd", "apgd-ce"}
     # the rehearsal takes the same paths: the same models, sigmas, engine options and evaluations, smaller
     assert [m.name for m in tiny.models] == [m.name for m in fast.models]
     assert tiny.certify.sigmas == c.sigmas and tiny.certify_clean
-    assert (tiny.certify.images_per_pass > 1, tiny.certify.adaptive, tiny.certify.adaptive_design) == (c.images_per_pass > 1, c.adaptive, c.adaptive_design)
+    assert (tiny.certify.images_per_pass > 1, tiny.certify.adaptive, tiny.certify.adaptive_design) == (
+        c.images_per_pass > 1,
+        c.adaptive,
+        c.adaptive_design,
+    )
     assert (tiny.certify.amp, tiny.certify.channels_last, tiny.certify.fold_bn) == (c.amp, c.channels_last, c.fold_bn)
-    assert tiny.robustness.corruption_modes == fast.robustness.corruption_modes and tiny.evaluate.attacks == fast.evaluate.attacks
+    assert (
+        tiny.robustness.corruption_modes == fast.robustness.corruption_modes
+        and tiny.evaluate.attacks == fast.evaluate.attacks
+    )

@@ -37,7 +37,9 @@ def test_a_second_shard_count_is_refused_and_two_sets_are_never_merged(tmp_path:
     with pytest.raises(TbnError, match="holds this certification cut into 2 shards, not 4"):
         certify_run(run, cfg.model_copy(update={"shards": 4}), output, device="cpu", progress=False)
     # a folder that holds two sets anyway (left by an older version): aggregation never picks one
-    (elsewhere,) = certify_run(run, cfg.model_copy(update={"shards": 4}), Storage.open(tmp_path / "elsewhere"), device="cpu", progress=False)
+    (elsewhere,) = certify_run(
+        run, cfg.model_copy(update={"shards": 4}), Storage.open(tmp_path / "elsewhere"), device="cpu", progress=False
+    )
     other = Storage.open(elsewhere.location.rpartition("/")[0])
     for key in shard_sets(other.list())["sigma=0.25"][4].values():
         out.write_bytes(key, other.read_bytes(key))
@@ -59,6 +61,10 @@ def test_the_folder_a_gpu_pool_certifies_into_is_checked_too(tmp_path: Path) -> 
     on_gpu.out.write_bytes("sigma=0.25/shard-00000-of-00004.parquet", b"a shard a GPU pool stored")
     plan = plan_certify(run, cfg.model_copy(update={"shards": 2}), output)
     assert plan.on_device("cpu").out.uri == plan.out.uri != on_gpu.out.uri
-    with pytest.raises(TbnError, match=re.escape(f"{on_gpu.out.uri} holds this certification cut into 4 shards, not 2")):
+    with pytest.raises(
+        TbnError, match=re.escape(f"{on_gpu.out.uri} holds this certification cut into 4 shards, not 2")
+    ):
         plan.on_device("cuda")
-    assert plan_certify(run, cfg.model_copy(update={"shards": 4}), output).on_device("cuda").out.uri == on_gpu.out.uri  # the same count resumes
+    assert (
+        plan_certify(run, cfg.model_copy(update={"shards": 4}), output).on_device("cuda").out.uri == on_gpu.out.uri
+    )  # the same count resumes

@@ -40,7 +40,11 @@ EPOCHS = 2  # of the training run: the node is lost during the second
 REPO = Path(__file__).resolve().parents[1]
 STARTED = time.monotonic()
 #: Node deaths noticed within seconds (Ray's default takes about 15 s): faster, as Ray's own tests do.
-FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 5,
+}
 
 
 @contextlib.contextmanager
@@ -100,7 +104,9 @@ def in_child(scenario: str, *args: str, log: Path, timeout_s: float = 300) -> di
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
     with log.open("w") as out:
         try:
-            child = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, env=env, cwd=REPO)
+            child = subprocess.run(
+                [sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, env=env, cwd=REPO
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"{scenario} did not finish within {timeout_s:g} s:\n{log.read_text()[-4000:]}")
     lines = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
@@ -117,7 +123,9 @@ def certify_scenario(root: str) -> None:
     from tbn_ray.distributed.certify import run_plan_on_ray
     from tbn_ray.distributed.runtime import connected
 
-    plan = plan_certify(Run.open(f"{root}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(f"{root}/ray"))
+    plan = plan_certify(
+        Run.open(f"{root}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(f"{root}/ray")
+    )
     seen: list[dict[str, str]] = []
     with two_nodes(num_cpus=1) as (cluster, worker):
         head = cluster.head_node.node_id
@@ -128,9 +136,18 @@ def certify_scenario(root: str) -> None:
                 cluster.remove_node(worker)
 
         with connected(cluster.address) as ray_cluster:
-            result = run_plan_on_ray(plan, ray_cluster, actors=2, cpus_per_actor=1, progress=False, on_shard=remove_worker_node)
+            result = run_plan_on_ray(
+                plan, ray_cluster, actors=2, cpus_per_actor=1, progress=False, on_shard=remove_worker_node
+            )
         removed = worker not in cluster.worker_nodes
-    report(location=result.location, computed=result.shards_computed, seen=seen, head=head, lost=worker.node_id, removed=removed)
+    report(
+        location=result.location,
+        computed=result.shards_computed,
+        seen=seen,
+        head=head,
+        lost=worker.node_id,
+        removed=removed,
+    )
 
 
 @pytest.mark.ray
@@ -144,7 +161,9 @@ def test_a_node_lost_mid_certification(tmp_path: Path) -> None:
     assert {w["node"] for w in outcome["seen"]} <= {outcome["head"], outcome["lost"]}
 
     records = read_records(Storage.open(outcome["location"]), 0.25)
-    plan = plan_certify(Run.open(f"{tmp_path}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(tmp_path / "local"))
+    plan = plan_certify(
+        Run.open(f"{tmp_path}/tiny"), CFG.model_copy(update={"shards": SHARDS}), Storage.open(tmp_path / "local")
+    )
     undisturbed = run_plan_in_process(plan, torch.device("cpu"), progress=False)
     assert undisturbed.run_id == outcome["location"].rpartition("/")[2]  # the same certification
     assert [r["idx"] for r in records] == plan.indices.tolist()  # every index exactly once
@@ -158,7 +177,19 @@ def train_scenario(storage: str, config: str) -> None:
     """In the child: head and worker node, 1 CPU each, so that the 2 Train workers take one each.
     ``tbn-ray train --workers 2`` loses the worker node once epoch 1 is checkpointed."""
     with two_nodes(num_cpus=1) as (cluster, worker):
-        args = ("train", "--config", config, "--storage", storage, "--address", cluster.address, "--workers", "2", "--cpus-per-worker", "1")
+        args = (
+            "train",
+            "--config",
+            config,
+            "--storage",
+            storage,
+            "--address",
+            cluster.address,
+            "--workers",
+            "2",
+            "--cpus-per-worker",
+            "1",
+        )
         checkpointed = Storage.open(f"{storage}/lost")
         driver = tbn_ray_process(*args, "--max-failures", "2")
         loss = lose_node_when(cluster, worker, lambda: checkpointed.exists("checkpoint.pt"), driver)
@@ -204,7 +235,9 @@ def sweep_scenario(storage: str, config: str, name: str) -> None:
         root = Storage.open(f"{storage}/{name}")
         args = ("sweep", "--config", config, "--storage", storage, "--address", cluster.address)
         driver = tbn_ray_process(*args)
-        loss = lose_node_when(cluster, worker, lambda: any(k.endswith("/checkpoint.pt") for k in root.list("train/")), driver)
+        loss = lose_node_when(
+            cluster, worker, lambda: any(k.endswith("/checkpoint.pt") for k in root.list("train/")), driver
+        )
         first = finish(driver, 360)
         phase(f"sweep done: status {first}")
         again = None if first == 0 else finish(tbn_ray_process(*args, "--resume"), 180)
@@ -228,5 +261,7 @@ def test_a_node_lost_with_a_sweep_trial_the_sweep_still_finishes(s3_bucket: str,
     root = Storage.open(f"{storage}/lostsweep")
     (run,) = training_runs(root).values()  # the retried trial continued the lost trial's run
     starts = run.load_checkpoint().meta["started_at_epochs"]
-    assert len(starts) >= 2 and starts[0] == 0 and all(1 <= s < SWEEP_EPOCHS for s in starts[1:]), starts  # never from scratch
+    assert len(starts) >= 2 and starts[0] == 0 and all(1 <= s < SWEEP_EPOCHS for s in starts[1:]), (
+        starts
+    )  # never from scratch
     check_complete_sweep(root, [0.25], [0.25])

@@ -50,8 +50,14 @@ def _run(settings: dict) -> subprocess.CompletedProcess:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
-    return subprocess.run([sys.executable, "-c", SCRIPT.replace("{SETTINGS}", repr(settings))], capture_output=True, text=True,
-                          timeout=300, preexec_fn=limit, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT.replace("{SETTINGS}", repr(settings))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+        cwd=ROOT,
+    )
 
 
 def test_a_huge_images_per_pass_allocates_for_the_images_there_are() -> None:
@@ -63,7 +69,10 @@ def test_a_huge_images_per_pass_allocates_for_the_images_there_are() -> None:
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        ({"n0": 10, "n": 10**8, "batch_size": 10**8, "images_per_pass": 4}, "--images-per-pass 4 with --batch-size 100000000"),
+        (
+            {"n0": 10, "n": 10**8, "batch_size": 10**8, "images_per_pass": 4},
+            "--images-per-pass 4 with --batch-size 100000000",
+        ),
         ({"n0": 10, "n": 10**8, "batch_size": 10**8}, "--batch-size 100000000"),
     ],
     ids=["packed", "alone"],

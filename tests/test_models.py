@@ -42,7 +42,10 @@ def test_forward_shape_and_size(models: dict[str, nn.Module], name: str) -> None
 
 def test_num_classes() -> None:
     with torch.no_grad():
-        assert build_model(ModelConfig(arch="resnet20"), num_classes=100).eval()(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+        assert build_model(ModelConfig(arch="resnet20"), num_classes=100).eval()(torch.rand(2, 3, 32, 32)).shape == (
+            2,
+            100,
+        )
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -28,7 +28,12 @@ from tbn_ray.store.storage import Storage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CPU = torch.device("cpu")
-BASE = {"seed": 0, "model": {"arch": "tiny"}, "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05}, "eval": {"images": 64}}
+BASE = {
+    "seed": 0,
+    "model": {"arch": "tiny"},
+    "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+    "eval": {"images": 64},
+}
 GAUSSIAN = TrainConfig.model_validate({**BASE, "objective": "gaussian", "noise": {"sigma": 0.25}})
 CONSISTENCY = TrainConfig.model_validate({**BASE, "objective": "consistency", "noise": {"sigma": 0.25, "copies": 2}})
 
@@ -106,7 +111,11 @@ def test_fit_is_seeded_and_resumes_exactly(cfg: TrainConfig, cifar: data_mod.Cif
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         history.append(metrics)
-        snapshots.append(copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+        snapshots.append(
+            copy.deepcopy(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            )
+        )
 
     first = _state(fit(cfg, cifar, CPU, on_epoch=on_epoch, progress=False))
     for m in history:  # the noise objectives are evaluated under their noise, not attacked
@@ -117,14 +126,18 @@ def test_fit_is_seeded_and_resumes_exactly(cfg: TrainConfig, cifar: data_mod.Cif
     optimizer.load_state_dict(snapshots[0]["optimizer"])
     scheduler = make_scheduler(optimizer, cfg.optim, 256 // cfg.optim.batch_size)
     scheduler.load_state_dict(snapshots[0]["scheduler"])
-    resumed = _state(fit(cfg, cifar, CPU, start_epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, progress=False))
+    resumed = _state(
+        fit(cfg, cifar, CPU, start_epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, progress=False)
+    )
     for k in first:
         assert torch.equal(first[k], resumed[k]), k
     other = cfg.model_copy(update={"noise": cfg.noise.model_copy(update={"sigma": 0.5})})
     assert not torch.equal(first["body.0.weight"], _state(fit(other, cifar, CPU, progress=False))["body.0.weight"])
 
 
-def test_train_run_resumes_a_noise_run_and_refuses_another_objective(cifar: data_mod.Cifar10, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_run_resumes_a_noise_run_and_refuses_another_objective(
+    cifar: data_mod.Cifar10, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the pipeline and its stored checkpoint: stopped after epoch 1 (when its line is
     logged), then resumed, it ends with the weights of an uninterrupted run; the same name under
     another objective is one clear line."""

@@ -42,12 +42,19 @@ def test_partial_amounts_move_the_count_and_lines_come_at_the_interval(capsys: p
 @pytest.mark.parametrize("images_per_pass", [1, 3])
 def test_a_shard_reports_each_image_as_it_is_certified(tmp_path: Path, images_per_pass: int) -> None:
     run = Run(Storage.open(tmp_path).child("tiny"))
-    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
+    cfg = TrainConfig(
+        name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA))
+    )
     torch.manual_seed(0)
     run.save_checkpoint(make_checkpoint(build_model(cfg.model), cfg, 0, {"note": "untrained"}))
     calibrate_run(run, CalibrateConfig(sigmas=(0.25,), samples=64, batch_size=64), device="cpu", progress=False)
-    plan = plan_certify(run, CertifyConfig(sigmas=(0.25,), n0=5, n=20, batch_size=20, max_images=5, shards=1,
-                                           images_per_pass=images_per_pass), Storage.open(tmp_path / "out"))  # fmt: skip
+    plan = plan_certify(
+        run,
+        CertifyConfig(
+            sigmas=(0.25,), n0=5, n=20, batch_size=20, max_images=5, shards=1, images_per_pass=images_per_pass
+        ),
+        Storage.open(tmp_path / "out"),
+    )
     worker = ShardCertifier(plan, torch.device("cpu"), {"actor": "test", "node": "here"})
     reported: list[int] = []
     worker.report = reported.append

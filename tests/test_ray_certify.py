@@ -20,14 +20,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tbn_ray.jobs.certify import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
 from tbn_ray.cli import app
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.science.models import build_model
+from tbn_ray.jobs.certify import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
 from tbn_ray.jobs.pipeline import calibrate_run
-from tbn_ray.store.runs import Run, make_checkpoint
+from tbn_ray.science.models import build_model
 from tbn_ray.science.smoothing import certify_examples
+from tbn_ray.store.runs import Run, make_checkpoint
 from tbn_ray.store.storage import Storage
 
 from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
@@ -46,7 +46,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     if not (SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz").is_file():
         pytest.skip(f"CIFAR-10 subset not found under {SHARED_DATA}")
     r = Run(Storage.open(tmp_path_factory.mktemp("runs")).child("tiny"))
-    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
+    cfg = TrainConfig(
+        name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA))
+    )
     torch.manual_seed(0)
     r.save_checkpoint(make_checkpoint(build_model(cfg.model), cfg, 0, {"note": "untrained"}))
     calibrate_run(r, CalibrateConfig(sigmas=SIGMAS, samples=256, batch_size=128), device="cpu", progress=False)
@@ -114,7 +116,9 @@ def test_bad_plans_fail_before_any_work(run: Run, tmp_path: Path) -> None:
     with pytest.raises(TbnError, match="no test images selected"):
         plan_certify(run, certify_cfg(30, start=5000), out)
     for bad in ("10:5", "7", "a:b"):
-        result = CliRunner().invoke(app, ["certify", run.uri, "--local", "--indices", bad, "--output", str(tmp_path / "out")])
+        result = CliRunner().invoke(
+            app, ["certify", run.uri, "--local", "--indices", bad, "--output", str(tmp_path / "out")]
+        )
         assert isinstance(result.exception, TbnError) and "--indices" in str(result.exception)
     assert not (tmp_path / "out").exists()
 
@@ -140,7 +144,20 @@ def test_counts_of_an_image_do_not_depend_on_its_shard(run: Run, tmp_path: Path)
 
 def test_local_cli_resume_recomputes_only_unusable_shards(run: Run, tmp_path: Path) -> None:
     """`certify --local`; then one shard corrupt and one holding another shard's records: only those two are redone."""
-    args = ["certify", run.uri, "--local", "--sigma", "0.5", "--max-images", "8", *CLI_SMALL, "--shards", "4", "--output", str(tmp_path)]
+    args = [
+        "certify",
+        run.uri,
+        "--local",
+        "--sigma",
+        "0.5",
+        "--max-images",
+        "8",
+        *CLI_SMALL,
+        "--shards",
+        "4",
+        "--output",
+        str(tmp_path),
+    ]
     first = CliRunner().invoke(app, [*args, "--no-progress"])
     assert first.exit_code == 0, first.output
     assert "4 shard(s) certified now, 0 reused" in first.output
@@ -205,7 +222,9 @@ def test_the_driver_lists_the_nodes_at_most_every_few_seconds(ray_local, monkeyp
         assert bookkeeping.alive({node}) == {node}
     assert calls == [100.0, 105.2, 110.3]  # the first look, then once NODES_TTL_S (5 s) has passed each time
     now[0] = 111.0
-    assert bookkeeping.alive({node, "a-node-not-listed-yet"}) == {node} and calls[-1] == 111.0  # an unknown node: asked at once
+    assert (
+        bookkeeping.alive({node, "a-node-not-listed-yet"}) == {node} and calls[-1] == 111.0
+    )  # an unknown node: asked at once
 
 
 # --- Ray ------------------------------------------------------------------------------------
@@ -216,7 +235,9 @@ def test_8_shards_on_2_actors_to_s3_equal_in_process(run: Run, ray_local, s3_buc
     from tbn_ray.distributed.certify import run_plan_on_ray
 
     cfg = certify_cfg(16)
-    cfg = cfg.model_copy(update={"shards": 8, "channels_last": True, "fold_bn": True})  # the fast base classifier, built alike in every process
+    cfg = cfg.model_copy(
+        update={"shards": 8, "channels_last": True, "fold_bn": True}
+    )  # the fast base classifier, built alike in every process
     plan = plan_certify(run, cfg, Storage.open(f"{s3_bucket}/certify"))
     result = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)
     assert (result.shards_computed, result.shards_skipped) == (16, 0)
@@ -300,7 +321,18 @@ def test_interrupted_driver_resumes_only_missing_shards(run: Run, ray_local, s3_
     before = last_modified(plan.out)
     assert 3 <= len(before) < 8
     # resumed by the command line (Ray path, joining the session's cluster): same plan, same run id
-    args = [s3_run.uri, "--sigma", "0.25", "--max-images", "16", *CLI_SMALL, "--shards", "8", "--output", f"{s3_bucket}/certify"]
+    args = [
+        s3_run.uri,
+        "--sigma",
+        "0.25",
+        "--max-images",
+        "16",
+        *CLI_SMALL,
+        "--shards",
+        "8",
+        "--output",
+        f"{s3_bucket}/certify",
+    ]
     cli = CliRunner().invoke(app, ["certify", *args, "--actors", "2", "--cpus-per-actor", "1", "--no-progress"])
     assert cli.exit_code == 0, cli.output
     assert f"{8 - len(before)} shard(s) certified now, {len(before)} reused" in cli.output
@@ -349,7 +381,10 @@ def test_cli_bad_input_one_line_exit_2(run: Run, s3_server: str, tmp_path: Path)
         "--shards 17": ([run.uri, "--sigma", "0.25", *common, "--shards", "17"], "--shards 17"),
         "unknown sigma": ([run.uri, "--sigma", "0.33", *common], "no TBN statistics 'sigma=0.33'"),
         "unreadable checkpoint": ([str(broken), "--sigma", "0.25", *common], "not a readable tbn-ray checkpoint"),
-        "missing bucket": ([run.uri, "--sigma", "0.25", *common, "--output", "s3://no-such-bucket-tbn/x"], "bucket 'no-such-bucket-tbn' does not exist"),
+        "missing bucket": (
+            [run.uri, "--sigma", "0.25", *common, "--output", "s3://no-such-bucket-tbn/x"],
+            "bucket 'no-such-bucket-tbn' does not exist",
+        ),
     }
     procs = {
         name: subprocess.Popen([*entry, "certify", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,9 @@ from .test_engine_claims import FAST
 
 
 @pytest.mark.ray
-def test_the_ray_pool_and_an_in_process_run_share_the_units(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_ray_pool_and_an_in_process_run_share_the_units(
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The Ray pool's driver claims what it hands to actors and waits at the end for what another
     run holds: with an in-process run started on the same output once the pool's first unit is in,
     each unit is computed once, some by each."""
@@ -33,7 +35,9 @@ def test_the_ray_pool_and_an_in_process_run_share_the_units(ray_local, tmp_path:
     started: list[threading.Thread] = []
 
     def in_process() -> None:
-        other.append(run_in_process(theirs, torch.device("cpu"), progress=False, claims=Claims(theirs.out, **FAST), poll_s=0.2))
+        other.append(
+            run_in_process(theirs, torch.device("cpu"), progress=False, claims=Claims(theirs.out, **FAST), poll_s=0.2)
+        )
 
     def start_the_other_run(_: Any) -> None:
         if not started:
@@ -41,9 +45,16 @@ def test_the_ray_pool_and_an_in_process_run_share_the_units(ray_local, tmp_path:
             started[0].start()
 
     on_ray = run_job_on_ray(
-        job, CertifyActor, ray_local, progress=False, actors=2, cpus_per_actor=1, claims=Claims(job.out, **FAST), poll_s=0.2,
+        job,
+        CertifyActor,
+        ray_local,
+        progress=False,
+        actors=2,
+        cpus_per_actor=1,
+        claims=Claims(job.out, **FAST),
+        poll_s=0.2,
         on_unit=start_the_other_run,
-    )  # fmt: skip
+    )
     started[0].join(timeout=60)
     assert computations(job.out) == Counter(range(UNITS)), computations(job.out)
     assert on_ray[0] + other[0][0] == UNITS and on_ray[0] >= 1 and other[0][0] >= 1, (on_ray, other)

@@ -18,8 +18,8 @@ from tbn_ray.config import CalibrateConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.jobs.evaluate import Task, TaskResult, TaskRunner
 from tbn_ray.jobs.evaluate_attack import plan_attack
 from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
-from tbn_ray.science.bn_modes import parse_bn_mode
 from tbn_ray.jobs.pipeline import calibrate_run
+from tbn_ray.science.bn_modes import parse_bn_mode
 from tbn_ray.store.runs import Checkpoint, Run
 from tbn_ray.store.storage import Storage
 
@@ -35,7 +35,9 @@ def run(s3_server: str) -> Run:
     bucket = f"tbn-test-{uuid.uuid4().hex[:16]}"
     boto3.session.Session().client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     r = Run(Storage.open(f"s3://{bucket}/runs/tiny"))
-    cfg = TrainConfig(name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA)))
+    cfg = TrainConfig(
+        name="tiny", model=ModelConfig(arch="tiny"), data=DataConfig(source="partial", shared_dir=str(SHARED_DATA))
+    )
     torch.manual_seed(0)
     from tbn_ray.science.models import build_model
 
@@ -53,7 +55,9 @@ def last_modified(out: Storage) -> dict[str, float]:
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
     from tbn_ray.distributed.evaluate import run_plan_on_ray
 
-    plan = plan_attack(run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160)
+    plan = plan_attack(
+        run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160
+    )
     results: list[TaskResult] = []
     killed: list[str] = []
     before_kill: dict[str, float] = {}
@@ -71,9 +75,14 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
     restarted = [r for r in results if r.worker["restarted"] == "True"]
     assert restarted and all(r.worker["pid"] != killed[0] for r in restarted)
     after = last_modified(plan.out)
-    assert len(after) == 10 and before_kill and all(after[k] == t for k, t in before_kill.items())  # finished items untouched
+    assert (
+        len(after) == 10 and before_kill and all(after[k] == t for k, t in before_kill.items())
+    )  # finished items untouched
     variants = result.result["modes"]["test-batch-b32"]["variants"]
-    assert variants["adaptive"]["images"] == 160 and result.result["modes"]["clean"]["variants"]["standard"]["images"] == 160
+    assert (
+        variants["adaptive"]["images"] == 160
+        and result.result["modes"]["clean"]["variants"]["standard"]["images"] == 160
+    )
     # an item written by an actor equals the same task computed in this process (per-item seeds)
     assert plan.pending() == []
     twin = Run(Storage.open(f"{run.uri}-twin"))
@@ -91,7 +100,9 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
 def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, ray_local) -> None:
     from tbn_ray.distributed.evaluate import run_plan_on_ray
 
-    kw = dict(corruptions="gaussian_noise,fog,pixelate", severities="2,4", batch_size=50, start=0, stop=100, progress=False)
+    kw = dict(
+        corruptions="gaussian_noise,fog,pixelate", severities="2,4", batch_size=50, start=0, stop=100, progress=False
+    )
     plan = plan_corruptions(run, ["clean", "sigma:0.25", "test-batch"], **kw)
     seen: list[TaskResult] = []
 
@@ -113,9 +124,16 @@ def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, 
     c10c = plan.cifar10c
     assert c10c is not None and c10c.storage.uri.startswith(run.uri.rpartition("/")[0] + "/cifar10c/regenerated-seed0-")
     arrays = [k for k in c10c.storage.list() if k.endswith(".npy") and "/severity-" in k]
-    assert sorted(arrays) == sorted(f"{c}/severity-{s}.npy" for c in ("gaussian_noise", "fog", "pixelate") for s in (2, 4))
+    assert sorted(arrays) == sorted(
+        f"{c}/severity-{s}.npy" for c in ("gaussian_noise", "fog", "pixelate") for s in (2, 4)
+    )
     assert c10c.load("fog", 4).shape == (100, 32, 32, 3)
     assert resumed.result["source"].startswith("CIFAR-10-C (regenerated, seed 0, from CIFAR-10 (byte-exact subset")
     acc = resumed.result["modes"]["sigma=0.25"]["accuracy"]
-    assert set(acc) == {"gaussian_noise", "fog", "pixelate"} and all(0 <= v <= 1 for row in acc.values() for v in row.values())
-    assert np.isclose(resumed.result["modes"]["clean"]["mean"], np.mean([v for row in resumed.result["modes"]["clean"]["accuracy"].values() for v in row.values()]))
+    assert set(acc) == {"gaussian_noise", "fog", "pixelate"} and all(
+        0 <= v <= 1 for row in acc.values() for v in row.values()
+    )
+    assert np.isclose(
+        resumed.result["modes"]["clean"]["mean"],
+        np.mean([v for row in resumed.result["modes"]["clean"]["accuracy"].values() for v in row.values()]),
+    )

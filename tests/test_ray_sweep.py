@@ -40,8 +40,21 @@ TINY = REPO / "configs" / "sweep_tiny.yaml"
 #: The CLI's entry point, independent of how old the installed console script is.
 TBN_RAY = [sys.executable, "-c", "from tbn_ray.cli import main; main()"]
 EPOCHS = 3  # configs/sweep_tiny.yaml
-FILLED = ("clean_acc", "pgd_acc", "smoothed_clean_acc", "certified_acc@0.25", "certified_acc@0.5", "certified_acc@0.75",
-          "certified_acc@1", "acr", "abstain_rate", "objective", "train_seconds", "calibrate_seconds", "certify_seconds")  # fmt: skip
+FILLED = (
+    "clean_acc",
+    "pgd_acc",
+    "smoothed_clean_acc",
+    "certified_acc@0.25",
+    "certified_acc@0.5",
+    "certified_acc@0.75",
+    "certified_acc@1",
+    "acr",
+    "abstain_rate",
+    "objective",
+    "train_seconds",
+    "calibrate_seconds",
+    "certify_seconds",
+)
 
 
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +119,9 @@ def _wait(condition, proc: subprocess.Popen, log: Path, timeout_s: float) -> Non
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the sweep ended (status {proc.returncode}) before it could be interrupted:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the sweep ended (status {proc.returncode}) before it could be interrupted:\n{log.read_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no progress within {timeout_s:g} s:\n{log.read_text()[-3000:]}")
@@ -125,8 +140,9 @@ def test_sweep_2x2_on_s3_interrupted_and_resumed_trains_each_epsilon_once(
     with log.open("w") as out:
         proc = subprocess.Popen(
             [*TBN_RAY, "sweep", "--config", str(config), "--storage", storage, "--address", ray_local.address],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # SIGKILL (a lost driver or head node: nothing saved on the way out) once the first epsilon is trained.
         _wait(lambda: any(trained_epochs(r) == EPOCHS for r in training_runs(root).values()), proc, log, 300)
@@ -162,16 +178,30 @@ def test_asha_stopped_trial_frees_the_cluster_for_the_next(ray_local, tmp_path: 
     # after epochs 1, 2 and 4 of 5; a trial stopped at epoch 1 has 4 to go, so it cannot finish
     # before its process ends.
     config = tiny_sweep(
-        tmp_path, "asha", epsilons=[0.25, 16.0, 32.0], sigmas=[0.25],
+        tmp_path,
+        "asha",
+        epsilons=[0.25, 16.0, 32.0],
+        sigmas=[0.25],
         train={"optim": {"epochs": 5}},
         resources={"workers": 1, "cpus_per_worker": 4},
         early_stopping={"enabled": True, "grace_period": 1, "reduction_factor": 2},
-    )  # fmt: skip
+    )
     # In a process of its own, so that a hang is a failed test (TimeoutExpired), not a stuck session.
     done = subprocess.run(
-        [*TBN_RAY, "sweep", "--config", str(config), "--storage", str(tmp_path / "results"), "--address", ray_local.address],
-        capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
+        [
+            *TBN_RAY,
+            "sweep",
+            "--config",
+            str(config),
+            "--storage",
+            str(tmp_path / "results"),
+            "--address",
+            ray_local.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     root = Storage.open(tmp_path / "results" / "asha")
@@ -208,7 +238,11 @@ def test_bad_input_fails_before_ray_starts(changes, message, tmp_path: Path, mon
 def test_requests_the_cluster_cannot_hold_fail_before_any_trial(ray_local, tmp_path: Path, monkeypatch, capsys) -> None:
     storage = tmp_path / "results"
     for name, resources, message in (
-        ("workers", {"workers": 8}, "a training trial (8 worker(s) x {'CPU': 1.0}) needs 8 CPU, but the Ray cluster has 4"),
+        (
+            "workers",
+            {"workers": 8},
+            "a training trial (8 worker(s) x {'CPU': 1.0}) needs 8 CPU, but the Ray cluster has 4",
+        ),
         ("gpus", {"eval_gpus": 1}, "an evaluation actor needs 1 GPU, but the Ray cluster has 0"),
     ):
         config = tiny_sweep(tmp_path, name, resources=resources)

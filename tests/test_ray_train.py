@@ -33,8 +33,8 @@ from .conftest import free_port
 pytest.importorskip("ray.train.torch", reason='Ray missing: pip install "ray[default,train]==2.60.0"')
 
 from tbn_ray.distributed import train as ray_train  # noqa: E402  (imports ray)
-from tbn_ray.jobs.pipeline import calibrate_run  # noqa: E402
 from tbn_ray.distributed.train import Recovery, Scaling, train_on_ray  # noqa: E402
+from tbn_ray.jobs.pipeline import calibrate_run  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -105,7 +105,9 @@ def test_the_job_has_its_name_in_the_dashboards_jobs_view(ray_local) -> None:
 def test_two_workers_on_s3_then_resume_with_more_epochs(ray_local, s3_bucket: str) -> None:
     root = Storage.open(f"{s3_bucket}/runs")
     run = Run(root.child("resume"))
-    first = train_on_ray(tiny_cfg("resume", 2), root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2))
+    first = train_on_ray(
+        tiny_cfg("resume", 2), root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2)
+    )
 
     assert first.epoch == 2 and first.meta["started_at_epochs"] == [0]
     assert first.meta["workers"] == 2 and first.meta["global_batch_size"] == BATCH
@@ -118,7 +120,9 @@ def test_two_workers_on_s3_then_resume_with_more_epochs(ray_local, s3_bucket: st
     assert first.scheduler is not None and first.scheduler["last_epoch"] == 2 * 4
     assert Run.open(f"{run.uri}/checkpoint_epoch0002/checkpoint.pt").load_checkpoint().epoch == 2
 
-    second = train_on_ray(tiny_cfg("resume", 4), root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2))
+    second = train_on_ray(
+        tiny_cfg("resume", 4), root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2)
+    )
 
     # resumed at epoch 2: one restart recorded, the first two epochs carried over, not trained again
     assert second.epoch == 4 and second.meta["started_at_epochs"] == [0, 2]
@@ -126,7 +130,10 @@ def test_two_workers_on_s3_then_resume_with_more_epochs(ray_local, s3_bucket: st
     assert second.meta["history"][:2] == first.meta["history"]
     assert second.scheduler is not None and second.scheduler["last_epoch"] == 4 * 4
     assert ray_checkpoints(run) == ["checkpoint_epoch0003", "checkpoint_epoch0004"]  # the last K=2
-    assert Run.open(f"{run.uri}/checkpoint_epoch0003/checkpoint.pt").load_checkpoint().meta["started_at_epochs"] == [0, 2]
+    assert Run.open(f"{run.uri}/checkpoint_epoch0003/checkpoint.pt").load_checkpoint().meta["started_at_epochs"] == [
+        0,
+        2,
+    ]
     assert len(run.storage.read_text("metrics.csv").strip().splitlines()) == 1 + 4
     best = Run.open(f"{run.uri}/best.pt").load_checkpoint()
     assert best.meta["best_heldout_pgd_acc"] == max(h["heldout_pgd_acc"] for h in best.meta["history"])
@@ -169,7 +176,9 @@ def test_worker_killed_mid_run_recovers_from_last_checkpoint(ray_local, s3_bucke
     )
     killer.start()
     try:
-        final = train_on_ray(cfg, root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2, max_failures=2))
+        final = train_on_ray(
+            cfg, root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2, max_failures=2)
+        )
     finally:
         stop.set()
         killer.join(timeout=10)
@@ -218,8 +227,11 @@ def test_cli_missing_bucket_or_cluster_exits_2_before_training(s3_server: str, t
     config.write_text(yaml.safe_dump({"train": tiny("cli-nobucket", 1)}))
     out = subprocess.run(
         [*TBN_RAY, "train", "--config", str(config), "--storage", "s3://tbn-no-such-bucket-77c1/x", "--workers", "2"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("tbn-ray: error:") and "tbn-no-such-bucket-77c1" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -229,8 +241,10 @@ def test_cli_missing_bucket_or_cluster_exits_2_before_training(s3_server: str, t
     nowhere = f"127.0.0.1:{free_port()}"
     out = subprocess.run(
         [*TBN_RAY, "train", "--config", str(config), "--storage", str(tmp_path), "--address", nowhere],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and f"no Ray cluster reachable at {nowhere}" in out.stderr, out.stderr[-2000:]
 
 
@@ -247,8 +261,11 @@ def test_cli_train_on_a_local_instance_prints_no_ray_internals(tmp_path: Path) -
     try:
         out = subprocess.run(
             [*TBN_RAY, "train", "--config", str(config), "--storage", str(tmp_path), "--workers", "1"],
-            capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -283,8 +300,11 @@ def test_cli_local_trains_in_process_without_ray(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"train": tiny("local", 1)}))
     out = subprocess.run(
         [*TBN_RAY, "train", "--local", "--config", str(config), "--storage", str(tmp_path), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dashboard" not in out.stdout  # no Ray instance
     run = Run.open(str(tmp_path / "local"))
@@ -300,7 +320,12 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
     # Ports Ray would otherwise take at fixed defaults (52365 for the job agent), shared with other sessions.
     agent_ports = [
         f"--{flag}={free_port()}"
-        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
     ]
     url = f"http://127.0.0.1:{dashboard}"
     env = {
@@ -317,12 +342,24 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
     with log.open("w") as out:
         head = subprocess.Popen(
             [
-                str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-                "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports,
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--dashboard-port={dashboard}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                "--num-cpus=2",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                *agent_ports,
             ],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_for_dashboard(url, head, log)
         config = tmp_path / "tiny.yaml"
@@ -334,10 +371,24 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
         previous.save_checkpoint(make_checkpoint(build_model(old.model), old, 7, {}))
         previous.storage.write_bytes("bn_stats.pt", b"statistics of the old model")
         command = [
-            str(BIN / "ray"), "job", "submit", f"--address={url}", f"--working-dir={REPO}",
-            "--runtime-env-json", '{"excludes": [".git", ".venv", "tbn-results"]}', "--",
-            "tbn-ray", "train", "--config", str(config), "--storage", str(storage), "--workers", "2", "--fresh",
-        ]  # fmt: skip
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            f"--address={url}",
+            f"--working-dir={REPO}",
+            "--runtime-env-json",
+            '{"excludes": [".git", ".venv", "tbn-results"]}',
+            "--",
+            "tbn-ray",
+            "train",
+            "--config",
+            str(config),
+            "--storage",
+            str(storage),
+            "--workers",
+            "2",
+            "--fresh",
+        ]
         deadline = time.monotonic() + 60
         while True:  # the dashboard answers before the head's job agent is ready
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -345,7 +396,9 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
                 break
             time.sleep(2)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
-        assert "succeeded" in submit.stdout and "Ray cluster" in submit.stdout  # joined the head, no instance of its own
+        assert (
+            "succeeded" in submit.stdout and "Ray cluster" in submit.stdout
+        )  # joined the head, no instance of its own
         ckpt = Run.open(str(storage / "job")).load_checkpoint()
         assert ckpt.epoch == 1 and ckpt.meta["trainer"] == "ray" and ckpt.meta["workers"] == 2
         assert ckpt.config.model.arch == "tiny" and ckpt.meta["started_at_epochs"] == [0]

@@ -17,7 +17,7 @@ from tbn_ray.science.smoothing import summarize
 from tbn_ray.store.results import read_results, write_results
 from tbn_ray.store.storage import Storage
 
-from .helpers import SHARED_DATA, partial_test_images, certify_with
+from .helpers import SHARED_DATA, certify_with, partial_test_images
 
 PARTIAL = SHARED_DATA / "cifar10-partial"
 SIGMAS = (0.25, 0.5)
@@ -43,8 +43,17 @@ def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two shared cores: intra-op threads only contend
     for sigma in SIGMAS:
-        params = dict(sigma=sigma, n0=20, n=300, alpha=0.001, seed=0, batch_size=320, bn="clean",
-                      model="nearest class mean (linear)", data_source="CIFAR-10 test, exact subset (cifar10-partial)")  # fmt: skip
+        params = dict(
+            sigma=sigma,
+            n0=20,
+            n=300,
+            alpha=0.001,
+            seed=0,
+            batch_size=320,
+            bn="clean",
+            model="nearest class mean (linear)",
+            data_source="CIFAR-10 test, exact subset (cifar10-partial)",
+        )
         sampling = {k: params[k] for k in ("sigma", "n0", "n", "alpha", "seed", "batch_size")}
         records = certify_with(model, images, labels, range(40), **sampling, device="cpu")
         write_results(records, summarize(records), out / "certify" / f"sigma={sigma}", params)

@@ -32,7 +32,9 @@ def test_report_table_plot_and_json_state_the_cap(results_dir: Path, tmp_path: P
         assert above and all(row["certified_accuracy"][r] == 0 for r in above)  # nothing is certified past the cap
         assert f"| {cap:.2f} |" in md
     assert ABOVE_CAP in md and "max r" in md
-    assert all(ref["radius_cap"] == pytest.approx(radius_cap(ref["sigma"], 100_000, 0.001)) for ref in report["reference"])
+    assert all(
+        ref["radius_cap"] == pytest.approx(radius_cap(ref["sigma"], 100_000, 0.001)) for ref in report["reference"]
+    )
     assert "Cohen et al. 2019, published (sigma=0.25" in md and "envelope: best sigma per radius" in md
     table = accuracy_table(summaries)
     assert "max r" in table and f"0.0{ABOVE_CAP}" in table

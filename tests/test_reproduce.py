@@ -36,10 +36,16 @@ TINY = {
     "certify": {"sigmas": [0.25], "n0": 10, "n": 60, "skip": 1, "max_images": 4, "batch_size": 60, "shards": 2},
     "noise": {"images": 32, "draws": 1},
     "evaluate": {"batch_size": 16, "attack_steps": 2, "restarts": 1, "attacks": ["pgd", "autoattack"]},
-    "robustness": {"corruptions": "gaussian_noise", "severities": "1", "corruption_modes": ["clean", "test-batch"],
-                   "corruption_images": 32, "attack_images": 16, "autoattack_images": 8},
+    "robustness": {
+        "corruptions": "gaussian_noise",
+        "severities": "1",
+        "corruption_modes": ["clean", "test-batch"],
+        "corruption_images": 32,
+        "attack_images": 16,
+        "autoattack_images": 8,
+    },
     "keep_optimizer": False,
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,11 @@ def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[P
         m = report["models"][name]
         assert m["training"]["epochs"] == 1
         assert set(m["certify"]) == {"tbn", "clean"}
-        stored = json.loads((Path(rep.run(next(s for s in cfg.models if s.name == name)).uri)).joinpath("noise_accuracy.json").read_text())
+        stored = json.loads(
+            (Path(rep.run(next(s for s in cfg.models if s.name == name)).uri))
+            .joinpath("noise_accuracy.json")
+            .read_text()
+        )
         assert m["noise"]["rows"] == stored["rows"]
         assert set(m["corruptions"]["modes"]) == {"clean", "test-batch-b16"}
         assert m["attack"]["modes"]["clean"]["variants"]["standard"]["images"] == 16
@@ -88,7 +98,12 @@ def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[P
     assert set(g["certify"]) == {"clean"} and set(g["certify"]["clean"]) == {"0.25"}
     assert "attack" not in g and "autoattack" not in g and g["training"]["noise_trained"]
     assert [c["claim"] for c in report["claims"]] == ["a", "b", "c", "d", "e"]
-    assert {c["verdict"] for c in report["claims"]} <= {"holds", "does not hold", "not measured", "reported (context, no target)"}
+    assert {c["verdict"] for c in report["claims"]} <= {
+        "holds",
+        "does not hold",
+        "not measured",
+        "reported (context, no target)",
+    }
     assert len(report["claims"][1]["checks"]) == 2  # l2 vs g at r = 0.25 and 0.5
     md = Path(files["report.md"]).read_text()
     for heading in ("## Certified accuracy, side by side", "## Verdicts", "(a)", "(b)", "(c)", "(d)", "(e)", "## Cost"):
@@ -101,7 +116,9 @@ def test_stages_run_in_order_resume_and_report_from_stored_results(tiny: tuple[P
     before = {k: v for pattern in kept for k, v in _mtimes(results, pattern).items()}
     reproduce(cfg, storage, progress=False)
     after = {k: v for pattern in kept for k, v in _mtimes(results, pattern).items()}
-    assert before == after and len(before) == 2 * (1 + 1 + 2 * 2) + (1 + 1 + 2) + 3 * 4  # stage records keep their wall times
+    assert (
+        before == after and len(before) == 2 * (1 + 1 + 2 * 2) + (1 + 1 + 2) + 3 * 4
+    )  # stage records keep their wall times
 
     # the claim tables are read from the stored results: change one stored summary, rebuild the report
     l2 = report["models"]["l2"]["certify"]["tbn"]["0.25"]
@@ -117,11 +134,30 @@ def test_cli_reproduce_report_stage_and_bad_config(tiny: tuple[Path, Path], tmp_
     config, results = tiny
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "models": [{"name": "a"}, {"name": "a"}]}))
-    out = subprocess.run([sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(bad), "--storage", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(bad), "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "model names must be unique" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(config), "--storage", str(tmp_path / "empty"), "--stage", "report"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tbn_ray",
+            "reproduce",
+            "--config",
+            str(config),
+            "--storage",
+            str(tmp_path / "empty"),
+            "--stage",
+            "report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "stage train has not finished" in out.stderr, out.stderr[-1500:]
 
 

@@ -72,14 +72,32 @@ def address(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("address", ["closed", "silent", "http"], indirect=True)
-def test_an_address_where_no_cluster_answers_is_one_clean_line_within_seconds(run_dir: str, address: str, tmp_path: Path) -> None:
+def test_an_address_where_no_cluster_answers_is_one_clean_line_within_seconds(
+    run_dir: str, address: str, tmp_path: Path
+) -> None:
     """Ray's own client would retry for minutes and log every attempt to stderr from C++; the user
     gets one line that names the address, a reason in whole words, and what to try."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_USE_TLS")} | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [*TBN_RAY, "certify", run_dir, "--sigma", "0.25", "--max-images", "2", "--output", str(tmp_path / "out"), "--address", address],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
-    )  # fmt: skip
+        [
+            *TBN_RAY,
+            "certify",
+            run_dir,
+            "--sigma",
+            "0.25",
+            "--max-images",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+            "--address",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
     lines = out.stderr.splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     (line,) = lines

@@ -17,7 +17,7 @@ from tbn_ray.science.smoothing import (
     lower_confidence_bound,
 )
 
-from .helpers import partial_test_images, certify_with
+from .helpers import certify_with, partial_test_images
 from .test_smoothing import LinearTwoClass, one_thread, tiny_bn_net  # noqa: F401 (one_thread: autouse fixture)
 
 CPU = torch.device("cpu")
@@ -49,8 +49,23 @@ def test_unpacked_path_is_cohens_certify_as_before(cifar8) -> None:
         assert r["counts_selection"] == selection.tolist() and r["counts"] == estimation.tolist()
         assert r["p_a_lower"] == lower and r["c_a_hat"] == c
         assert r["predict"] == (c if lower >= 0.5 else ABSTAIN)
-        assert sorted(r) == sorted(["idx", "label", "predict", "radius", "correct", "p_a_lower", "count", "c_a_hat",
-                                    "n0", "n", "counts", "counts_selection", "time"])  # fmt: skip
+        assert sorted(r) == sorted(
+            [
+                "idx",
+                "label",
+                "predict",
+                "radius",
+                "correct",
+                "p_a_lower",
+                "count",
+                "c_a_hat",
+                "n0",
+                "n",
+                "counts",
+                "counts_selection",
+                "time",
+            ]
+        )
 
 
 def test_packed_counts_do_not_depend_on_companions_or_order(cifar8) -> None:

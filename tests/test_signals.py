@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from tbn_ray.cli import app
@@ -34,13 +33,21 @@ def _shards(output: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(
-    "where", [pytest.param(["--local"], id="local"), pytest.param(["--actors", "2", "--cpus-per-actor", "1"], id="ray", marks=pytest.mark.ray)]
+    "where",
+    [
+        pytest.param(["--local"], id="local"),
+        pytest.param(["--actors", "2", "--cpus-per-actor", "1"], id="ray", marks=pytest.mark.ray),
+    ],
 )
 def test_sigterm_stops_certify_cleanly_and_the_rerun_reuses_its_shards(tmp_path: Path, where: list[str]) -> None:
     run = tiny_run(Storage.open(tmp_path))
     output = tmp_path / "certify"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}  # Ray: a local instance of its own
-    proc = subprocess.Popen([*ENTRY, *_certify(run.uri, output, where)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "OMP_NUM_THREADS": "1"
+    }  # Ray: a local instance of its own
+    proc = subprocess.Popen(
+        [*ENTRY, *_certify(run.uri, output, where)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 300
     while not _shards(output) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -54,7 +61,9 @@ def test_sigterm_stops_certify_cleanly_and_the_rerun_reuses_its_shards(tmp_path:
     if where == ["--local"]:  # a shard being written when the signal came left nothing behind (actors are killed)
         assert not list(output.rglob("*.tbn-tmp"))
 
-    again = CliRunner().invoke(app, _certify(run.uri, output, ["--local"]))  # in this process; Ray's shards are the same
+    again = CliRunner().invoke(
+        app, _certify(run.uri, output, ["--local"])
+    )  # in this process; Ray's shards are the same
     assert again.exit_code == 0, again.output
     assert f"{8 - len(kept)} shard(s) certified now, {len(kept)} reused" in again.output
     after = _shards(output)

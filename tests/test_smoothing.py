@@ -26,7 +26,7 @@ from tbn_ray.science.smoothing import (
 )
 from tbn_ray.store.results import TSV_HEADER, read_results, write_results
 
-from .helpers import SHARED_DATA, partial_test_images, certify_with
+from .helpers import SHARED_DATA, certify_with, partial_test_images
 
 PARTIAL = SHARED_DATA / "cifar10-partial"
 CPU = torch.device("cpu")
@@ -65,10 +65,16 @@ def tiny_bn_net(sigma: float) -> nn.Module:
     """A small conv net whose BN statistics are estimated once on noisy training images, then frozen."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16, momentum=None), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8, momentum=None),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16, momentum=None),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
     train = np.load(PARTIAL / "cifar10_train_prefix.npz")["images"][:512]
     x = torch.from_numpy(train).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
@@ -252,9 +258,18 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
     images, labels = cifar_test
     sigma = 0.25
     records = certify_with(
-        tiny_bn_net(sigma), images[:10], labels[:10], np.arange(10),
-        sigma=sigma, n0=20, n=300, alpha=0.001, batch_size=128, seed=0, device="cpu",
-    )  # fmt: skip
+        tiny_bn_net(sigma),
+        images[:10],
+        labels[:10],
+        np.arange(10),
+        sigma=sigma,
+        n0=20,
+        n=300,
+        alpha=0.001,
+        batch_size=128,
+        seed=0,
+        device="cpu",
+    )
     for r in records:
         assert sum(r["counts"]) == r["n"] == 300 and sum(r["counts_selection"]) == r["n0"] == 20
         assert r["count"] == r["counts"][r["c_a_hat"]]
@@ -263,8 +278,17 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
         if r["predict"] != ABSTAIN:
             assert r["radius"] == sigma * norm.ppf(lower_confidence_bound(r["count"], 300, 0.001))
     summary = summarize(records)
-    params = dict(sigma=sigma, n0=20, n=300, alpha=0.001, seed=0, batch_size=128, bn="tbn",
-                  model="tiny BN conv net (random weights)", data_source="CIFAR-10 test, exact subset (cifar10-partial)")  # fmt: skip
+    params = dict(
+        sigma=sigma,
+        n0=20,
+        n=300,
+        alpha=0.001,
+        seed=0,
+        batch_size=128,
+        bn="tbn",
+        model="tiny BN conv net (random weights)",
+        data_source="CIFAR-10 test, exact subset (cifar10-partial)",
+    )
     paths = write_results(records, summary, tmp_path / f"sigma={sigma}", params)
 
     assert list(paths) == ["certify.tsv", "radii.parquet", "summary.json"]
@@ -299,5 +323,16 @@ def test_certify_summarize_write_read_roundtrip(cifar_test, tmp_path: Path) -> N
     with pytest.raises(TbnError, match="no certification results"):
         read_results(tmp_path / "missing")
     with pytest.raises(TbnError, match="uint8"):
-        certify_with(tiny_bn_net(sigma), images[:2].astype(np.float32), labels[:2], [0, 1],
-                         sigma=sigma, n0=1, n=1, alpha=0.01, batch_size=1, seed=0, device="cpu")  # fmt: skip
+        certify_with(
+            tiny_bn_net(sigma),
+            images[:2].astype(np.float32),
+            labels[:2],
+            [0, 1],
+            sigma=sigma,
+            n0=1,
+            n=1,
+            alpha=0.01,
+            batch_size=1,
+            seed=0,
+            device="cpu",
+        )

@@ -139,7 +139,9 @@ def test_a_killed_writers_temp_file_is_removed_by_a_listing_once_stale(tmp_path:
     """A process killed mid-write (SIGKILL: no cleanup of its own runs) leaves its temporary file;
     listing that folder removes it once it is older than STALE_TMP_S, never a fresh one (a live write)."""
     root = tmp_path / "root"
-    with subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(root)], stdout=subprocess.PIPE, text=True) as writer:
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    ) as writer:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
         writer.kill()
     folder = root / "sigma=0.25"
@@ -299,9 +301,10 @@ def test_s3_missing_bucket_fails_fast(s3_server: str) -> None:
 
 def test_a_run_in_a_missing_bucket_names_the_bucket(s3_server: str, s3_bucket: str) -> None:
     """A HEAD answers 404 for a missing key and a missing bucket alike: the bucket is what is named."""
+    from typer.testing import CliRunner
+
     from tbn_ray.cli import app
     from tbn_ray.store.runs import Run
-    from typer.testing import CliRunner
 
     missing = "s3://no-such-bucket-tbn/runs/tiny"
     expected = f"bucket 'no-such-bucket-tbn' does not exist at {s3_server}: create it or fix the storage URI"
@@ -387,7 +390,9 @@ def test_local_key_shadowed_by_a_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_create_if_absent_lets_exactly_one_of_many_writers_win(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_create_if_absent_lets_exactly_one_of_many_writers_win(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Eight threads create one key at once: one gets True, the object holds its bytes, the rest get False."""
     import threading
 
@@ -408,4 +413,6 @@ def test_create_if_absent_lets_exactly_one_of_many_writers_win(backend: str, tmp
     winners = [i for i, ok in won if ok]
     assert len(won) == 8 and len(winners) == 1
     assert store.read_bytes("claims/x.claim") == f"writer {winners[0]}".encode()
-    assert store.create_bytes("claims/x.claim", b"late") is False and [k for k in store.list("claims/")] == ["claims/x.claim"]
+    assert store.create_bytes("claims/x.claim", b"late") is False and [k for k in store.list("claims/")] == [
+        "claims/x.claim"
+    ]

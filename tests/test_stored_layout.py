@@ -42,7 +42,11 @@ RUN_FILES = ("runs/tiny/checkpoint.pt", "runs/tiny/config.yaml", "runs/tiny/bn_s
 #: Files the jobs rebuild from the stored units (shards, items) on every run.
 _CERTIFY = f"runs/tiny/certify/{RUN_ID}"
 AGGREGATED = (
-    *(f"{_CERTIFY}/sigma={s}/{name}" for s in ("0.25", "0.5") for name in ("certify.tsv", "radii.parquet", "summary.json")),
+    *(
+        f"{_CERTIFY}/sigma={s}/{name}"
+        for s in ("0.25", "0.5")
+        for name in ("certify.tsv", "radii.parquet", "summary.json")
+    ),
     f"{_CERTIFY}/report.md",
     f"{_CERTIFY}/report.json",
     f"{_CERTIFY}/certified_accuracy.png",
@@ -53,11 +57,26 @@ AGGREGATED = (
     "runs/tiny/evaluate/corruption_accuracy.png",
 )
 #: What depends on when and where a unit ran, not on what it computed.
-WHEN_AND_WHERE = {"time", "seconds", "started", "wall_seconds", "compute_seconds", "gpu_hours", "seconds_per_image", "worker", "actor", "node"}
+WHEN_AND_WHERE = {
+    "time",
+    "seconds",
+    "started",
+    "wall_seconds",
+    "compute_seconds",
+    "gpu_hours",
+    "seconds_per_image",
+    "worker",
+    "actor",
+    "node",
+}
 
 
 def _files() -> dict[str, bytes]:
-    return {p.relative_to(FIXTURE).as_posix(): p.read_bytes() for p in sorted(FIXTURE.rglob("*")) if p.is_file() and p.name != "README.md"}
+    return {
+        p.relative_to(FIXTURE).as_posix(): p.read_bytes()
+        for p in sorted(FIXTURE.rglob("*"))
+        if p.is_file() and p.name != "README.md"
+    }
 
 
 @pytest.fixture
@@ -83,17 +102,43 @@ def _run_all(bucket: Storage) -> dict[str, Any]:
     torch.set_num_threads(1)
     try:
         corruptions = run_in_process(
-            plan_corruptions(run, ["clean", "sigma:0.25", "test-batch"], corruptions="gaussian_noise,contrast", severities="1,5",
-                             batch_size=8, start=0, stop=16, data_cfg=data, progress=False),
-            CPU, progress=False,
-        )  # fmt: skip
+            plan_corruptions(
+                run,
+                ["clean", "sigma:0.25", "test-batch"],
+                corruptions="gaussian_noise,contrast",
+                severities="1,5",
+                batch_size=8,
+                start=0,
+                stop=16,
+                data_cfg=data,
+                progress=False,
+            ),
+            CPU,
+            progress=False,
+        )
         attack = run_in_process(
-            plan_attack(run, ["clean", "test-batch"], attacks=["pgd", "apgd-ce"], norm="l2", eps="0.5", steps=2, restarts=1,
-                        batch_size=6, start=0, stop=12, data_cfg=data),
-            CPU, progress=False,
-        )  # fmt: skip
+            plan_attack(
+                run,
+                ["clean", "test-batch"],
+                attacks=["pgd", "apgd-ce"],
+                norm="l2",
+                eps="0.5",
+                steps=2,
+                restarts=1,
+                batch_size=6,
+                start=0,
+                stop=12,
+                data_cfg=data,
+            ),
+            CPU,
+            progress=False,
+        )
         cfg = CertifyConfig(sigmas=(0.25, 0.5), n0=20, n=50, batch_size=50, skip=3, max_images=8)
-        certify = run_plan_in_process(plan_certify(run, cfg.model_copy(update={"data": data, "shards": 2}), run.storage.child("certify")), CPU, progress=False)
+        certify = run_plan_in_process(
+            plan_certify(run, cfg.model_copy(update={"data": data, "shards": 2}), run.storage.child("certify")),
+            CPU,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
     assert (certify.run_id, corruptions.eval_id, attack.eval_id) == (RUN_ID, CORRUPTIONS_ID, ATTACK_ID)
@@ -143,7 +188,11 @@ def test_a_fresh_run_rebuilds_the_stored_files(bucket: Storage) -> None:
     for key in RUN_FILES:
         bucket.write_bytes(key, stored[key])
     done = _run_all(bucket)
-    assert (done["certify"].shards_computed, done["corruptions"].items_computed, done["attack"].items_computed) == (4, 15, 8)
+    assert (done["certify"].shards_computed, done["corruptions"].items_computed, done["attack"].items_computed) == (
+        4,
+        15,
+        8,
+    )
     made = {k for k in bucket.list() if not k.endswith("sample_grid.png")}
     assert made == set(stored)
     for key in sorted(made - set(RUN_FILES)):

@@ -47,7 +47,9 @@ def test_a_second_calibration_keeps_the_same_set_and_refuses_another_unless_repl
     calibrate_run(run, SMALL, device="cpu", progress=False)  # the same settings: kept, not rewritten
     assert (Path(run.uri) / "bn_stats.pt").stat().st_mtime_ns == stamp
     other = SMALL.model_copy(update={"samples": 96})
-    with pytest.raises(TbnError, match=r"already holds TBN statistics for sigma=0.25 made with other settings \(64 samples.*--replace"):
+    with pytest.raises(
+        TbnError, match=r"already holds TBN statistics for sigma=0.25 made with other settings \(64 samples.*--replace"
+    ):
         calibrate_run(run, other, device="cpu", progress=False)
     assert torch.equal(_mean(run), first)  # nothing was touched
     calibrate_run(run, other, device="cpu", progress=False, replace=True)
@@ -72,7 +74,9 @@ def test_the_api_names_a_module_by_its_weights_and_never_mixes_statistics(run: R
     mine = f"{type(model).__name__}-{_weights_digest(model)[:12]}"
     assert mine in folders
     with pytest.raises(TbnError, match="already holds other sigma=0.25 statistics than the stats= given"):
-        tbn_ray.certify(model, b, storage=kept, name=mine, sigma=0.25, data="partial", n0=4, n=8, max_images=1, batch_size=8)
+        tbn_ray.certify(
+            model, b, storage=kept, name=mine, sigma=0.25, data="partial", n0=4, n=8, max_images=1, batch_size=8
+        )
 
 
 def test_the_api_leaves_the_callers_module_as_it_was(run: Run) -> None:
@@ -92,9 +96,15 @@ def test_the_apis_messages_name_what_the_caller_gave(run: Run) -> None:
     with pytest.raises(TbnError) as missing:
         tbn_ray.certify(model, stats, sigma=0.3, data="partial", n0=4, n=8, max_images=1, batch_size=8)
     text = str(missing.value)
-    assert "no TBN statistics 'sigma=0.3' in the stats= given" in text and "tbn_ray.calibrate(model, sigmas=[0.3])" in text
+    assert (
+        "no TBN statistics 'sigma=0.3' in the stats= given" in text and "tbn_ray.calibrate(model, sigmas=[0.3])" in text
+    )
     assert "tbn-ray-" not in text and "tbn-ray calibrate" not in text
     with pytest.raises(TbnError, match="stats= must be what tbn_ray.calibrate returns"):
-        tbn_ray.certify(model, {"sigma=0.25": "not statistics"}, sigma=0.25, data="partial", n0=4, n=8, max_images=1, batch_size=8)
-    result = tbn_ray.evaluate_attack(model, bn="clean", data="partial", indices=(0, 2), attacks=["pgd"], attack_steps=1, batch_size=2)
+        tbn_ray.certify(
+            model, {"sigma=0.25": "not statistics"}, sigma=0.25, data="partial", n0=4, n=8, max_images=1, batch_size=8
+        )
+    result = tbn_ray.evaluate_attack(
+        model, bn="clean", data="partial", indices=(0, 2), attacks=["pgd"], attack_steps=1, batch_size=2
+    )
     assert "clean" in result.result["modes"]

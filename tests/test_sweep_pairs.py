@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.engine import pending, run_in_process
 from tbn_ray.jobs.pipeline import train_run
 from tbn_ray.jobs.sweep_pairs import ROW, SPLIT_KEYS, PairsJob, evaluate_pair, pair_key, split_heldout, train_config
-from tbn_ray.store.results import read_results
 from tbn_ray.science.tbn import bn_key
+from tbn_ray.store.cifar10 import load_from_config
+from tbn_ray.store.results import read_results
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
@@ -76,13 +76,17 @@ def test_a_pair_is_evaluated_on_validation_images_with_tbn_from_the_disjoint_res
 
 
 def test_an_unfinished_run_is_not_evaluated(cfg: SweepConfig, run: Run, tmp_path: Path) -> None:
-    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optim": cfg.train.optim.model_copy(update={"epochs": 2})})})
+    longer = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"optim": cfg.train.optim.model_copy(update={"epochs": 2})})}
+    )
     with pytest.raises(TbnError, match="at epoch 1 of 2: run the sweep again"):
         evaluate_pair(longer, run, EPS, SIGMA, Storage.open(tmp_path / "pair"), CPU)
     assert not (tmp_path / "pair").exists()
 
 
-def test_the_pairs_job_evaluates_each_pair_once_and_again_only_what_is_damaged(cfg: SweepConfig, run: Run, tmp_path: Path) -> None:
+def test_the_pairs_job_evaluates_each_pair_once_and_again_only_what_is_damaged(
+    cfg: SweepConfig, run: Run, tmp_path: Path
+) -> None:
     root = Storage.open(tmp_path / "sweep")
     job = PairsJob(cfg, root, ((EPS, run.uri),))
     assert [o for o, _ in job.outputs()] == [(EPS, s) for s in cfg.sigmas] and len(cfg.sigmas) == 2
@@ -102,4 +106,6 @@ def test_the_pairs_job_evaluates_each_pair_once_and_again_only_what_is_damaged(c
     assert len(done) == 4
     timing = ("calibrate_seconds", "certify_seconds")
     for key in rows:  # per-example seeds: the same numbers
-        assert {k: v for k, v in again[key].items() if k not in timing} == {k: v for k, v in rows[key].items() if k not in timing}
+        assert {k: v for k, v in again[key].items() if k not in timing} == {
+            k: v for k, v in rows[key].items() if k not in timing
+        }

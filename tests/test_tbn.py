@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from tbn_ray.science import tbn
 from tbn_ray.errors import TbnError
+from tbn_ray.science import tbn
 
 from .helpers import partial_test_images
 
@@ -133,7 +133,9 @@ def test_batch_statistics_mode_normalises_with_the_batch_and_restores_everything
         # the first BN layer's output is its input standardised with the batch's own statistics
         a = model[0](x)
         bn = model[1]
-        manual = (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(a.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+        manual = (a - a.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+            a.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+        )
         manual = manual * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
         torch.testing.assert_close(bn(a), manual, rtol=1e-4, atol=1e-4)
     for k, v in before.items():

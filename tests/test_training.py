@@ -14,12 +14,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from tbn_ray.store.cifar10 import load_cifar10
-from tbn_ray.science import data as data_mod
 from tbn_ray.config import OptimConfig, TrainConfig
-from tbn_ray.errors import TbnError
-from tbn_ray.science.models import build_model
 from tbn_ray.devices import resolve_device
+from tbn_ray.errors import TbnError
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.models import build_model
 from tbn_ray.science.training import (
     DataParallel,
     evaluate,
@@ -30,6 +29,7 @@ from tbn_ray.science.training import (
     make_scheduler,
     train_epoch,
 )
+from tbn_ray.store.cifar10 import load_cifar10
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CPU = torch.device("cpu")
@@ -69,7 +69,11 @@ def two_epochs(cifar: data_mod.Cifar10) -> dict[str, Any]:
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         history.append(metrics)
-        snapshots.append(copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+        snapshots.append(
+            copy.deepcopy(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            )
+        )
 
     model = fit(CFG, cifar, CPU, on_epoch=on_epoch, progress=False)
     return {"model": model, "history": history, "snapshots": snapshots}
@@ -109,11 +113,20 @@ def test_fit_is_reproducible_and_resumes_exactly(two_epochs: dict[str, Any], cif
     optimizer.load_state_dict(snap["optimizer"])
     scheduler = make_scheduler(optimizer, CFG.optim, 512 // CFG.optim.batch_size)
     scheduler.load_state_dict(snap["scheduler"])
-    resumed = _state(fit(CFG, cifar, CPU, start_epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, progress=False))
+    resumed = _state(
+        fit(CFG, cifar, CPU, start_epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, progress=False)
+    )
     for k in first:
         assert torch.equal(first[k], again[k]), k
         assert torch.equal(first[k], resumed[k]), k
-    other = _state(fit(CFG.model_copy(update={"seed": 1, "optim": CFG.optim.model_copy(update={"epochs": 1})}), cifar, CPU, progress=False))
+    other = _state(
+        fit(
+            CFG.model_copy(update={"seed": 1, "optim": CFG.optim.model_copy(update={"epochs": 1})}),
+            cifar,
+            CPU,
+            progress=False,
+        )
+    )
     assert not torch.equal(first["body.0.weight"], other["body.0.weight"])
 
 
@@ -178,7 +191,9 @@ def test_train_epoch_accepts_a_ddp_model_and_distributed_sampler(cifar: data_mod
         try:
             ddp = nn.parallel.DistributedDataParallel(model)
             dataset = TensorDataset(x, y)
-            loader = DataLoader(dataset, batch_size=64, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False))
+            loader = DataLoader(
+                dataset, batch_size=64, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            )
             out = train_epoch(ddp, loader, optimizer, scheduler, cfg, CPU, generator=gen)
             assert out["images"] == 128
             assert evaluate(ddp, x[:32], y[:32], cfg.eval_attack, CPU)["images"] == 32
@@ -190,12 +205,16 @@ def test_train_epoch_accepts_a_ddp_model_and_distributed_sampler(cifar: data_mod
         assert torch.allclose(bare[k], ddp_state[k], atol=1e-6), k
 
 
-def test_fit_as_one_worker_of_a_group_uses_the_hooks_and_resumes_exactly(cifar: data_mod.Cifar10, tmp_path: Path) -> None:
+def test_fit_as_one_worker_of_a_group_uses_the_hooks_and_resumes_exactly(
+    cifar: data_mod.Cifar10, tmp_path: Path
+) -> None:
     """fit as a DDP worker, as Ray Train runs it (one gloo worker here): the model is wrapped, batches
     come from a DistributedSampler reshuffled each epoch, BN buffers are synced before each evaluation,
     on_epoch gets the reduced metrics, and the resume hook continues bit for bit."""
     cfg = CFG.model_copy(update={"eval": CFG.eval.model_copy(update={"images": 32})})
-    d = data_mod.Cifar10(cifar.source, cifar.description, cifar.train.subset(slice(0, 128)), cifar.heldout, cifar.test, cifar.classes)
+    d = data_mod.Cifar10(
+        cifar.source, cifar.description, cifar.train.subset(slice(0, 128)), cifar.heldout, cifar.test, cifar.classes
+    )
     wrapped: list[nn.Module] = []
     loaders: list[DataLoader] = []
     synced: list[nn.Module] = []
@@ -214,7 +233,11 @@ def test_fit_as_one_worker_of_a_group_uses_the_hooks_and_resumes_exactly(cifar: 
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         seen.append(metrics)
-        snapshots.append(copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+        snapshots.append(
+            copy.deepcopy(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            )
+        )
 
     def resume(model: nn.Module, optimizer: Any, scheduler: Any) -> int:
         model.load_state_dict(snapshots[0]["model"])

@@ -8,14 +8,21 @@ in one place. No field accepts NaN or infinity.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import math
-from collections.abc import Mapping
-
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tbn_ray.config.base import _number, _Strict
 from tbn_ray.config.sequential import SequentialConfig
@@ -32,22 +39,30 @@ L2_DIAMETER = math.sqrt(3 * 32 * 32)
 
 def _plausible_sigma(sigma: float) -> float:
     if sigma > SIGMA_PLAUSIBLE:
-        warn(f"sigma {sigma:g} is noise {sigma / 0.25:.0f}x the spread of [0, 1] pixels: no image survives it "
-             "(papers use 0.12 to 1.0); is it on the 0-255 scale?")  # fmt: skip
+        warn(
+            f"sigma {sigma:g} is noise {sigma / 0.25:.0f}x the spread of [0, 1] pixels: no image survives it "
+            "(papers use 0.12 to 1.0); is it on the 0-255 scale?"
+        )
     return sigma
 
 
 def check_budget(norm: str, eps: float) -> float:
     """Warn of an attack budget that covers every image: on the 0-255 scale, or l2 beyond the image space."""
     if norm == "linf" and eps >= 1:
-        warn(f"l-inf eps {eps:g} lets the attack reach any image in [0, 1] (every pixel may move by {eps:g}); "
-             f"budgets are in [0, 1] pixel units: did you mean {eps:g}/255?")  # fmt: skip
+        warn(
+            f"l-inf eps {eps:g} lets the attack reach any image in [0, 1] (every pixel may move by {eps:g}); "
+            f"budgets are in [0, 1] pixel units: did you mean {eps:g}/255?"
+        )
     elif norm == "l2" and eps >= L2_DIAMETER:
-        warn(f"l2 eps {eps:g} is at least the distance between any two images in [0, 1] ({L2_DIAMETER:.1f}): the attack can reach any image")
+        warn(
+            f"l2 eps {eps:g} is at least the distance between any two images in [0, 1] ({L2_DIAMETER:.1f}): the attack can reach any image"
+        )
     return eps
 
 
-Sigma = Annotated[float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units"), AfterValidator(_plausible_sigma)]
+Sigma = Annotated[
+    float, Field(gt=0, description="Gaussian noise std in [0,1] pixel units"), AfterValidator(_plausible_sigma)
+]
 
 #: Radii at which certified accuracy is tabulated (docs/method.md: 0, 0.25, ..., 2.25).
 REPORT_RADII: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(10))
@@ -57,7 +72,9 @@ class DataConfig(_Strict):
     """Where CIFAR-10 comes from (``auto``: official files, else the JPEG mirror, else the exact subset)."""
 
     source: DataSource = "auto"
-    root: str | None = Field(None, description="directory of the official cifar-10-batches-py (downloaded here if missing)")
+    root: str | None = Field(
+        None, description="directory of the official cifar-10-batches-py (downloaded here if missing)"
+    )
     shared_dir: str | None = Field(None, description="offline copies (shared/data); auto-detected when unset")
     train_limit: int | None = Field(None, ge=1, description="train on the first N training images only")
 
@@ -125,7 +142,7 @@ class AttackConfig(_Strict):
     _num = field_validator("eps", "step_size", mode="before")(_number)
 
     @model_validator(mode="after")
-    def _budget(self) -> "AttackConfig":
+    def _budget(self) -> AttackConfig:
         check_budget(self.norm, self.eps)
         return self
 
@@ -167,7 +184,9 @@ class NoiseTrainingConfig(_Strict):
     sigma: Sigma = 0.25
     copies: int = Field(2, ge=2, description="consistency: noisy copies of each image per step (m)")
     consistency_weight: float = Field(20.0, ge=0, description="consistency: weight of the KL term (lambda)")
-    entropy_weight: float = Field(0.5, ge=0, description="consistency: weight of the entropy of the mean prediction (eta)")
+    entropy_weight: float = Field(
+        0.5, ge=0, description="consistency: weight of the entropy of the mean prediction (eta)"
+    )
 
 
 class TrainConfig(_Strict):
@@ -183,7 +202,10 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     augment: bool = True
-    objective: Objective = Field("adversarial", description="adversarial (PGD, the attack section), gaussian (Cohen et al.) or consistency (Jeong & Shin)")
+    objective: Objective = Field(
+        "adversarial",
+        description="adversarial (PGD, the attack section), gaussian (Cohen et al.) or consistency (Jeong & Shin)",
+    )
     noise: NoiseTrainingConfig = NoiseTrainingConfig()
 
     @model_serializer(mode="wrap")
@@ -204,7 +226,11 @@ class TrainConfig(_Strict):
             a = self.attack
             return f"{a.norm}-PGD eps {a.eps:.4g} ({a.steps} steps)"
         n = self.noise
-        extra = f" (m {n.copies}, lambda {n.consistency_weight:g}, eta {n.entropy_weight:g})" if self.objective == "consistency" else ""
+        extra = (
+            f" (m {n.copies}, lambda {n.consistency_weight:g}, eta {n.entropy_weight:g})"
+            if self.objective == "consistency"
+            else ""
+        )
         return f"{self.objective} sigma {n.sigma:g}{extra}"
 
     @property
@@ -240,14 +266,23 @@ class AdaptiveConfig(_Strict):
     (``bench/adaptive_sampling.py``) against fixed n on the report radii."""
 
     pilot: int = Field(1000, ge=1, description="planning draws after the n0 selection draws, never reused in the bound")
-    extra_pilots: tuple[Annotated[int, Field(ge=1)], ...] = Field((4000, 10000), description="further planning stages, drawn while the plan asks for more than twice the next one")
-    max_loss: float = Field(0.02, ge=0, description="expected report radii certified less often than at the full n, per image")
-    tolerance: float = Field(0.02, ge=0, description="l2: accept an n whose predicted radius is within this of the full n's")
-    margin: float = Field(0.02, ge=0, description="l2: ... or that clears the highest report radius reached at the full n by this")
+    extra_pilots: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (4000, 10000), description="further planning stages, drawn while the plan asks for more than twice the next one"
+    )
+    max_loss: float = Field(
+        0.02, ge=0, description="expected report radii certified less often than at the full n, per image"
+    )
+    tolerance: float = Field(
+        0.02, ge=0, description="l2: accept an n whose predicted radius is within this of the full n's"
+    )
+    margin: float = Field(
+        0.02, ge=0, description="l2: ... or that clears the highest report radius reached at the full n by this"
+    )
     fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
         (1 / 64, 3 / 128, 1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0),
-        min_length=1, description="the estimation sizes the plan picks from, as fractions of n (e.g. 3/128); must include 1 (the full n)",
-    )  # fmt: skip
+        min_length=1,
+        description="the estimation sizes the plan picks from, as fractions of n (e.g. 3/128); must include 1 (the full n)",
+    )
 
     @field_validator("fractions", mode="before")
     @classmethod
@@ -271,7 +306,9 @@ class CertifyConfig(_Strict):
     and the parameters stored with every result are ``identity`` of this config (plus what the run
     and the data fix), so a new field changes the run id when set and leaves stored ids alone."""
 
-    sigmas: tuple[Sigma, ...] = Field((0.25,), min_length=1, description="noise levels, each certified with its own statistics")
+    sigmas: tuple[Sigma, ...] = Field(
+        (0.25,), min_length=1, description="noise levels, each certified with its own statistics"
+    )
     n0: int = Field(100, ge=1, description="selection draws (guess the top class)")
     n: int = Field(100000, ge=1, description="estimation draws (at most, with adaptive)")
     alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each certificate")
@@ -283,29 +320,63 @@ class CertifyConfig(_Strict):
     seed: int = Field(0, ge=0, description="run seed; each example's noise derives from (seed, index)")
     bn: str = Field("tbn", description="tbn (BN statistics calibrated at the same sigma) or clean")
     data: DataConfig | None = Field(None, description="CIFAR-10 source (default: the run's own)")
-    shards: int | None = Field(None, ge=1, description=f"fixed shards the images are split into (default: {DEFAULT_SHARDS}, at most one per image)")
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description=f"fixed shards the images are split into (default: {DEFAULT_SHARDS}, at most one per image)",
+    )
     channels_last: bool = Field(False, description="channels-last memory format: faster convolutions (its own run id)")
     fold_bn: bool = Field(False, description="BN folded into the convolutions: faster (its own run id)")
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast dtype of the forward passes, CUDA only (its own run id)")
-    images_per_pass: int = Field(1, ge=1, description="images sharing each forward pass: fills the batch with several images' noise (its own run id)")
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="autocast dtype of the forward passes, CUDA only (its own run id)"
+    )
+    images_per_pass: int = Field(
+        1,
+        ge=1,
+        description="images sharing each forward pass: fills the batch with several images' noise (its own run id)",
+    )
     sample_size: Literal["fixed", "sequential", "pilot"] = Field(
-        "fixed", description="fixed: n draws per image (Cohen et al.); sequential: at most n, an anytime-valid bound at a fixed schedule "
+        "fixed",
+        description="fixed: n draws per image (Cohen et al.); sequential: at most n, an anytime-valid bound at a fixed schedule "
         "of looks that stops once the report radius is settled; pilot: at most n, planned from pilot draws (each its own run id)",
-    )  # fmt: skip
-    adaptive: bool = Field(False, description="deprecated alias: --adaptive is --sample-size sequential (pilot with --adaptive-design pilot)")
-    adaptive_design: Literal["sequential", "pilot"] = Field("sequential", description="deprecated alias: with --adaptive, the design; use --sample-size")
+    )
+    adaptive: bool = Field(
+        False,
+        description="deprecated alias: --adaptive is --sample-size sequential (pilot with --adaptive-design pilot)",
+    )
+    adaptive_design: Literal["sequential", "pilot"] = Field(
+        "sequential", description="deprecated alias: with --adaptive, the design; use --sample-size"
+    )
     sequential: SequentialConfig = SequentialConfig()
     adaptive_sampling: AdaptiveConfig = AdaptiveConfig()
     cudnn_autotune: bool = Field(False, description="cuDNN's per-shape algorithm search, CUDA only (its own run id)")
-    compile: str | None = Field(None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)")
-    clip: bool = Field(False, description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)")
+    compile: str | None = Field(
+        None, description="torch.compile backend for the base classifier, e.g. inductor (its own run id)"
+    )
+    clip: bool = Field(
+        False,
+        description="clamp each noisy copy to [0, 1] before the network: another fixed base classifier (its own run id)",
+    )
 
     #: Fields the plan records itself (sigma per result, the statistics set, the resolved data and shards).
-    _PLANNED: ClassVar[frozenset[str]] = frozenset({"sigmas", "bn", "data", "shards", "sample_size", "adaptive_design", "sequential", "adaptive_sampling"})
+    _PLANNED: ClassVar[frozenset[str]] = frozenset(
+        {"sigmas", "bn", "data", "shards", "sample_size", "adaptive_design", "sequential", "adaptive_sampling"}
+    )
     #: Fields stored with every result whatever their value (so results of before keep their ids).
     _ALWAYS: ClassVar[tuple[str, ...]] = (
-        "n0", "n", "alpha", "seed", "batch_size", "start", "skip", "stop", "max_images", "channels_last", "fold_bn", "amp",
-    )  # fmt: skip
+        "n0",
+        "n",
+        "alpha",
+        "seed",
+        "batch_size",
+        "start",
+        "skip",
+        "stop",
+        "max_images",
+        "channels_last",
+        "fold_bn",
+        "amp",
+    )
     #: Fields that change nothing off CUDA: recorded at their default elsewhere.
     _CUDA_ONLY: ClassVar[frozenset[str]] = frozenset({"amp", "cudnn_autotune"})
 
@@ -323,8 +394,11 @@ class CertifyConfig(_Strict):
             if name in self._CUDA_ONLY and device_type != "cuda":
                 value = info.default
             if name == "adaptive" and value:  # the design's settings; the pilot's as before designs existed
-                value = self.adaptive_sampling.model_dump(mode="json") if self.adaptive_design == "pilot" else {
-                    "design": "sequential", **self.sequential.model_dump(mode="json")}  # fmt: skip
+                value = (
+                    self.adaptive_sampling.model_dump(mode="json")
+                    if self.adaptive_design == "pilot"
+                    else {"design": "sequential", **self.sequential.model_dump(mode="json")}
+                )
             if name in self._ALWAYS or value != info.default:
                 out[name] = value
         return out
@@ -362,13 +436,20 @@ class CertifyConfig(_Strict):
         in step with it because the run id is written with them (stored ids do not change)."""
         given = self.model_fields_set
         old = self.adaptive_design if self.adaptive else "fixed"
-        if {"adaptive", "adaptive_design"} & given:  # the old spelling, given (dumps never hold it): it wins over a dumped "fixed"
+        if {
+            "adaptive",
+            "adaptive_design",
+        } & given:  # the old spelling, given (dumps never hold it): it wins over a dumped "fixed"
             if "sample_size" in given and self.sample_size not in ("fixed", old):
-                raise ValueError(f"sample_size {self.sample_size!r} and the deprecated adaptive/adaptive_design ({old!r}) disagree: give sample_size only")
+                raise ValueError(
+                    f"sample_size {self.sample_size!r} and the deprecated adaptive/adaptive_design ({old!r}) disagree: give sample_size only"
+                )
             object.__setattr__(self, "sample_size", old)
         elif "sample_size" in given:
             object.__setattr__(self, "adaptive", self.sample_size != "fixed")
-            object.__setattr__(self, "adaptive_design", self.sample_size if self.sample_size != "fixed" else "sequential")
+            object.__setattr__(
+                self, "adaptive_design", self.sample_size if self.sample_size != "fixed" else "sequential"
+            )
         return self
 
     @model_serializer(mode="wrap")
@@ -394,13 +475,21 @@ class CertifyConfig(_Strict):
 class EvaluateConfig(_Strict):
     """The ``evaluate`` section: defaults of ``tbn-ray evaluate`` (its flags override them)."""
 
-    batch_size: int = Field(200, ge=1, description="images per forward pass, and the test batch of the batch BN modes (TENT's CIFAR-10-C setting)")
+    batch_size: int = Field(
+        200,
+        ge=1,
+        description="images per forward pass, and the test batch of the batch BN modes (TENT's CIFAR-10-C setting)",
+    )
     attack_steps: int = Field(50, ge=1, description="iterations per attack run: an evaluation, not training")
     restarts: int = Field(1, ge=1, description="random starts per attack")
     attacks: tuple[str, ...] = ("pgd", "apgd-ce")
     norm: Norm = Field("l2", description="threat model of the attacks")
-    eps: float = Field(0.5, description="attack budget in [0,1] pixel units (8/255 accepted); > 0, checked with the threat model")
-    step_size: float | None = Field(None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)")
+    eps: float = Field(
+        0.5, description="attack budget in [0,1] pixel units (8/255 accepted); > 0, checked with the threat model"
+    )
+    step_size: float | None = Field(
+        None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)"
+    )
     seed: int = Field(0, description="random starts derive from (seed, attack, batch)")
     corruptions: str = Field("all", description="'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow")
     severities: str = Field("1-5", description="severities: 1-5, 3 or 1,3,5")
@@ -414,7 +503,9 @@ class RayConfig(_Strict):
     ``train``, the actor pool of ``certify`` and ``evaluate``. ``None``: decided by the cluster."""
 
     workers: int = Field(1, ge=1, description="Ray Train DDP workers")
-    cpus_per_worker: float | None = Field(None, gt=0, description="default: a local instance's CPUs / workers; on a cluster 1")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="default: a local instance's CPUs / workers; on a cluster 1"
+    )
     gpus_per_worker: int = Field(0, ge=0, le=1, description="0 (gloo on CPU) or 1 (nccl, one GPU per worker)")
     keep: int = Field(3, ge=1, description="Ray checkpoints kept, the most recent; best.pt is kept besides")
     max_failures: int = Field(3, ge=0, description="worker failures recovered from the last checkpoint")
@@ -428,7 +519,8 @@ class RuntimeConfig(_Strict):
     """Settings of this process, not of an experiment."""
 
     threads: int | Literal["auto"] = Field(
-        "auto", description="torch CPU threads; auto: the CPUs this process may use (affinity, cgroup quota) that are idle now"
+        "auto",
+        description="torch CPU threads; auto: the CPUs this process may use (affinity, cgroup quota) that are idle now",
     )
 
     @field_validator("threads", mode="before")
@@ -500,7 +592,9 @@ def _read_yaml(path: str | Path, what: str, holds: str) -> dict[str, Any]:
     return parse_yaml(text, f"{what} {p}", holds)
 
 
-def load_config(path: str | Path | None = None, flags: Mapping[str, str] | None = None, **overrides: Any) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, flags: Mapping[str, str] | None = None, **overrides: Any
+) -> ExperimentConfig:
     """Read a YAML experiment config (or the defaults), apply dotted overrides, validate.
 
     ``flags`` names the command-line flag of a dotted field, for the error message."""
@@ -524,7 +618,9 @@ def load_config(path: str | Path | None = None, flags: Mapping[str, str] | None 
         raise TbnError(_one_line(e, where, flags)) from None
 
 
-def parse_config(model: type[BaseModel], raw: dict[str, Any], where: str, flags: Mapping[str, str] | None = None) -> Any:
+def parse_config(
+    model: type[BaseModel], raw: dict[str, Any], where: str, flags: Mapping[str, str] | None = None
+) -> Any:
     """Validate a stored config section (e.g. from a checkpoint) or flags with a one-line error."""
     try:
         return model.model_validate(raw)
@@ -550,10 +646,67 @@ def shown_default(model: type[BaseModel], field: str) -> str:
 # The sweep's and the reproduction's configs live beside this module and are re-exported here,
 # so ``from tbn_ray.config import SweepConfig`` keeps working; they build on the classes above.
 from tbn_ray.config.reproduce import (  # noqa: E402
-    CostConfig, ModelSpec, NoiseAccuracyConfig, ReproduceConfig, ReproduceEvaluateConfig, load_reproduce_config,
-)  # fmt: skip
+    CostConfig,
+    ModelSpec,
+    NoiseAccuracyConfig,
+    ReproduceConfig,
+    ReproduceEvaluateConfig,
+    load_reproduce_config,
+)
 from tbn_ray.config.sweep import (  # noqa: E402
-    SWEEP_OBJECTIVES, EarlyStopConfig, SweepConfig, SweepResources, ValidationConfig, load_sweep_config, objective_value,
-)  # fmt: skip
+    SWEEP_OBJECTIVES,
+    EarlyStopConfig,
+    SweepConfig,
+    SweepResources,
+    ValidationConfig,
+    load_sweep_config,
+    objective_value,
+)
 
-__all__ = [name for name in dir() if not name.startswith("__")]
+__all__ = [
+    "AdaptiveConfig",
+    "Arch",
+    "AttackConfig",
+    "CalibrateConfig",
+    "CertifyConfig",
+    "check_budget",
+    "check_sigma",
+    "CostConfig",
+    "DataConfig",
+    "DataSource",
+    "default",
+    "DEFAULT_SHARDS",
+    "EarlyStopConfig",
+    "EvalConfig",
+    "EvaluateConfig",
+    "ExperimentConfig",
+    "L2_DIAMETER",
+    "load_config",
+    "load_reproduce_config",
+    "load_sweep_config",
+    "ModelConfig",
+    "ModelSource",
+    "ModelSpec",
+    "NoiseAccuracyConfig",
+    "NoiseTrainingConfig",
+    "Norm",
+    "Objective",
+    "objective_value",
+    "OptimConfig",
+    "parse_config",
+    "parse_yaml",
+    "RayConfig",
+    "REPORT_RADII",
+    "ReproduceConfig",
+    "ReproduceEvaluateConfig",
+    "RuntimeConfig",
+    "SequentialConfig",
+    "shown_default",
+    "Sigma",
+    "SIGMA_PLAUSIBLE",
+    "SWEEP_OBJECTIVES",
+    "SweepConfig",
+    "SweepResources",
+    "TrainConfig",
+    "ValidationConfig",
+]

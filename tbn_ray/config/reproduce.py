@@ -8,19 +8,35 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tbn_ray.config import CalibrateConfig, CertifyConfig, EvaluateConfig, Sigma, TrainConfig, _read_yaml, _Strict, parse_config
+from tbn_ray.config import (
+    CalibrateConfig,
+    CertifyConfig,
+    EvaluateConfig,
+    Sigma,
+    TrainConfig,
+    _read_yaml,
+    _Strict,
+    parse_config,
+)
+
 
 class ModelSpec(_Strict):
     """One trained model of the reproduction: a name and what its training changes from the shared ``train`` section."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the shared train section")
-    sigmas: tuple[Sigma, ...] | None = Field(None, min_length=1, description="the sigmas this model is certified at (default: every certify sigma)")
+    sigmas: tuple[Sigma, ...] | None = Field(
+        None, min_length=1, description="the sigmas this model is certified at (default: every certify sigma)"
+    )
     bn: tuple[Literal["tbn", "clean"], ...] | None = Field(
-        None, min_length=1, description="statistics it is certified with (default: tbn, and clean with certify_clean; "
+        None,
+        min_length=1,
+        description="statistics it is certified with (default: tbn, and clean with certify_clean; "
         "a noise-trained model: clean, its own statistics of noisy inputs)",
-    )  # fmt: skip
-    attack: bool | None = Field(None, description="attacked in the evaluate stage (default: adversarially trained models only)")
+    )
+    attack: bool | None = Field(
+        None, description="attacked in the evaluate stage (default: adversarially trained models only)"
+    )
 
 
 class NoiseAccuracyConfig(_Strict):
@@ -40,7 +56,11 @@ class ReproduceEvaluateConfig(_Strict):
     corruption_modes: tuple[str, ...] = Field(("clean", "test-batch"), min_length=1)
     corruption_images: int | None = Field(None, ge=1, description="first test images of CIFAR-10-C (default: all)")
     attack_images: int = Field(1000, ge=1, description="first test images attacked")
-    autoattack_images: int | None = Field(None, ge=1, description="AutoAttack, when among the attacks, on the first of these only (default: attack_images)")
+    autoattack_images: int | None = Field(
+        None,
+        ge=1,
+        description="AutoAttack, when among the attacks, on the first of these only (default: attack_images)",
+    )
     cifar10c_seed: int = 0
     attack_seed: int = 0
 
@@ -68,7 +88,10 @@ class ReproduceConfig(_Strict):
     robustness: ReproduceEvaluateConfig = ReproduceEvaluateConfig()
     cost: CostConfig = CostConfig()
     device: str = "auto"
-    keep_optimizer: bool = Field(True, description="keep the optimizer and scheduler in a finished model's checkpoint (needed only to train it further); off: weights only, small enough to commit")
+    keep_optimizer: bool = Field(
+        True,
+        description="keep the optimizer and scheduler in a finished model's checkpoint (needed only to train it further); off: weights only, small enough to commit",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ReproduceConfig:
@@ -92,7 +115,11 @@ class ReproduceConfig(_Strict):
 
     def train_config(self, spec: ModelSpec) -> TrainConfig:
         """The shared train section with the model's overrides merged in (nested dicts merge)."""
-        return parse_config(TrainConfig, _merge({**self.train, "name": spec.name, "device": self.device}, spec.train), f"models[{spec.name}].train")
+        return parse_config(
+            TrainConfig,
+            _merge({**self.train, "name": spec.name, "device": self.device}, spec.train),
+            f"models[{spec.name}].train",
+        )
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +130,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_reproduce_config(path: str | Path) -> ReproduceConfig:
-    raw = _read_yaml(path, "reproduce config", "name, train, models, calibrate, certify, noise, evaluate, robustness, cost")
+    raw = _read_yaml(
+        path, "reproduce config", "name, train, models, calibrate, certify, noise, evaluate, robustness, cost"
+    )
     cfg = parse_config(ReproduceConfig, raw, str(path))
     for spec in cfg.models:
         cfg.train_config(spec)  # every model's training config is valid before anything runs

@@ -9,8 +9,16 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from tbn_ray.config import (
-    REPORT_RADII, AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig, _number, _read_yaml, _Strict, parse_config,
-)  # fmt: skip
+    REPORT_RADII,
+    AttackConfig,
+    CalibrateConfig,
+    CertifyConfig,
+    TrainConfig,
+    _number,
+    _read_yaml,
+    _Strict,
+    parse_config,
+)
 
 #: Objectives a sweep can maximise: ACR, or certified accuracy at one of the report radii.
 SWEEP_OBJECTIVES = ("acr", *(f"certified_accuracy@{r:g}" for r in REPORT_RADII))
@@ -25,8 +33,14 @@ class SweepResources(_Strict):
     gpus_per_worker: int = Field(0, ge=0, le=1, description="0 (gloo on CPU) or 1 (nccl, one GPU per worker)")
     eval_cpus: float = Field(1.0, gt=0, description="CPUs per evaluation actor (also its torch threads)")
     eval_gpus: float = Field(0.0, ge=0, le=1, description="GPU (or fraction) per evaluation actor")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="training trials and evaluation actors at once; default, and cap on a fixed-size cluster: as many as fit")
-    max_failures: int = Field(1, ge=0, description="retries of a failed training trial, and of a lost Train worker group")
+    max_concurrent_trials: int | None = Field(
+        None,
+        ge=1,
+        description="training trials and evaluation actors at once; default, and cap on a fixed-size cluster: as many as fit",
+    )
+    max_failures: int = Field(
+        1, ge=0, description="retries of a failed training trial, and of a lost Train worker group"
+    )
 
 
 class EarlyStopConfig(_Strict):
@@ -40,7 +54,9 @@ class EarlyStopConfig(_Strict):
 class ValidationConfig(_Strict):
     """The images the sweep certifies: held-out training images, never the test set."""
 
-    images: int = Field(500, ge=1, description="the LAST held-out images in official order; TBN calibration uses the others")
+    images: int = Field(
+        500, ge=1, description="the LAST held-out images in official order; TBN calibration uses the others"
+    )
 
 
 class SweepConfig(_Strict):
@@ -81,7 +97,9 @@ class SweepConfig(_Strict):
     @classmethod
     def _objective(cls, v: str) -> str:
         if v not in SWEEP_OBJECTIVES:
-            raise ValueError(f"unknown objective {v!r}: use acr or certified_accuracy@R with R one of {', '.join(f'{r:g}' for r in REPORT_RADII)}")
+            raise ValueError(
+                f"unknown objective {v!r}: use acr or certified_accuracy@R with R one of {', '.join(f'{r:g}' for r in REPORT_RADII)}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -91,11 +109,16 @@ class SweepConfig(_Strict):
             "train.attack.eps": "eps" in self.train.attack.model_fields_set,
             "train.eval.attack": "attack" in self.train.eval.model_fields_set,
             "calibrate.sigmas": "sigmas" in self.calibrate.model_fields_set,
-            **{f"certify.{k}": k in self.certify.model_fields_set for k in ("sigmas", "skip", "start", "max_images", "bn")},
+            **{
+                f"certify.{k}": k in self.certify.model_fields_set
+                for k in ("sigmas", "skip", "start", "max_images", "bn")
+            },
         }
         certify_only = [f"certify.{k}" for k in ("shards", "stop", "data") if k in self.certify.model_fields_set]
         if certify_only:
-            raise ValueError(f"{', '.join(certify_only)}: settings of tbn-ray certify, not used by a sweep; remove from the config")
+            raise ValueError(
+                f"{', '.join(certify_only)}: settings of tbn-ray certify, not used by a sweep; remove from the config"
+            )
         set_here = [k for k, v in owned.items() if v]
         if set_here:
             raise ValueError(
@@ -116,7 +139,9 @@ class SweepConfig(_Strict):
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep YAML (configs/sweep.yaml); every problem is a one-line TbnError."""
-    return parse_config(SweepConfig, _read_yaml(path, "sweep config", "epsilons, sigmas, objective, train, ..."), str(path))
+    return parse_config(
+        SweepConfig, _read_yaml(path, "sweep config", "epsilons, sigmas, objective, train, ..."), str(path)
+    )
 
 
 def objective_value(cfg: SweepConfig, row: dict[str, Any]) -> float:

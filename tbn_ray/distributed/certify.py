@@ -32,4 +32,3 @@ def run_plan_on_ray(
     ``actors``, ``gpus_per_actor``, ``cpus_per_actor``, ``progress``, ``ready_timeout_s``
     (``distributed.jobs.run_job_on_ray``)."""
     return run_job_on_ray(plan, CertifyActor, cluster, on_unit=on_shard, **options)
-

@@ -25,8 +25,9 @@ class EvaluateActor(JobActor):
     """A ``TaskRunner`` (model built once per process)."""
 
 
-def run_plan_on_ray(plan: EvalPlan, cluster: RayCluster, *, on_task: Callable[[TaskResult], None] | None = None, **options: Any) -> EvalResult:
+def run_plan_on_ray(
+    plan: EvalPlan, cluster: RayCluster, *, on_task: Callable[[TaskResult], None] | None = None, **options: Any
+) -> EvalResult:
     """Run the pending tasks of ``plan`` on a pool of actors, then aggregate and report. ``options``:
     as ``distributed.jobs.run_job_on_ray``'s."""
     return run_job_on_ray(plan, EvaluateActor, cluster, on_unit=on_task, **options)
-

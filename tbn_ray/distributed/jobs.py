@@ -25,7 +25,7 @@ import ray
 from tbn_ray.distributed.pool import READY_TIMEOUT_S, PoolWorker, actor_shape, run_pool
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.errors import log
-from tbn_ray.jobs.engine import CLAIM_POLL_S, Claims, ClaimedUnits, Job, Progress, pending
+from tbn_ray.jobs.engine import CLAIM_POLL_S, ClaimedUnits, Claims, Job, Progress, pending
 
 
 class JobActor(PoolWorker):
@@ -45,7 +45,10 @@ class JobActor(PoolWorker):
 
         self.job = job
         self.runner = job.make_worker(self.device(), self.worker, self.gpus)
-        self.metrics = {m.name: ((Gauge if m.gauge else Counter)(m.name, m.description, tag_keys=m.tag_keys), m.gauge) for m in job.metrics}
+        self.metrics = {
+            m.name: ((Gauge if m.gauge else Counter)(m.name, m.description, tag_keys=m.tag_keys), m.gauge)
+            for m in job.metrics
+        }
 
     def run(self, plan: list[ray.ObjectRef], unit: Any, sink: Any = None) -> Any:
         """Compute ``unit``. ``plan`` is ``[ref]``: fetched from the object store only by the
@@ -67,26 +70,45 @@ class JobActor(PoolWorker):
 
 
 def run_job_on_ray(
-    job: Job, actor_cls: Any, cluster: RayCluster, *, progress: bool = True, on_unit: Callable[[Any], None] | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S, claims: Claims | None = None, poll_s: float = CLAIM_POLL_S, **sizing: Any,
+    job: Job,
+    actor_cls: Any,
+    cluster: RayCluster,
+    *,
+    progress: bool = True,
+    on_unit: Callable[[Any], None] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    claims: Claims | None = None,
+    poll_s: float = CLAIM_POLL_S,
+    **sizing: Any,
 ) -> Any:
     """Run the pending units of ``job`` on a pool of ``actor_cls`` actors (a remote ``JobActor``),
     each claimed first (``claims``, as ``engine.run_in_process`` takes them), then finish it.
     ``sizing``: ``actors``, ``gpus_per_actor``, ``cpus_per_actor`` (``pool.actor_shape``)."""
-    shape = actor_shape(ray.nodes(), work=len(job.units([o for o, _ in job.outputs()])), autoscaling=cluster.autoscaling, **sizing)
+    shape = actor_shape(
+        ray.nodes(), work=len(job.units([o for o, _ in job.outputs()])), autoscaling=cluster.autoscaling, **sizing
+    )
     job = job.on_device("cuda" if shape.gpus > 0 else "cpu")
     left = pending(job)
     log(job.describe(left.units, left.stored))
     computed = left.missing
     if left.units:
         shape = dataclasses.replace(shape, actors=min(shape.actors, len(left.units)))
-        log(f"{shape.actors} actor(s), {shape.cpus:g} CPU ({shape.threads} torch threads) + {shape.gpus:g} GPU each; dashboard {cluster.dashboard_url}")
+        log(
+            f"{shape.actors} actor(s), {shape.cpus:g} CPU ({shape.threads} torch threads) + {shape.gpus:g} GPU each; dashboard {cluster.dashboard_url}"
+        )
         with claims or Claims(job.out) as held:
             units = ClaimedUnits(job, left, held, poll_s=poll_s)
             run_pool(
-                actor_cls, f"{job.name} actor", job.job_id, job, units, shape,
-                label=job.label, bar=Progress(job, left.units, progress), on_result=on_unit, ready_timeout_s=ready_timeout_s,
-            )  # fmt: skip
+                actor_cls,
+                f"{job.name} actor",
+                job.job_id,
+                job,
+                units,
+                shape,
+                label=job.label,
+                bar=Progress(job, left.units, progress),
+                on_result=on_unit,
+                ready_timeout_s=ready_timeout_s,
+            )
             computed = units.computed()
     return job.finish(computed, left.stored + left.missing - computed)
-

@@ -25,14 +25,14 @@ import socket
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import ray
 import torch
 
-from tbn_ray.errors import TbnError, log
 from tbn_ray.devices import resolve_device
+from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.engine import ClaimedUnits
 
 #: Restarts of a dead actor, and retries of the unit it was running, before the driver gives
@@ -158,7 +158,10 @@ def run_pool(
     with its result as it arrives; on any error or interrupt, kill every actor."""
     sink = _progress_sink()
     pool = _Pool(ray.put(plan), units, label, sink=sink)
-    actors = [actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus) for _ in range(shape.actors)]
+    actors = [
+        actor_cls.options(num_cpus=shape.cpus, num_gpus=shape.gpus).remote(name, shape.threads, shape.gpus)
+        for _ in range(shape.actors)
+    ]
     pool.starting = {actor.ready.remote(): actor for actor in actors}
     deadline = time.monotonic() + ready_timeout_s
     try:
@@ -239,8 +242,14 @@ def _reports(pool: _Pool) -> list[tuple[Any, int]]:
 class _Pool:
     """The driver's bookkeeping: actors starting, idle and busy, units queued and their attempts."""
 
-    def __init__(self, plan_ref: Any, units: ClaimedUnits, label: Callable[[Any], str], clock: Callable[[], float] = time.monotonic,
-                 sink: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        plan_ref: Any,
+        units: ClaimedUnits,
+        label: Callable[[Any], str],
+        clock: Callable[[], float] = time.monotonic,
+        sink: Any = None,
+    ) -> None:
         self.plan_ref, self.label, self.units, self.clock, self.sink = plan_ref, label, units, clock, sink
         self.starting: dict[Any, Any] = {}
         self.idle: list[Any] = []
@@ -255,7 +264,10 @@ class _Pool:
         self.nodes_at = -float("inf")
 
     def submit(self, actor: Any, unit: Hashable) -> None:
-        self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit, self.sink)] = (actor, unit)
+        self.running[actor.run.options(name=self.label(unit)[:120]).remote([self.plan_ref], unit, self.sink)] = (
+            actor,
+            unit,
+        )
 
     def dispatch(self) -> None:
         """Hand queued units, then newly claimed ones, to idle actors; with nothing queued, give a unit
@@ -276,7 +288,11 @@ class _Pool:
 
     def stranded(self) -> list[Hashable]:
         """Unfinished units in flight on actors whose node has died, not yet backed up."""
-        waiting = [(actor, unit) for actor, unit in self.running.values() if unit not in self.done and unit not in self.backed_up]
+        waiting = [
+            (actor, unit)
+            for actor, unit in self.running.values()
+            if unit not in self.done and unit not in self.backed_up
+        ]
         if not waiting:
             return []
         alive = self.alive({self.node_of[actor] for actor, _ in waiting if actor in self.node_of})
@@ -312,7 +328,9 @@ class _Pool:
         except ray.exceptions.RayTaskError as e:
             cause = _cause(e)
             if isinstance(cause, TbnError):
-                raise TbnError(f"{self.label(unit)}: {cause} (finished work is kept: run the same command again to resume)") from None
+                raise TbnError(
+                    f"{self.label(unit)}: {cause} (finished work is kept: run the same command again to resume)"
+                ) from None
             raise
         except ray.exceptions.RayActorError as e:  # died more often than it may restart
             self.attempts[unit] += 1

@@ -131,9 +131,13 @@ def _probe(address: str) -> None:
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _unreachable(address, f"the port accepts connections but no Ray GCS answered within {PROBE_TIMEOUT_S:g} s") from None
+                raise _unreachable(
+                    address, f"the port accepts connections but no Ray GCS answered within {PROBE_TIMEOUT_S:g} s"
+                ) from None
             if code == grpc.StatusCode.UNIMPLEMENTED:
-                raise _unreachable(address, "a gRPC server answers there, but not a Ray GCS: another Ray port?") from None
+                raise _unreachable(
+                    address, "a gRPC server answers there, but not a Ray GCS: another Ray port?"
+                ) from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise _unreachable(address, "the port accepts connections but does not speak gRPC") from None
 
@@ -181,7 +185,9 @@ def connect(
     elif address or os.environ.get("RAY_ADDRESS"):
         cluster = _join(address, job_config)
     else:
-        cluster = _start_local(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, job_config=job_config, log=log)
+        cluster = _start_local(
+            num_cpus=num_cpus, num_gpus=num_gpus, dashboard_port=dashboard_port, job_config=job_config, log=log
+        )
     reclaim_sigterm()  # Ray's native SIGTERM handler aborts with a stack dump
     where = "local Ray instance" if cluster.started_here else f"Ray cluster {cluster.address}"
     auth = (
@@ -212,7 +218,12 @@ def _join(address: str | None, job_config: Any = None) -> RayCluster:
 
 
 def _start_local(
-    *, num_cpus: int | None, num_gpus: int | None, dashboard_port: int | None, job_config: Any, log: Callable[[str], None]
+    *,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    dashboard_port: int | None,
+    job_config: Any,
+    log: Callable[[str], None],
 ) -> RayCluster:
     """A new local instance with its dashboard. A start that fails (an overloaded machine on which
     Ray's own processes time out, an unusable temporary directory) is one line that says what to try."""
@@ -246,7 +257,9 @@ def _start_local(
         ) from e
     cluster = _describe(started_here=True, connected_here=True)
     if cluster.dashboard_url != url:
-        log(f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it")
+        log(
+            f"warning: the dashboard came up at {cluster.dashboard_url}, not {url}: Ray's cleanup of stopped runs may not find it"
+        )
     return cluster
 
 

@@ -48,7 +48,6 @@ from typing import Any
 import ray
 import yaml
 
-from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, parse_config, parse_yaml
 from tbn_ray.distributed.jobs import JobActor, run_job_on_ray
 from tbn_ray.distributed.pool import MAX_RESTARTS
@@ -56,9 +55,18 @@ from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.distributed.train import Recovery, Scaling, _root_cause, train_on_ray
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.sweep_pairs import (
-    PairsJob, eps_key, find_run, install_bn_stats, pair_key, split_heldout, train_config, trained_epochs, training_record,
-)  # fmt: skip
+    PairsJob,
+    eps_key,
+    find_run,
+    install_bn_stats,
+    pair_key,
+    split_heldout,
+    train_config,
+    trained_epochs,
+    training_record,
+)
 from tbn_ray.reports.sweep import best_pair, table_rows, write_outputs
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
@@ -167,9 +175,11 @@ def concurrency(cfg: SweepConfig, scaling: Scaling, cluster: RayCluster) -> tupl
         return min(limit, len(cfg.epsilons)), limit
     have = cluster.resources()
     _check_fits(
-        f"a training trial ({scaling.workers} worker(s) x {scaling.resources_per_worker()})", train_need, have,
+        f"a training trial ({scaling.workers} worker(s) x {scaling.resources_per_worker()})",
+        train_need,
+        have,
         "lower resources.workers, cpus_per_worker or gpus_per_worker",
-    )  # fmt: skip
+    )
     _check_fits("an evaluation actor", eval_need, have, "lower resources.eval_cpus or eval_gpus")
     cap = res.max_concurrent_trials or math.inf
     return int(min(_fits(train_need, have), cap, len(cfg.epsilons))), int(min(_fits(eval_need, have), cap))
@@ -201,7 +211,9 @@ def prepare(cfg: SweepConfig, storage: Storage, *, resume: bool, say: Callable[[
     if batch % cfg.resources.workers:
         raise TbnError(f"train.optim.batch_size {batch} is not divisible by resources.workers {cfg.resources.workers}")
     if len(d.train) < batch:
-        raise TbnError(f"{len(d.train)} training images are fewer than one batch of {batch}: lower train.optim.batch_size")
+        raise TbnError(
+            f"{len(d.train)} training images are fewer than one batch of {batch}: lower train.optim.batch_size"
+        )
     say(
         f"sweep {cfg.name}: {len(cfg.epsilons)} epsilon(s) x {len(cfg.sigmas)} sigma(s) on {d.description}; "
         f"validation: the last {len(validation)} held-out images, TBN calibration: the other {len(calibration)}"
@@ -210,7 +222,12 @@ def prepare(cfg: SweepConfig, storage: Storage, *, resume: bool, say: Callable[[
 
 
 def _run_stage(
-    spec: SweepSpec, stage: str, trainable: Any, param_space: dict[str, Any], tune_config: Any, say: Callable[[str], None]
+    spec: SweepSpec,
+    stage: str,
+    trainable: Any,
+    param_space: dict[str, Any],
+    tune_config: Any,
+    say: Callable[[str], None],
 ) -> Any:
     """Run (or restore and continue) one Tune stage; a failed trial becomes an error here."""
     from ray import tune
@@ -219,7 +236,9 @@ def _run_stage(
     path = f"{storage_path.rstrip('/')}/{stage}"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         say(f"{stage}: restoring the Tune experiment {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -241,7 +260,9 @@ def _run_stage(
                 raise TbnError(f"{stage} trial {result.config}: {cause}") from None
             raise cause
     if grid.num_terminated < len(grid):
-        raise TbnError(f"sweep {spec.cfg.name} interrupted in its {stage} stage: run the same command (or --resume) to continue")
+        raise TbnError(
+            f"sweep {spec.cfg.name} interrupted in its {stage} stage: run the same command (or --resume) to continue"
+        )
     return grid
 
 
@@ -255,9 +276,12 @@ def _tune_config(max_concurrent: int, *, scheduler: Any = None) -> Any:
     # No actor reuse: a trial ASHA stops must END, its process with it, so that its Train run dies
     # and the run's placement group is released (a reused process would keep training).
     return tune.TuneConfig(
-        scheduler=scheduler, max_concurrent_trials=max_concurrent, reuse_actors=False,
-        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-    )  # fmt: skip
+        scheduler=scheduler,
+        max_concurrent_trials=max_concurrent,
+        reuse_actors=False,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
+    )
 
 
 def _asha(cfg: SweepConfig) -> Any:
@@ -270,9 +294,14 @@ def _asha(cfg: SweepConfig) -> Any:
     # Decisions only before the last epoch (max_t = epochs - 1, no stop at max_t): a trial that
     # trains to the end finishes its own run instead of being killed while it writes it.
     return ASHAScheduler(
-        time_attr="training_iteration", metric=ASHA_METRIC, mode="max", max_t=cfg.train.optim.epochs - 1,
-        grace_period=stop.grace_period, reduction_factor=stop.reduction_factor, stop_last_trials=False,
-    )  # fmt: skip
+        time_attr="training_iteration",
+        metric=ASHA_METRIC,
+        mode="max",
+        max_t=cfg.train.optim.epochs - 1,
+        grace_period=stop.grace_period,
+        reduction_factor=stop.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _trained(cfg: SweepConfig, training: dict[float, dict[str, Any]]) -> list[float]:
@@ -288,7 +317,9 @@ def _trained(cfg: SweepConfig, training: dict[float, dict[str, Any]]) -> list[fl
     return trained
 
 
-def _report(spec: SweepSpec, training: dict[float, dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]) -> SweepResult:
+def _report(
+    spec: SweepSpec, training: dict[float, dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]
+) -> SweepResult:
     """Install the evaluated TBN statistics into the training runs; write the table, heatmap and best.json."""
     cfg = spec.cfg
     for eps in dict.fromkeys(eps for eps, _ in pairs):
@@ -325,6 +356,10 @@ def run_sweep(cfg: SweepConfig, root: Storage, cluster: RayCluster, *, say: Call
     training = {eps: training_record(spec.train_root, eps) for eps in cfg.epsilons}
     trained = _trained(cfg, training)
     job = PairsJob(cfg, root, tuple((eps, training[eps]["run"]) for eps in trained))
-    say(f"stage 2: {len(trained)} epsilon(s) x {len(cfg.sigmas)} sigma(s) to calibrate and certify, {eval_limit} at once")
-    pairs = run_job_on_ray(job, SweepPairActor, spec.cluster, actors=eval_limit, cpus_per_actor=res.eval_cpus, gpus_per_actor=res.eval_gpus)
+    say(
+        f"stage 2: {len(trained)} epsilon(s) x {len(cfg.sigmas)} sigma(s) to calibrate and certify, {eval_limit} at once"
+    )
+    pairs = run_job_on_ray(
+        job, SweepPairActor, spec.cluster, actors=eval_limit, cpus_per_actor=res.eval_cpus, gpus_per_actor=res.eval_gpus
+    )
     return _report(spec, training, pairs)

@@ -46,15 +46,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tbn_ray.store.cifar10 import load_from_config
-from tbn_ray.science import data as data_mod
 from tbn_ray.config import RayConfig, TrainConfig
-from tbn_ray.science.data import data_meta
 from tbn_ray.errors import TbnError, log
 from tbn_ray.jobs.pipeline import epoch_line, existing_checkpoint, resume_from, save_epoch
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.data import data_meta
+from tbn_ray.science.training import DataParallel, EpochCallback, fit, selection_metric, unwrap
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run, checkpoint_from_bytes, make_checkpoint
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.training import DataParallel, EpochCallback, fit, selection_metric, unwrap
 
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
@@ -73,7 +73,15 @@ _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 #: there is no other node to drain, and starting it prints a Ray core error line on every run.
 _PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 #: Settings that say WHERE data and storage are (never credentials): workers must see the driver's.
-_PROPAGATED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "TBN_DATA", "TBN_SHARED_DATA", "TBN_DATA_ROOT", "TBN_CACHE")
+_PROPAGATED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "TBN_DATA",
+    "TBN_SHARED_DATA",
+    "TBN_DATA_ROOT",
+    "TBN_CACHE",
+)
 
 
 #: Defaults of Scaling and Recovery: the ``ray`` section of the typed config.
@@ -239,7 +247,9 @@ def _worker_log(msg: str) -> None:
     logging.getLogger(__name__).info(f"[tbn-ray] {msg}")
 
 
-def _reporter(cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, Any], rank: int, world: int) -> EpochCallback:
+def _reporter(
+    cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, Any], rank: int, world: int
+) -> EpochCallback:
     """``fit``'s per-epoch hook on a Ray worker: every rank reports to Ray Train; rank 0 with a
     checkpoint, then writes the run's own files (after Ray holds the checkpoint, so they never
     get ahead of what a restart resumes from)."""
@@ -257,9 +267,14 @@ def _reporter(cfg: TrainConfig, run: Run, d: data_mod.Cifar10, meta: dict[str, A
             meta["best_epoch"] = epoch + 1
         history.append(metrics)
         meta.update(
-            data_meta(d), history=history, metrics=metrics, **{f"best_{chosen_by}": best},
-            trainer="ray", workers=world, global_batch_size=cfg.optim.batch_size,
-        )  # fmt: skip
+            data_meta(d),
+            history=history,
+            metrics=metrics,
+            **{f"best_{chosen_by}": best},
+            trainer="ray",
+            workers=world,
+            global_batch_size=cfg.optim.batch_size,
+        )
         name = f"{RAY_CHECKPOINT_PREFIX}{epoch + 1:04d}"
         if rank != 0:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
@@ -303,10 +318,14 @@ def worker_loop(config: dict[str, Any]) -> None:
         reduce_metrics=lambda metrics: _reduce_metrics(metrics, device, world),
     )
     fit(
-        cfg, d, device,
+        cfg,
+        d,
+        device,
         resume=resume_from(resumed, cfg, run.uri) if resumed is not None else None,
-        parallel=parallel, on_epoch=_reporter(cfg, run, d, meta, rank, world), progress=False,
-    )  # fmt: skip
+        parallel=parallel,
+        on_epoch=_reporter(cfg, run, d, meta, rank, world),
+        progress=False,
+    )
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -353,7 +372,11 @@ def make_trainer(
     env = {k: os.environ[k] for k in _PROPAGATED_ENV if os.environ.get(k)}
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg, "run": Run(root.child(cfg.name)), "threads": max(1, int(scaling.resources_per_worker()["CPU"]))},
+        train_loop_config={
+            "cfg": cfg,
+            "run": Run(root.child(cfg.name)),
+            "threads": max(1, int(scaling.resources_per_worker()["CPU"])),
+        },
         torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,
@@ -365,7 +388,9 @@ def make_trainer(
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=recovery.keep),
-            failure_config=FailureConfig(max_failures=recovery.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            failure_config=FailureConfig(
+                max_failures=recovery.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=list(callbacks) or None,
             # Ray Train's INFO/WARNING lines (worker-group start, reports, retried requests with their
@@ -450,7 +475,9 @@ def train_on_ray(
     if result.checkpoint is None:
         return run.load_checkpoint()
     with result.checkpoint.as_directory() as folder:
-        final = checkpoint_from_bytes((Path(folder) / CHECKPOINT).read_bytes(), f"{result.checkpoint.path}/{CHECKPOINT}")
+        final = checkpoint_from_bytes(
+            (Path(folder) / CHECKPOINT).read_bytes(), f"{result.checkpoint.path}/{CHECKPOINT}"
+        )
     # Rank 0 writes these every epoch; writing the final state again makes the run directory
     # consistent even if the last worker died between Ray's checkpoint and its own writes.
     save_epoch(run, final, final.meta.get("history", []), best=final.meta.get("best_epoch") == final.epoch)

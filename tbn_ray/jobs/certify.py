@@ -25,20 +25,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbn_ray.science import data as data_mod
 from tbn_ray.config import DEFAULT_SHARDS, CertifyConfig
+from tbn_ray.devices import resolve_device
 from tbn_ray.errors import TbnError, log
-from tbn_ray.store.certify_shards import SHARD_FORMAT, CertifyOutput, UnusableShard, merge_shards, read_shard, shard_key, write_shard
 from tbn_ray.jobs.engine import Metric, pending, run_in_process
-from tbn_ray.store.certify_layout import refuse_other_shard_count
 from tbn_ray.reports.certify import write_certification_report
-from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
+from tbn_ray.science import data as data_mod
 from tbn_ray.science.base_classifier import base_classifier
 from tbn_ray.science.smoothing import certify_examples
-from tbn_ray.store.storage import Storage
 from tbn_ray.science.tbn import CLEAN, BNStats, bn_key, set_bn_stats
-from tbn_ray.devices import resolve_device
-
+from tbn_ray.store.certify_layout import refuse_other_shard_count
+from tbn_ray.store.certify_shards import (
+    SHARD_FORMAT,
+    CertifyOutput,
+    UnusableShard,
+    merge_shards,
+    read_shard,
+    shard_key,
+    write_shard,
+)
+from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
+from tbn_ray.store.storage import Storage
 
 
 def select_test_indices(d: data_mod.Cifar10, cfg: CertifyConfig) -> np.ndarray:
@@ -62,9 +69,27 @@ def bn_set_for(cfg: CertifyConfig, sigma: float) -> str:
 
 #: The order of a result's parameters as stored since the first certification (summary.json keeps it).
 _PARAMS_ORDER = (
-    "sigma", "n0", "n", "alpha", "seed", "batch_size", "bn", "model", "run", "epoch", "data_source", "data",
-    "start", "skip", "stop", "max_images", "device", "channels_last", "fold_bn", "amp",
-)  # fmt: skip
+    "sigma",
+    "n0",
+    "n",
+    "alpha",
+    "seed",
+    "batch_size",
+    "bn",
+    "model",
+    "run",
+    "epoch",
+    "data_source",
+    "data",
+    "start",
+    "skip",
+    "stop",
+    "max_images",
+    "device",
+    "channels_last",
+    "fold_bn",
+    "amp",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +135,13 @@ class CertifyPlan:
         for array in (self.test.index, self.test.labels, self.test.images):
             h.update(np.ascontiguousarray(array).tobytes())
         cfg = self.cfg
-        facts = {"run": self.run_uri, "sigmas": sorted(self.sigmas), "bn": cfg.bn, "data_source": self.data_source, "epoch": self.epoch}
+        facts = {
+            "run": self.run_uri,
+            "sigmas": sorted(self.sigmas),
+            "bn": cfg.bn,
+            "data_source": self.data_source,
+            "epoch": self.epoch,
+        }
         h.update(json.dumps({**facts, **cfg.identity(self.device_type)}, sort_keys=True).encode())
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_uri.rstrip("/").rpartition("/")[2]).strip(".-") or "run"
         return f"{name}-n{cfg.n}-{h.hexdigest()[:16]}"
@@ -135,9 +166,14 @@ class CertifyPlan:
         """What produced a result (stored with every shard and summary): the config's identity and
         what the run and the data fixed."""
         facts = {
-            "sigma": float(sigma), "bn": bn_set_for(self.cfg, sigma), "model": self.model_label, "run": self.run_uri,
-            "epoch": self.epoch, "data_source": self.data_source, "data": self.data_description,
-        }  # fmt: skip
+            "sigma": float(sigma),
+            "bn": bn_set_for(self.cfg, sigma),
+            "model": self.model_label,
+            "run": self.run_uri,
+            "epoch": self.epoch,
+            "data_source": self.data_source,
+            "data": self.data_description,
+        }
         merged = {**facts, **self.cfg.identity(self.device_type)}
         ordered = {k: merged.pop(k) for k in _PARAMS_ORDER}
         return {**ordered, **merged, "run_id": self.run_id, "shards": self.shards}
@@ -196,7 +232,11 @@ class CertifyPlan:
     def measure(self, unit: tuple[float, int], result: ShardResult) -> list[tuple[str, float, dict[str, str]]]:
         tags = {"run_id": self.run_id, "sigma": f"{result.sigma:g}"}
         rate = result.images / max(result.seconds, 1e-9)
-        return [("tbn_certify_images", result.images, tags), ("tbn_certify_shards", 1, tags), ("tbn_certify_images_per_second", rate, tags)]
+        return [
+            ("tbn_certify_images", result.images, tags),
+            ("tbn_certify_shards", 1, tags),
+            ("tbn_certify_images_per_second", rate, tags),
+        ]
 
     def on_device(self, device_type: str) -> CertifyPlan:
         """The noise stream differs on a CUDA generator: another run id, whose folder gets the
@@ -228,14 +268,26 @@ def plan_certify(run: Run, cfg: CertifyConfig, output: Storage, *, device_type: 
     if cfg.shards is None:
         shards = min(DEFAULT_SHARDS, len(test))
     elif cfg.shards > len(test):
-        raise TbnError(f"--shards {cfg.shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer")
+        raise TbnError(
+            f"--shards {cfg.shards}: need between 1 and the {len(test)} selected test images; use --shards {len(test)} or fewer"
+        )
     else:
         shards = cfg.shards
     output.check()
     plan = CertifyPlan(
-        run_uri=run.uri, cfg=cfg, network=model, model_label=ckpt.config.model.label, epoch=ckpt.epoch, stats=stats,
-        data_source=d.source, data_description=d.description, test=test, shards=shards, output=output, device_type=device_type,
-    )  # fmt: skip
+        run_uri=run.uri,
+        cfg=cfg,
+        network=model,
+        model_label=ckpt.config.model.label,
+        epoch=ckpt.epoch,
+        stats=stats,
+        data_source=d.source,
+        data_description=d.description,
+        test=test,
+        shards=shards,
+        output=output,
+        device_type=device_type,
+    )
     refuse_other_shard_count(plan.out, plan.shards)  # one shard set per folder: `report` never has to pick
     return plan
 
@@ -283,9 +335,15 @@ class ShardCertifier:
         started, t0 = time.time(), time.perf_counter()
         report = self.report
         records = certify_examples(
-            self._classifiers[sigma], plan.test.images[rows], plan.test.labels[rows], idx, cfg, sigma=sigma, device=self.device,
+            self._classifiers[sigma],
+            plan.test.images[rows],
+            plan.test.labels[rows],
+            idx,
+            cfg,
+            sigma=sigma,
+            device=self.device,
             on_image=None if report is None else lambda: report(1),
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - t0
         meta = {
             "format": SHARD_FORMAT,
@@ -329,20 +387,28 @@ def aggregate(out: Storage, *, plan: CertifyPlan | None = None) -> list[CertifyO
     uses its complete set of shards and incomplete sigmas are left out (and named).
     """
     outputs = merge_shards(out, plan)
-    write_certification_report([{**o.summary, "params": o.summary, "location": f"{o.location}/summary.json"} for o in outputs], out)
+    write_certification_report(
+        [{**o.summary, "params": o.summary, "location": f"{o.location}/summary.json"} for o in outputs], out
+    )
     for o in outputs:  # the numbers themselves are printed once, as a table, by the command
         log(f"sigma={o.sigma:g}: {o.summary['images']} images -> {o.location}")
     return outputs
 
 
 def run_plan_in_process(
-    plan: CertifyPlan, device: torch.device, *, progress: bool = True, on_shard: Callable[[ShardResult], None] | None = None
+    plan: CertifyPlan,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    on_shard: Callable[[ShardResult], None] | None = None,
 ) -> CertifyResult:
     """Certify the pending shards of ``plan`` in this process, then aggregate (no Ray)."""
     return run_in_process(plan, device, progress=progress, on_unit=on_shard)
 
 
-def certify_run(run: Run, cfg: CertifyConfig, output: Storage, *, device: str = "auto", progress: bool = True) -> list[CertifyOutput]:
+def certify_run(
+    run: Run, cfg: CertifyConfig, output: Storage, *, device: str = "auto", progress: bool = True
+) -> list[CertifyOutput]:
     """CERTIFY every selected test image at each sigma with that sigma's frozen TBN statistics,
     in this process on ``device``, into ``output/<run-id>`` (resuming from the shards already there)."""
     dev = resolve_device(device)

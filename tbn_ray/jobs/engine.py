@@ -147,9 +147,13 @@ def pending(job: Job) -> Pending:
     usable = map_concurrently(lambda o: o[1] in present and job.usable(*o), outputs)
     missing = [(output, key) for (output, key), ok in zip(outputs, usable) if not ok]
     return Pending(
-        job.units([o for o, _ in missing]), len(missing), len(outputs) - len(missing),
-        [o for o, _ in missing], [k for _, k in missing], {k for _, k in missing if k in present},
-    )  # fmt: skip
+        job.units([o for o, _ in missing]),
+        len(missing),
+        len(outputs) - len(missing),
+        [o for o, _ in missing],
+        [k for _, k in missing],
+        {k for _, k in missing if k in present},
+    )
 
 
 def run_owner() -> str:
@@ -203,9 +207,14 @@ class Claims:
     ``ttl_s``."""
 
     def __init__(
-        self, out: Storage, owner: str | None = None, *, ttl_s: float = CLAIM_TTL_S, refresh_s: float = CLAIM_REFRESH_S,
+        self,
+        out: Storage,
+        owner: str | None = None,
+        *,
+        ttl_s: float = CLAIM_TTL_S,
+        refresh_s: float = CLAIM_REFRESH_S,
         settle_s: float = CLAIM_SETTLE_S,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if refresh_s >= ttl_s:
             raise TbnError(f"claims must be refreshed ({refresh_s:g} s) more often than they go stale ({ttl_s:g} s)")
         self.out, self.owner = out, owner or run_owner()
@@ -372,8 +381,10 @@ class ClaimedUnits:
     def _tell(self, claim: Claim) -> None:
         if claim.owner not in self.told:
             self.told.add(claim.owner)
-            log(f"another run is writing {self.job.out.uri} (claim by {claim.owner}, {claim.age():.0f} s ago): "
-                "this run leaves it the units it holds and waits for them at the end")  # fmt: skip
+            log(
+                f"another run is writing {self.job.out.uri} (claim by {claim.owner}, {claim.age():.0f} s ago): "
+                "this run leaves it the units it holds and waits for them at the end"
+            )
 
     def waiting(self) -> bool:
         """Whether units held by other runs are still to be stored."""
@@ -392,14 +403,16 @@ class ClaimedUnits:
         claim is gone or stale (a run that died or gave up)."""
         self.polled_at = time.monotonic()
         present = set(self.job.out.list())
-        for label, unit in list(self.theirs.items()):
+        for label in list(self.theirs):
             if self._stored(present, label, recheck=True):
                 self._by_others(self.theirs.pop(label))
                 continue
             claim = self.claims.read(label)
             if not self.claims.fresh(claim):
                 if claim is not None:
-                    log(f"the claim on {label} by {claim.owner} ({claim.age():.0f} s old) is stale or its run has ended: this run takes it over")
+                    log(
+                        f"the claim on {label} by {claim.owner} ({claim.age():.0f} s old) is stale or its run has ended: this run takes it over"
+                    )
                 self.todo.append(self.theirs.pop(label))
 
     def drain_stored(self) -> list[Any]:
@@ -425,8 +438,16 @@ class Progress:
     since a carriage-return bar is unreadable there. Workers may report amounts within a unit
     (``partial``, e.g. each image of a shard), so progress moves before a whole unit ends."""
 
-    def __init__(self, job: Job, todo: Sequence[Any], enabled: bool, *, terminal: bool | None = None,
-                 every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        job: Job,
+        todo: Sequence[Any],
+        enabled: bool,
+        *,
+        terminal: bool | None = None,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.total = sum(job.amount(u) for u in job.units([o for o, _ in job.outputs()]))
@@ -437,8 +458,14 @@ class Progress:
         self.at_start = self.done
         self.partials: dict[Any, int] = {}
         self.last = ""
-        self.bar = tqdm(total=self.total, initial=self.done, unit=job.amount_unit, desc=job.name,
-                        disable=not (enabled and self.terminal), dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.done,
+            unit=job.amount_unit,
+            desc=job.name,
+            disable=not (enabled and self.terminal),
+            dynamic_ncols=True,
+        )
 
     def partial(self, unit: Any, amount: int) -> None:
         """``amount`` more of ``unit`` done (never past the unit's own amount)."""
@@ -468,7 +495,9 @@ class Progress:
         eta = "-" if rate <= 0 else _duration(left / rate)
         pct = 100 * self.done / self.total if self.total else 100.0
         unit = self.job.amount_unit
-        return f"{self.job.name}: {self.done}/{self.total} {unit} ({pct:.0f}%), {rate:.2f} {unit}/s, ETA {eta}" + (f" (last: {self.last})" if self.last else "")
+        return f"{self.job.name}: {self.done}/{self.total} {unit} ({pct:.0f}%), {rate:.2f} {unit}/s, ETA {eta}" + (
+            f" (last: {self.last})" if self.last else ""
+        )
 
     def close(self) -> None:
         if self.enabled and not self.terminal:
@@ -483,8 +512,13 @@ def _duration(seconds: float) -> str:
 
 
 def run_in_process(
-    job: Job, device: torch.device, *, progress: bool = True, on_unit: Callable[[Any], None] | None = None,
-    claims: Claims | None = None, poll_s: float = CLAIM_POLL_S,
+    job: Job,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    on_unit: Callable[[Any], None] | None = None,
+    claims: Claims | None = None,
+    poll_s: float = CLAIM_POLL_S,
 ) -> Any:
     """Run the pending units of ``job`` in this process, then finish it (no Ray). Each unit is
     claimed first (``claims``: this run's, by default a new owner with the default timings)."""
@@ -492,7 +526,9 @@ def run_in_process(
     log(job.describe(left.units, left.stored) + f", device {device}")
     computed = left.missing
     if left.units:
-        worker = job.make_worker(device, {"actor": "in-process", "node": socket.gethostname()}, 1.0 if device.type == "cuda" else 0.0)
+        worker = job.make_worker(
+            device, {"actor": "in-process", "node": socket.gethostname()}, 1.0 if device.type == "cuda" else 0.0
+        )
         bar = Progress(job, left.units, progress)
         try:
             with claims or Claims(job.out) as held:

@@ -67,7 +67,11 @@ class Task:
 
     @property
     def label(self) -> str:
-        what = f"{self.part[0]} severity {self.part[1]}" if self.part[0] in CORRUPTIONS else f"{self.part[0]} batch {self.part[1]}"
+        what = (
+            f"{self.part[0]} severity {self.part[1]}"
+            if self.part[0] in CORRUPTIONS
+            else f"{self.part[0]} batch {self.part[1]}"
+        )
         return f"{what} [{', '.join(self.modes)}]"
 
 
@@ -144,7 +148,12 @@ class EvalPlan:
         hash_weights(h, self.model_state)
         for array in (self.test.index, self.test.labels, self.test.images):
             h.update(np.ascontiguousarray(array).tobytes())
-        h.update(json.dumps({"run": self.run_uri, "epoch": self.epoch, "data": self.data_source, **self._id_params()}, sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {"run": self.run_uri, "epoch": self.epoch, "data": self.data_source, **self._id_params()},
+                sort_keys=True,
+            ).encode()
+        )
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_uri.rstrip("/").rpartition("/")[2]).strip(".-") or "run"
         return f"{name}-{h.hexdigest()[:16]}"
 
@@ -172,7 +181,9 @@ class EvalPlan:
 
     def write_item(self, mode: BNMode, part: tuple[str, int], body: dict[str, Any]) -> None:
         """One item as one whole object: present complete, or absent."""
-        self.out.write_json(self.item_key(mode, part), {"format": ITEM_FORMAT, "params": self.item_params(mode, part), **body})
+        self.out.write_json(
+            self.item_key(mode, part), {"format": ITEM_FORMAT, "params": self.item_params(mode, part), **body}
+        )
 
     def pending(self) -> list[Task]:
         """Tasks for every (part, mode) item not yet stored with these parameters."""
@@ -276,7 +287,9 @@ def select_test(d: data_mod.Cifar10, start: int | None, stop: int | None) -> dat
     if stop is not None:
         chosen &= index < stop
     if not chosen.any():
-        raise TbnError(f"no test images with index in [{start or 0}, {stop if stop is not None else 'end'}) in {d.description}")
+        raise TbnError(
+            f"no test images with index in [{start or 0}, {stop if stop is not None else 'end'}) in {d.description}"
+        )
     return d.test.subset(np.flatnonzero(chosen))
 
 
@@ -287,7 +300,14 @@ def _check_batch_size(batch_size: int) -> int:
 
 
 def base_plan(
-    run: Run, modes: Sequence[str], *, batch_size: int, data_cfg: DataConfig | None, start: int | None, stop: int | None, kind: str,
+    run: Run,
+    modes: Sequence[str],
+    *,
+    batch_size: int,
+    data_cfg: DataConfig | None,
+    start: int | None,
+    stop: int | None,
+    kind: str,
 ) -> dict[str, Any]:
     """Everything both plans check first: the modes and their statistics, the checkpoint, the images."""
     parsed = parse_bn_modes(modes)
@@ -328,7 +348,9 @@ def _read_items(out: Storage, keys: list[str]) -> list[dict[str, Any]]:
     items = map_concurrently(lambda k: _read_item(out, k), keys)
     bad = [k for k, item in zip(keys, items) if item is None]
     if bad:
-        raise TbnError(f"{out.object_uri(bad[0])} is not a readable evaluation item; delete it and run the same command again")
+        raise TbnError(
+            f"{out.object_uri(bad[0])} is not a readable evaluation item; delete it and run the same command again"
+        )
     return items  # type: ignore[return-value]
 
 
@@ -337,7 +359,9 @@ def aggregate(plan: EvalPlan) -> dict[str, Any]:
     keys = set(plan.out.list())
     missing = [plan.item_key(m, p) for p in plan.parts() for m in plan.modes if plan.item_key(m, p) not in keys]
     if missing:
-        raise TbnError(f"{plan.out.uri}: {len(missing)} item(s) missing (e.g. {missing[0]}); run the same command again")
+        raise TbnError(
+            f"{plan.out.uri}: {len(missing)} item(s) missing (e.g. {missing[0]}); run the same command again"
+        )
     items = {mode: _read_items(plan.out, [plan.item_key(mode, p) for p in plan.parts()]) for mode in plan.modes}
     result: dict[str, Any] = {
         "format": RESULT_FORMAT,

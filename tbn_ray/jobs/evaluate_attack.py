@@ -21,7 +21,15 @@ from torch import nn
 
 from tbn_ray.config import AttackConfig, DataConfig, parse_config
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.evaluate import ATTACKS, DEFAULT_ATTACK_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_RESTARTS, EvalPlan, Task, base_plan
+from tbn_ray.jobs.evaluate import (
+    ATTACKS,
+    DEFAULT_ATTACK_STEPS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RESTARTS,
+    EvalPlan,
+    Task,
+    base_plan,
+)
 from tbn_ray.science import autoattack
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.bn_modes import BNMode, parse_bn_modes
@@ -70,7 +78,14 @@ class AttackPlan(EvalPlan):
 
     def threat_params(self) -> dict[str, Any]:
         t = self.threat
-        return {"norm": t.norm, "eps": t.eps, "steps": t.steps, "restarts": t.restarts, "pgd_step_size": t.alpha, "seed": self.seed}
+        return {
+            "norm": t.norm,
+            "eps": t.eps,
+            "steps": t.steps,
+            "restarts": t.restarts,
+            "pgd_step_size": t.alpha,
+            "seed": self.seed,
+        }
 
     @property
     def batches(self) -> int:
@@ -83,7 +98,9 @@ class AttackPlan(EvalPlan):
         return [(a, k) for a in self.attacks for k in range(self.batches)]
 
     def describe_work(self) -> str:
-        steps = f", {self.threat.steps} steps" if set(self.attacks) - {autoattack.NAME} else ""  # AutoAttack's are its own
+        steps = (
+            f", {self.threat.steps} steps" if set(self.attacks) - {autoattack.NAME} else ""
+        )  # AutoAttack's are its own
         return f"{', '.join(self.attacks)} ({self.threat.norm}, eps={self.threat.eps:g}{steps}) on {self.batches} batch(es)"
 
     def item_key(self, mode: BNMode, part: tuple[str, int]) -> str:
@@ -91,7 +108,13 @@ class AttackPlan(EvalPlan):
 
     def item_params(self, mode: BNMode, part: tuple[str, int]) -> dict[str, Any]:
         # the batch size fixes which images an item holds, in every mode
-        params = {**super().item_params(mode, part), "attack": part[0], "batch": part[1], "batches": self.batches, "batch_size": self.batch_size}
+        params = {
+            **super().item_params(mode, part),
+            "attack": part[0],
+            "batch": part[1],
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+        }
         if part[0] == autoattack.NAME:  # another AutoAttack release is another attack
             params["autoattack"] = autoattack.version()
         return params
@@ -103,27 +126,47 @@ class AttackPlan(EvalPlan):
 
     def run_task(self, model: nn.Module, task: Task, device: torch.device, worker: dict[str, str]) -> int:
         rows = self.batch_rows(task.part[1])
-        x = data_mod.to_float(np.array(self.test.images[rows]), device)  # copies: the object store's arrays are read-only
+        x = data_mod.to_float(
+            np.array(self.test.images[rows]), device
+        )  # copies: the object store's arrays are read-only
         y = torch.tensor(self.test.labels[rows], dtype=torch.int64, device=device)
         for spec in task.modes:
             mode = self.mode(spec)
             t0 = time.perf_counter()
             variants = attack_variants(
-                model, x, y, mode, self.stats[mode.stats_name], self.stats[CLEAN], task.part[0], self.threat, seed=self.item_seed(task.part)
+                model,
+                x,
+                y,
+                mode,
+                self.stats[mode.stats_name],
+                self.stats[CLEAN],
+                task.part[0],
+                self.threat,
+                seed=self.item_seed(task.part),
             )
-            self.write_item(mode, task.part, {
-                "indices": self.test.index[rows].tolist(),
-                "variants": {v: {k: r.astype(int).tolist() for k, r in res.items()} for v, res in variants.items()},
-                "seconds": time.perf_counter() - t0,
-                "worker": worker,
-            })  # fmt: skip
+            self.write_item(
+                mode,
+                task.part,
+                {
+                    "indices": self.test.index[rows].tolist(),
+                    "variants": {v: {k: r.astype(int).tolist() for k, r in res.items()} for v, res in variants.items()},
+                    "seconds": time.perf_counter() - t0,
+                    "worker": worker,
+                },
+            )
         return len(y)
 
     def result_fields(self, items: dict[BNMode, list[dict[str, Any]]]) -> dict[str, Any]:
         return {
             "attack": {
-                **self.threat_params(), "attacks": list(self.attacks), "apgd": APGD,
-                **({"autoattack": f"{autoattack.DESCRIPTION}, {autoattack.version()}"} if autoattack.NAME in self.attacks else {}),
+                **self.threat_params(),
+                "attacks": list(self.attacks),
+                "apgd": APGD,
+                **(
+                    {"autoattack": f"{autoattack.DESCRIPTION}, {autoattack.version()}"}
+                    if autoattack.NAME in self.attacks
+                    else {}
+                ),
             },
             "source": self.data_description,
             "modes": {mode.key(self.batch_size): _mode_result(its, mode) for mode, its in items.items()},
@@ -151,7 +194,9 @@ def _mode_result(items: list[dict[str, Any]], mode: BNMode) -> dict[str, Any]:
         if len(per_attack) > 1:
             attacks = list(per_attack)
             if variant in COUPLED_VARIANTS:
-                worst = sum(min(int(per_attack[a][b].sum()) for a in attacks) for b in range(len(per_attack[attacks[0]])))
+                worst = sum(
+                    min(int(per_attack[a][b].sum()) for a in attacks) for b in range(len(per_attack[attacks[0]]))
+                )
             else:
                 worst = int(np.logical_and.reduce([np.concatenate(per_attack[a]) for a in attacks]).sum())
             row["worst_case"] = worst / row["images"]
@@ -181,7 +226,9 @@ def plan_attack(
     if norm not in ("l2", "linf"):
         raise TbnError(f"--norm must be l2 or linf, got {norm!r}")
     threat = parse_config(
-        AttackConfig, {"norm": norm, "eps": eps_value, "steps": steps, "restarts": restarts, "step_size": step_size}, "attack options"
+        AttackConfig,
+        {"norm": norm, "eps": eps_value, "steps": steps, "restarts": restarts, "step_size": step_size},
+        "attack options",
     )
     if autoattack.NAME in attacks:
         for mode in parse_bn_modes(modes):

@@ -63,8 +63,25 @@ class CorruptionPlan(EvalPlan):
         for spec in task.modes:
             mode = self.mode(spec)
             t0 = time.perf_counter()
-            correct = correct_predictions(model, images, self.test.labels, mode, self.stats[mode.stats_name], batch_size=self.batch_size, device=device)
-            self.write_item(mode, task.part, {"correct": int(correct.sum()), "images": len(correct), "seconds": time.perf_counter() - t0, "worker": worker})
+            correct = correct_predictions(
+                model,
+                images,
+                self.test.labels,
+                mode,
+                self.stats[mode.stats_name],
+                batch_size=self.batch_size,
+                device=device,
+            )
+            self.write_item(
+                mode,
+                task.part,
+                {
+                    "correct": int(correct.sum()),
+                    "images": len(correct),
+                    "seconds": time.perf_counter() - t0,
+                    "worker": worker,
+                },
+            )
         return len(images)
 
     def result_fields(self, items: dict[BNMode, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -72,7 +89,9 @@ class CorruptionPlan(EvalPlan):
         return {
             "cifar10c": self.cifar10c.manifest(),
             "source": self.cifar10c.description,
-            "modes": {mode.key(self.batch_size): _mode_result(its, mode, self.batch_size) for mode, its in items.items()},
+            "modes": {
+                mode.key(self.batch_size): _mode_result(its, mode, self.batch_size) for mode, its in items.items()
+            },
         }
 
 
@@ -104,7 +123,9 @@ def _mode_result(items: list[dict[str, Any]], mode: BNMode, batch_size: int) -> 
         "mean": _mean(cells),
         "grid": f"{len(corruptions)} x {len(severities)}" + ("" if full else " (incomplete)"),
         "standard_grid": corruptions == list(CORRUPTIONS) and severities == list(SEVERITIES) and full,
-        "severity_mean": {str(s): _mean([grid[c][str(s)] for c in corruptions if str(s) in grid[c]]) for s in severities},
+        "severity_mean": {
+            str(s): _mean([grid[c][str(s)] for c in corruptions if str(s) in grid[c]]) for s in severities
+        },
         "corruption_mean": {c: _mean(list(grid[c].values())) for c in corruptions},
     }
 
@@ -135,14 +156,18 @@ def plan_corruptions(
     corruption names, severities, storage); with ``released``, import the needed arrays.
     ``corruptions``/``severities``: as ``tbn-ray data cifar10c`` takes them ("all", "1-5")."""
     names, levels = parse_corruptions(corruptions), parse_severities(severities)
-    base = base_plan(run, modes, batch_size=batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=CorruptionPlan.kind)
+    base = base_plan(
+        run, modes, batch_size=batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=CorruptionPlan.kind
+    )
     cache_root = cache_root or default_cifar10c_root(run)
     cache_root.check()
     run.storage.check()
     if released is not None:
         c10c = released_cifar10c(cache_root, released, base["test"].index, names, levels, progress=progress)
         if not np.array_equal(c10c.labels, base["test"].labels):
-            raise TbnError(f"the labels in {released}/labels.npy do not match the CIFAR-10 test labels; is it CIFAR-10-C?")
+            raise TbnError(
+                f"the labels in {released}/labels.npy do not match the CIFAR-10 test labels; is it CIFAR-10-C?"
+            )
     else:
         c10c = regenerated_cifar10c(cache_root, base["test"], seed=seed, data_description=base["data_description"])
     c10c.write_metadata()

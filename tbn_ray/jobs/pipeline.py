@@ -14,21 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from tbn_ray.store.cifar10 import load_from_config
-from tbn_ray.science import data as data_mod
-from tbn_ray.jobs.certify import certify_run
 from tbn_ray.config import CalibrateConfig, DataConfig, TrainConfig
-from tbn_ray.science.data import data_meta
-from tbn_ray.store.certify_layout import certify_output
+from tbn_ray.devices import resolve_device
 from tbn_ray.errors import TbnError, log
+from tbn_ray.jobs.certify import certify_run
 from tbn_ray.reports.training import write_metrics, write_metrics_plot
-from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
-from tbn_ray.store.storage import Storage
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.data import data_meta
 from tbn_ray.science.noise_accuracy import accuracy_under_noise
 from tbn_ray.science.tbn import CLEAN, bn_key, bn_layers, describe_bn, estimate_bn_stats, get_bn_stats, stats_distance
-from tbn_ray.devices import resolve_device
 from tbn_ray.science.training import Resume, fit
-
+from tbn_ray.store.certify_layout import certify_output
+from tbn_ray.store.cifar10 import load_from_config
+from tbn_ray.store.runs import Checkpoint, Run, load_data_for, make_checkpoint
+from tbn_ray.store.storage import Storage
 
 # --- train ------------------------------------------------------------------------------
 
@@ -67,8 +66,12 @@ def existing_checkpoint(run: Run, cfg: TrainConfig, say: Callable[[str], None] =
     ckpt = run.load_checkpoint()
     if ckpt.config.model != cfg.model:
         raise TbnError(f"{run.uri} holds a {ckpt.config.model.arch} run; use another --name or --fresh")
-    if ckpt.config.noise_trained != cfg.noise_trained or (cfg.noise_trained and ckpt.config.objective_label != cfg.objective_label):
-        raise TbnError(f"{run.uri} was trained with {ckpt.config.objective_label}, not {cfg.objective_label}; use another --name or --fresh")
+    if ckpt.config.noise_trained != cfg.noise_trained or (
+        cfg.noise_trained and ckpt.config.objective_label != cfg.objective_label
+    ):
+        raise TbnError(
+            f"{run.uri} was trained with {ckpt.config.objective_label}, not {cfg.objective_label}; use another --name or --fresh"
+        )
     if ckpt.epoch >= cfg.optim.epochs:
         say(f"{run.uri} already trained for {ckpt.epoch} epochs; nothing to do (--fresh to start over)")
     return ckpt
@@ -90,7 +93,9 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
     d = load_from_config(cfg.data)
     if fresh and (deleted := run.clear()):
         log(f"--fresh: deleted the {deleted} objects of the previous run {run.uri}")
-    log(f"training {cfg.model.arch} ({cfg.objective_label}) on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}")
+    log(
+        f"training {cfg.model.arch} ({cfg.objective_label}) on {d.description}: {len(d.train)} images, held-out {len(d.heldout)}, device {device}"
+    )
     previous = existing_checkpoint(run, cfg)
     if previous is not None and previous.epoch >= cfg.optim.epochs:
         return previous
@@ -101,7 +106,11 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
 
     def on_epoch(epoch: int, metrics: dict[str, Any], model, optimizer, scheduler) -> None:
         rows.append(metrics)
-        last[:] = [make_checkpoint(model, cfg, epoch + 1, {**data_meta(d), "history": rows, "metrics": metrics}, optimizer, scheduler)]
+        last[:] = [
+            make_checkpoint(
+                model, cfg, epoch + 1, {**data_meta(d), "history": rows, "metrics": metrics}, optimizer, scheduler
+            )
+        ]
         save_epoch(run, last[0], rows)
         log(epoch_line(metrics, cfg.optim.epochs))
 
@@ -115,19 +124,40 @@ def train_run(cfg: TrainConfig, run: Run, *, fresh: bool = False, progress: bool
 
 def calibration_meta(sigma: float, cfg: CalibrateConfig, d: data_mod.Cifar10, images: int, rule: str) -> dict[str, Any]:
     """What a statistics set is estimated from: stored with it, and compared before any set is replaced."""
-    return {"sigma": float(sigma), "samples": cfg.samples, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "heldout_images": images, "heldout_rule": rule, **data_meta(d)}  # fmt: skip
+    return {
+        "sigma": float(sigma),
+        "samples": cfg.samples,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "heldout_images": images,
+        "heldout_rule": rule,
+        **data_meta(d),
+    }
 
 
 def calibrate_sigma(
-    model: torch.nn.Module, images: torch.Tensor, sigma: float, cfg: CalibrateConfig, d: data_mod.Cifar10, *,
-    rule: str, device: torch.device, progress: bool = False,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    sigma: float,
+    cfg: CalibrateConfig,
+    d: data_mod.Cifar10,
+    *,
+    rule: str,
+    device: torch.device,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One sigma's frozen TBN statistics from noisy ``images`` (float, disjoint from the test set)
     and the metadata stored with them: what they were estimated from, and how long it took."""
     t0 = time.perf_counter()
     stats = estimate_bn_stats(
-        model, images, sigma=sigma, samples=cfg.samples, batch_size=cfg.batch_size, seed=cfg.seed, device=device, progress=progress
+        model,
+        images,
+        sigma=sigma,
+        samples=cfg.samples,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        progress=progress,
     )
     meta = {**calibration_meta(sigma, cfg, d, len(images), rule), "seconds": round(time.perf_counter() - t0, 3)}
     return stats, meta
@@ -156,7 +186,12 @@ def _change(stats: dict[str, Any], clean: dict[str, Any]) -> str:
 
 
 def calibrate_run(
-    run: Run, cfg: CalibrateConfig, *, data_cfg: DataConfig | None = None, device: str = "auto", progress: bool = True,
+    run: Run,
+    cfg: CalibrateConfig,
+    *,
+    data_cfg: DataConfig | None = None,
+    device: str = "auto",
+    progress: bool = True,
     replace: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Estimate and store one frozen BN statistics set per sigma on noisy held-out images.
@@ -191,12 +226,19 @@ def calibrate_run(
         stats, meta = calibrate_sigma(model, heldout, sigma, cfg, d, rule=HELDOUT_RULE, device=dev, progress=progress)
         previous = sets.get(bn_key(sigma))
         if previous is not None:
-            meta["replaced"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "made_from": _made_from(previous.get("meta", {}))}
+            meta["replaced"] = {
+                "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "made_from": _made_from(previous.get("meta", {})),
+            }
         sets[bn_key(sigma)] = {"stats": stats, "meta": meta}
         log(
             f"TBN {bn_key(sigma)}: {describe_bn(model)} re-estimated from {cfg.samples} noisy held-out samples of "
             f"{len(d.heldout)} images, relative change vs clean statistics {_change(stats, clean)} ({meta['seconds']:.1f} s)"
-            + (" (replacing the set made from " + _describe(previous.get("meta", {})) + ")" if previous is not None else "")
+            + (
+                " (replacing the set made from " + _describe(previous.get("meta", {})) + ")"
+                if previous is not None
+                else ""
+            )
         )
     run.save_bn_sets(sets)
     return sets
@@ -206,14 +248,23 @@ def calibrate_run(
 
 
 def noise_accuracy(
-    run: Run, sigmas: tuple[float, ...], images: np.ndarray, labels: np.ndarray, *, draws: int = 4, seed: int = 0,
-    batch_size: int = 500, device: str = "auto",
+    run: Run,
+    sigmas: tuple[float, ...],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 500,
+    device: str = "auto",
 ) -> list[dict[str, Any]]:
     """The run's base-classifier accuracy under N(0, sigma^2 I) noise with clean vs TBN statistics."""
     dev = resolve_device(device)
     model, _ = run.load_model("cpu")
     sets = {sigma: {"clean_bn": get_bn_stats(model), "tbn": run.bn_stats(bn_key(sigma), model)} for sigma in sigmas}
-    return accuracy_under_noise(model.to(dev), sets, images, labels, draws=draws, seed=seed, batch_size=batch_size, device=dev)
+    return accuracy_under_noise(
+        model.to(dev), sets, images, labels, draws=draws, seed=seed, batch_size=batch_size, device=dev
+    )
 
 
 def quickstart_run(config_path, root: Storage, *, data: str | None = None, device: str | None = None) -> dict[str, Any]:
@@ -238,9 +289,15 @@ def quickstart_run(config_path, root: Storage, *, data: str | None = None, devic
     summaries = load_summaries(out)
     files = write_report(summaries, out, title=f"tbn-ray quickstart ({cfg.train.model.arch}, {d.description})")
     metrics = ckpt.meta.get("metrics", {})
-    trained = f"already trained ({ckpt.epoch} epochs)" if before >= ckpt.epoch else f"trained epochs {before + 1}-{ckpt.epoch} in {t_train:.0f} s"
+    trained = (
+        f"already trained ({ckpt.epoch} epochs)"
+        if before >= ckpt.epoch
+        else f"trained epochs {before + 1}-{ckpt.epoch} in {t_train:.0f} s"
+    )
     clean, pgd = (metrics.get(k) for k in ("heldout_clean_acc", "heldout_pgd_acc"))
-    log(f"{trained}: held-out clean accuracy {clean if clean is None else round(clean, 3)}, PGD {pgd if pgd is None else round(pgd, 3)}")
+    log(
+        f"{trained}: held-out clean accuracy {clean if clean is None else round(clean, 3)}, PGD {pgd if pgd is None else round(pgd, 3)}"
+    )
     for row in effect:
         log(
             f"accuracy under N(0, {row['sigma']:g}^2) noise on {row['images']} test images: "

@@ -16,20 +16,20 @@ and ``report.md``, ``report.json`` and the plots.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import ModelSpec, ReproduceConfig
-from tbn_ray.store.certify_layout import certify_output
+from tbn_ray.devices import resolve_device
 from tbn_ray.errors import TbnError, log
 from tbn_ray.science import autoattack
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.tbn import bn_key
-from tbn_ray.devices import resolve_device
+from tbn_ray.store.certify_layout import certify_output
+from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.store.reproduction import STAGES, Reproduction
 from tbn_ray.store.storage import Storage
 
@@ -67,7 +67,9 @@ def calibrate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[
     if missing:
         calibrate_run(run, c.model_copy(update={"sigmas": tuple(missing)}), device=rep.cfg.device, progress=progress)
     else:
-        log(f"{run.uri}: TBN statistics for sigma {', '.join(f'{s:g}' for s in _tbn_sigmas(rep.cfg))} already calibrated")
+        log(
+            f"{run.uri}: TBN statistics for sigma {', '.join(f'{s:g}' for s in _tbn_sigmas(rep.cfg))} already calibrated"
+        )
     return {"sigmas": _tbn_sigmas(rep.cfg)}
 
 
@@ -96,10 +98,23 @@ def _noise(rep: Reproduction, spec: ModelSpec) -> str:
     d = load_from_config(run.load_checkpoint().config.data)
     test = d.test.subset(np.arange(min(n.images, len(d.test))))
     t0 = time.perf_counter()
-    rows = noise_accuracy(run, rep.cfg.certify.sigmas, test.images, test.labels, draws=n.draws, seed=n.seed,
-                          batch_size=n.batch_size, device=rep.cfg.device)  # fmt: skip
-    body = {"rows": rows, **data_mod.data_meta(d), "test_images": len(test), "params": params,
-            "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    rows = noise_accuracy(
+        run,
+        rep.cfg.certify.sigmas,
+        test.images,
+        test.labels,
+        draws=n.draws,
+        seed=n.seed,
+        batch_size=n.batch_size,
+        device=rep.cfg.device,
+    )
+    body = {
+        "rows": rows,
+        **data_mod.data_meta(d),
+        "test_images": len(test),
+        "params": params,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return run.storage.write_json(key, body)
 
 
@@ -112,22 +127,39 @@ def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[s
     noise = _noise(rep, spec)
     device = resolve_device(rep.cfg.device)
     corruption = plan_corruptions(
-        run, list(r.corruption_modes), cache_root=rep.root, corruptions=r.corruptions, severities=r.severities,
-        batch_size=e.batch_size, seed=r.cifar10c_seed, stop=r.corruption_images, progress=progress,
-    )  # fmt: skip
+        run,
+        list(r.corruption_modes),
+        cache_root=rep.root,
+        corruptions=r.corruptions,
+        severities=r.severities,
+        batch_size=e.batch_size,
+        seed=r.cifar10c_seed,
+        stop=r.corruption_images,
+        progress=progress,
+    )
     c_result = run_in_process(corruption, device, progress=progress)
     out = {"noise": noise, "corruptions": c_result.location}
     if not rep.cfg.attacked(spec):
         return out
     threat = rep.cfg.train_config(spec).attack
     # AutoAttack may run on fewer images than the other attacks: one plan each, the same seed and threat
-    groups = [("attack", tuple(a for a in e.attacks if a != autoattack.NAME), r.attack_images),
-              ("autoattack", tuple(a for a in e.attacks if a == autoattack.NAME), r.autoattack_images or r.attack_images)]  # fmt: skip
+    groups = [
+        ("attack", tuple(a for a in e.attacks if a != autoattack.NAME), r.attack_images),
+        ("autoattack", tuple(a for a in e.attacks if a == autoattack.NAME), r.autoattack_images or r.attack_images),
+    ]
     for key, attacks, stop in (g for g in groups if g[1]):
         plan = plan_attack(
-            run, ["clean"], attacks=attacks, norm=threat.norm, eps=threat.eps, steps=e.attack_steps, restarts=e.restarts,
-            batch_size=e.batch_size, seed=r.attack_seed, stop=stop,
-        )  # fmt: skip
+            run,
+            ["clean"],
+            attacks=attacks,
+            norm=threat.norm,
+            eps=threat.eps,
+            steps=e.attack_steps,
+            restarts=e.restarts,
+            batch_size=e.batch_size,
+            seed=r.attack_seed,
+            stop=stop,
+        )
         out[key] = run_in_process(plan, device, progress=progress).location
     return out
 
@@ -140,7 +172,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[Reproduction, ModelSpec, bool], dict[str, A
 }
 
 
-def reproduce(cfg: ReproduceConfig, storage: Storage, *, stages: Sequence[str] = STAGES, progress: bool = True) -> dict[str, str]:
+def reproduce(
+    cfg: ReproduceConfig, storage: Storage, *, stages: Sequence[str] = STAGES, progress: bool = True
+) -> dict[str, str]:
     """Run ``stages`` (all by default, always in pipeline order) for every model; returns the
     report's files when ``report`` is among them, else {}."""
     unknown = [s for s in stages if s not in STAGES]
@@ -153,7 +187,9 @@ def reproduce(cfg: ReproduceConfig, storage: Storage, *, stages: Sequence[str] =
             before = STAGES[: STAGES.index(stage)]
             missing = [s for s in before if s not in stages and rep.record(spec, s) is None]
             if missing:
-                raise TbnError(f"stage {stage} of model {spec.name} needs stage {missing[0]} first: tbn-ray reproduce --stage {missing[0]}")
+                raise TbnError(
+                    f"stage {stage} of model {spec.name} needs stage {missing[0]} first: tbn-ray reproduce --stage {missing[0]}"
+                )
             log(f"reproduce {cfg.name}: {stage} {spec.name}")
             t0 = time.perf_counter()
             body = STAGE_FUNCTIONS[stage](rep, spec, progress)

@@ -13,9 +13,9 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.errors import TbnError
 from tbn_ray.reports.certify import radius_cap
+from tbn_ray.store.certify_layout import certify_output
 from tbn_ray.store.runs import BN_STATS, Run
 from tbn_ray.store.storage import Storage, map_concurrently
 
@@ -44,7 +44,11 @@ def _training(run: Run) -> Iterator[str]:
     yield f"data: {ckpt.meta.get('data', cfg.data.source)}"
     yield f"training: {cfg.objective_label}; batch {cfg.optim.batch_size}, seed {cfg.seed}"
     history = ckpt.meta.get("history") or []
-    for key, what in (("heldout_clean_acc", "clean"), ("heldout_pgd_acc", "PGD"), ("heldout_noise_acc", "under its training noise")):
+    for key, what in (
+        ("heldout_clean_acc", "clean"),
+        ("heldout_pgd_acc", "PGD"),
+        ("heldout_noise_acc", "under its training noise"),
+    ):
         scored = [(row[key], int(row.get("epoch", i)) + 1) for i, row in enumerate(history) if row.get(key) is not None]
         if scored:
             best, epoch = max(scored)
@@ -62,8 +66,10 @@ def _statistics(run: Run) -> Iterator[str]:
         meta = sets[name].get("meta", {})
         yield f"  {name}: {meta.get('samples', '?')} noisy samples of {meta.get('heldout_images', '?')} held-out images, seed {meta.get('seed', '?')}"
         if "replaced" in meta:
-            yield (f"    replaced {meta['replaced'].get('at', '?')} (--replace): certifications at {name} made before then used the "
-                   f"replaced set ({meta['replaced'].get('made_from', {}).get('samples', '?')} samples)")  # fmt: skip
+            yield (
+                f"    replaced {meta['replaced'].get('at', '?')} (--replace): certifications at {name} made before then used the "
+                f"replaced set ({meta['replaced'].get('made_from', {}).get('samples', '?')} samples)"
+            )
 
 
 def _shard_counts(store: Storage, keys: list[str]) -> tuple[int, int | None]:
@@ -152,7 +158,11 @@ def _evaluations(run: Run) -> Iterator[str]:
             yield f"- {kind} {eval_id}: unfinished, {len(files)} item(s) stored (the same evaluate command resumes)"
             continue
         r = store.read_json(f"{kind}/{eval_id}/result.json")
-        extra = f", {r['attack'].get('norm')} eps {r['attack'].get('eps')}" if kind == "attack" and isinstance(r.get("attack"), dict) else ""
+        extra = (
+            f", {r['attack'].get('norm')} eps {r['attack'].get('eps')}"
+            if kind == "attack" and isinstance(r.get("attack"), dict)
+            else ""
+        )
         yield f"- {kind} {eval_id}: {r.get('test_images', '?')}/{r.get('test_images', '?')} test images, {r.get('source', '?')}, batch {r.get('batch_size', '?')}{extra}"
         yield from _evaluation_lines(r)
 
@@ -164,5 +174,7 @@ def describe_run(run: Run) -> str:
     lines = [f"run: {run.uri}", *_training(run), *_statistics(run), *_certifications(run), *_evaluations(run)]
     if run.storage.exists("noise_accuracy.json"):
         for row in run.storage.read_json("noise_accuracy.json").get("rows", []):
-            lines.append(f"accuracy under N(0, {row['sigma']:g}^2) noise: clean BN {_pct(row['accuracy_clean_bn'])} -> TBN {_pct(row['accuracy_tbn'])}")
+            lines.append(
+                f"accuracy under N(0, {row['sigma']:g}^2) noise: clean BN {_pct(row['accuracy_clean_bn'])} -> TBN {_pct(row['accuracy_tbn'])}"
+            )
     return "\n".join(lines)

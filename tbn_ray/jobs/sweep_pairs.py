@@ -27,19 +27,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tbn_ray.store.cifar10 import load_from_config
 from tbn_ray.config import SweepConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.engine import Metric
 from tbn_ray.jobs.pipeline import calibrate_sigma
 from tbn_ray.reports.sweep import SPLIT_KEYS  # noqa: F401  (the row fields a split writes; read back by the report)
 from tbn_ray.science import data as data_mod
-from tbn_ray.science.data import data_meta
 from tbn_ray.science.base_classifier import base_classifier
+from tbn_ray.science.data import data_meta
 from tbn_ray.science.smoothing import certify_examples, summarize
-from tbn_ray.store.results import write_results
 from tbn_ray.science.tbn import bn_key, use_bn_stats
 from tbn_ray.science.training import evaluate
+from tbn_ray.store.cifar10 import load_from_config
+from tbn_ray.store.results import write_results
 from tbn_ray.store.runs import CHECKPOINT, Checkpoint, Run
 from tbn_ray.store.storage import Storage
 
@@ -101,7 +101,9 @@ def training_record(train_root: Storage, eps: float) -> dict[str, Any]:
         rows = list(csv.DictReader(io.StringIO(text)))
         seconds = sum(float(r["seconds"]) + float(r.get("eval_seconds") or 0) for r in rows)
     except (csv.Error, KeyError, TypeError, ValueError):
-        raise TbnError(f"{run.storage.object_uri(METRICS)} is damaged (no number in its seconds column): restore it or train the run again") from None
+        raise TbnError(
+            f"{run.storage.object_uri(METRICS)} is damaged (no number in its seconds column): restore it or train the run again"
+        ) from None
     return {"run": run.uri, "epochs": len(rows), "train_seconds": round(seconds, 3) if rows else None}
 
 
@@ -151,16 +153,33 @@ def _trained_model(cfg: SweepConfig, run: Run, device: torch.device) -> tuple[nn
 
 
 def _certify_params(
-    cfg: SweepConfig, run: Run, ckpt: Checkpoint, eps: float, sigma: float, d: data_mod.Cifar10, split: dict[str, Any], device: torch.device
+    cfg: SweepConfig,
+    run: Run,
+    ckpt: Checkpoint,
+    eps: float,
+    sigma: float,
+    d: data_mod.Cifar10,
+    split: dict[str, Any],
+    device: torch.device,
 ) -> dict[str, Any]:
     """What produced a pair's certification (``write_results``' params): the certify config's identity and the pair."""
     return {
-        "sigma": float(sigma), "bn": bn_key(sigma), "model": ckpt.config.model.label, "run": run.uri, "epoch": ckpt.epoch, "epsilon": eps,
-        "images": "held-out validation (not the test set)", **cfg.certify.identity(device.type), **data_meta(d), **split,
-    }  # fmt: skip
+        "sigma": float(sigma),
+        "bn": bn_key(sigma),
+        "model": ckpt.config.model.label,
+        "run": run.uri,
+        "epoch": ckpt.epoch,
+        "epsilon": eps,
+        "images": "held-out validation (not the test set)",
+        **cfg.certify.identity(device.type),
+        **data_meta(d),
+        **split,
+    }
 
 
-def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Storage, device: torch.device) -> dict[str, Any]:
+def evaluate_pair(
+    cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Storage, device: torch.device
+) -> dict[str, Any]:
     """Calibrate TBN at sigma, measure clean/PGD accuracy and certify, all on held-out images; writes ``out``.
 
     Files: certify.tsv, radii.parquet, summary.json (``write_results``), bn_stats.pt (this sigma's
@@ -172,28 +191,53 @@ def evaluate_pair(cfg: SweepConfig, run: Run, eps: float, sigma: float, out: Sto
     split = split_record(calibration, validation)
     # Clean and PGD accuracy with the trained (clean) BN statistics, under the sweep's one attack.
     ev = evaluate(
-        model, validation.images, validation.labels, cfg.pgd, device,
-        batch_size=cfg.train.eval.batch_size, seed=cfg.train.seed, amp=cfg.train.optim.amp,
-    )  # fmt: skip
+        model,
+        validation.images,
+        validation.labels,
+        cfg.pgd,
+        device,
+        batch_size=cfg.train.eval.batch_size,
+        seed=cfg.train.seed,
+        amp=cfg.train.optim.amp,
+    )
     stats, meta = calibrate_sigma(
-        model, data_mod.to_float(calibration.images), sigma, cfg.calibrate, d, rule=SPLIT_RULE + " (calibration part)", device=device
+        model,
+        data_mod.to_float(calibration.images),
+        sigma,
+        cfg.calibrate,
+        d,
+        rule=SPLIT_RULE + " (calibration part)",
+        device=device,
     )
     calibrate_seconds = meta["seconds"]
     t0 = time.perf_counter()
     with use_bn_stats(model, stats):
         f = base_classifier(model, cfg.certify, device)
-        records = certify_examples(f, validation.images, validation.labels, validation.index, cfg.certify, sigma=sigma, device=device)
+        records = certify_examples(
+            f, validation.images, validation.labels, validation.index, cfg.certify, sigma=sigma, device=device
+        )
     certify_seconds = time.perf_counter() - t0
     summary = summarize(records)
     write_results(records, summary, out, _certify_params(cfg, run, ckpt, eps, sigma, d, split, device))
     Run(out).save_bn_sets({bn_key(sigma): {"stats": stats, "meta": meta}})
     row = {
-        "epsilon": eps, "sigma": float(sigma), "run": run.uri, "checkpoint": run.storage.object_uri(CHECKPOINT),
-        "epoch": ckpt.epoch, "clean_acc": ev["clean_acc"], "pgd_acc": ev["pgd_acc"],
-        "smoothed_clean_acc": summary["clean_accuracy_smoothed"], "certified_accuracy": summary["certified_accuracy"],
-        "acr": summary["acr"], "abstain_rate": summary["abstain_rate"], "calibrate_seconds": calibrate_seconds,
-        "certify_seconds": certify_seconds, "results": out.uri, **data_meta(d), **split,
-    }  # fmt: skip
+        "epsilon": eps,
+        "sigma": float(sigma),
+        "run": run.uri,
+        "checkpoint": run.storage.object_uri(CHECKPOINT),
+        "epoch": ckpt.epoch,
+        "clean_acc": ev["clean_acc"],
+        "pgd_acc": ev["pgd_acc"],
+        "smoothed_clean_acc": summary["clean_accuracy_smoothed"],
+        "certified_accuracy": summary["certified_accuracy"],
+        "acr": summary["acr"],
+        "abstain_rate": summary["abstain_rate"],
+        "calibrate_seconds": calibrate_seconds,
+        "certify_seconds": certify_seconds,
+        "results": out.uri,
+        **data_meta(d),
+        **split,
+    }
     out.write_json(ROW, row)  # last: its presence marks a finished pair
     return row
 
@@ -216,7 +260,9 @@ class PairsJob:
 
     name: ClassVar[str] = "sweep pairs"
     amount_unit: ClassVar[str] = "pair"
-    metrics: ClassVar[tuple[Metric, ...]] = (Metric("tbn_sweep_pairs", "(epsilon, sigma) pairs calibrated and certified", ("sweep",)),)
+    metrics: ClassVar[tuple[Metric, ...]] = (
+        Metric("tbn_sweep_pairs", "(epsilon, sigma) pairs calibrated and certified", ("sweep",)),
+    )
 
     @property
     def job_id(self) -> str:

@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 
 from tbn_ray.errors import TbnError, log
 from tbn_ray.reports.evaluation import EVALUATE_DIR, evaluation_section
+from tbn_ray.science.tbn import bn_key
 from tbn_ray.store.results import as_storage
 from tbn_ray.store.storage import Storage
-from tbn_ray.science.tbn import bn_key
 
 ENVELOPE_LABEL = "envelope: best sigma per radius (not a single classifier)"
 
@@ -114,7 +114,9 @@ def load_summaries(results: Storage | str | Path) -> list[dict[str, Any]]:
     for key in keys:
         summary = store.read_json(key)
         if not _is_summary(summary):
-            raise TbnError(f"{store.object_uri(key)} is not a certification summary (from tbn_ray.store.results.write_results)")
+            raise TbnError(
+                f"{store.object_uri(key)} is not a certification summary (from tbn_ray.store.results.write_results)"
+            )
         summaries.append({**summary, "location": store.object_uri(key)})
     return summaries
 
@@ -139,7 +141,11 @@ def _row(summary: dict[str, Any]) -> dict[str, Any]:
         "certified_accuracy": summary["certified_accuracy"],
         "acr": summary["acr"],
         "abstain_rate": summary["abstain_rate"],
-        **({"misclassified_unsampled": summary["misclassified_unsampled"]} if "misclassified_unsampled" in summary else {}),
+        **(
+            {"misclassified_unsampled": summary["misclassified_unsampled"]}
+            if "misclassified_unsampled" in summary
+            else {}
+        ),
         "bn_mode": mode,
         "setup": json.dumps([mode, summary["images"], *(params.get(k) for k in SAME_SETUP)], default=str),
     }
@@ -180,7 +186,8 @@ def _cells(row: dict[str, Any], radii: list[str]) -> list[str]:
     """Certified accuracy per radius, marked where the radius is above the row's cap."""
     cap = row.get("radius_cap")
     return [
-        _percent(row["certified_accuracy"].get(r)) + (ABOVE_CAP if cap is not None and r in row["certified_accuracy"] and float(r) > cap else "")
+        _percent(row["certified_accuracy"].get(r))
+        + (ABOVE_CAP if cap is not None and r in row["certified_accuracy"] and float(r) > cap else "")
         for r in radii
     ]
 
@@ -194,10 +201,19 @@ def accuracy_table(summaries: Sequence[dict[str, Any]]) -> str:
     rows = sorted((_row(s) for s in summaries), key=lambda r: (r["bn"], r["sigma"]))
     radii = sorted({r for row in rows for r in row["certified_accuracy"]}, key=float)
     head = ["sigma", "BN", "images", *(f"r={r}" for r in radii), "ACR", "max r"]
-    body = [[f"{row['sigma']:g}", row["bn"], str(row["images"]), *_cells(row, radii), f"{row['acr']:.3f}", _cap_cell(row)] for row in rows]
+    body = [
+        [f"{row['sigma']:g}", row["bn"], str(row["images"]), *_cells(row, radii), f"{row['acr']:.3f}", _cap_cell(row)]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in (head, *body)]
-    return "\n".join(["certified accuracy (%) at l2 radius r:", *lines, f"{ABOVE_CAP}: above max r, not certifiable with this n and alpha"])
+    return "\n".join(
+        [
+            "certified accuracy (%) at l2 radius r:",
+            *lines,
+            f"{ABOVE_CAP}: above max r, not certifiable with this n and alpha",
+        ]
+    )
 
 
 def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
@@ -230,10 +246,17 @@ def _markdown(title: str, radii: list[str], rows, envelopes, reference) -> str:
         f"(all n votes for one class give pA_lower = alpha^(1/n)). {ABOVE_CAP} marks radii above it: there certified "
         "accuracy is 0 whatever the model; more samples (n) raise the cap. On the plot, the dotted vertical lines.",
         "",
-        *[line for row in rows if row.get("misclassified_unsampled") for line in (
-            f"sigma={row['sigma']}: {_percent(row['misclassified_unsampled'])}% of the images were not sampled past the "
-            "selection draws, whose guess was not their label (sequential design, skip_misclassified): they count in no "
-            "certified accuracy and no ACR whatever is drawn; abstain % leaves them out.", "")],
+        *[
+            line
+            for row in rows
+            if row.get("misclassified_unsampled")
+            for line in (
+                f"sigma={row['sigma']}: {_percent(row['misclassified_unsampled'])}% of the images were not sampled past the "
+                "selection draws, whose guess was not their label (sequential design, skip_misclassified): they count in no "
+                "certified accuracy and no ACR whatever is drawn; abstain % leaves them out.",
+                "",
+            )
+        ],
         "The envelope row picks, at each radius, the sigma with the highest certified accuracy after the fact; "
         "it is not the accuracy of any single smoothed classifier.",
         "",
@@ -272,10 +295,20 @@ def _plot(title: str, radii: list[str], rows, envelopes, reference) -> Figure:
 
     for row in rows:
         label = f"sigma={row['sigma']} ({row['bn']}, {row['model']})"
-        drawn = exact(row, label=label) if row.get("radii_correct") is not None else curve(row["certified_accuracy"], label=label)
+        drawn = (
+            exact(row, label=label)
+            if row.get("radii_correct") is not None
+            else curve(row["certified_accuracy"], label=label)
+        )
         cap = row.get("radius_cap")
         if cap is not None and cap <= float(radii[-1]):
-            ax.axvline(cap, color=drawn.get_color(), linestyle=":", linewidth=1, label=f"max certifiable r at sigma={row['sigma']}, n={row['n']}")
+            ax.axvline(
+                cap,
+                color=drawn.get_color(),
+                linestyle=":",
+                linewidth=1,
+                label=f"max certifiable r at sigma={row['sigma']}, n={row['n']}",
+            )
     for env in envelopes:
         label = f"{ENVELOPE_LABEL} [{env['bn']}, {env['model']}]"
         curve(env["certified_accuracy"], color="black", linestyle=":", linewidth=2.5, label=label)
@@ -311,7 +344,10 @@ def write_report(
         raise TbnError("no certification summaries to report; run certification first")
     rows = sorted((_row(s) for s in summaries), key=lambda r: (*(str(r[k]) for k in SETUP_KEYS), r["sigma"]))
     envelopes = _envelopes(rows)
-    curves = [_radii_correct(s) for s in sorted(summaries, key=lambda s: (*(str(_row(s)[k]) for k in SETUP_KEYS), s["params"]["sigma"]))]
+    curves = [
+        _radii_correct(s)
+        for s in sorted(summaries, key=lambda s: (*(str(_row(s)[k]) for k in SETUP_KEYS), s["params"]["sigma"]))
+    ]
     reference = [{**ref, "radius_cap": _cap_of(ref)} for ref in COHEN_PUBLISHED]
     radii = sorted({r for row in (*rows, *reference) for r in row["certified_accuracy"]}, key=float)
     store = as_storage(out)
@@ -320,7 +356,9 @@ def write_report(
     with store.writer("certified_accuracy.png") as f:
         _plot(_plot_title(title, summaries), radii, plotted, envelopes, reference).savefig(f, format="png")
     return {
-        "report.md": store.write_text("report.md", _markdown(title, radii, rows, envelopes, reference) + (f"\n{extra}" if extra else "")),
+        "report.md": store.write_text(
+            "report.md", _markdown(title, radii, rows, envelopes, reference) + (f"\n{extra}" if extra else "")
+        ),
         "certified_accuracy.png": store.object_uri("certified_accuracy.png"),
         "report.json": store.write_text("report.json", json.dumps(report, indent=2) + "\n"),
     }

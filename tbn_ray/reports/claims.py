@@ -70,18 +70,30 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def claim_a(data: dict[str, Any]) -> Claim:
-    c = Claim("a", "TBN makes an adversarially trained model accurate under noise", "TBN noise accuracy >= clean-BN noise accuracy + 20 points")
+    c = Claim(
+        "a",
+        "TBN makes an adversarially trained model accurate under noise",
+        "TBN noise accuracy >= clean-BN noise accuracy + 20 points",
+    )
     for name, m in _at_models(data).items():
         for row in m["noise"]["rows"]:
             gain = _diff(row.get("accuracy_tbn"), row.get("accuracy_clean_bn"))
-            c.checks.append(Check(f"{name}, sigma {row['sigma']:g}: TBN {_pct(row.get('accuracy_tbn'))} vs clean BN {_pct(row.get('accuracy_clean_bn'))}",
-                                  gain, None if gain is None else gain >= 0.20))  # fmt: skip
+            c.checks.append(
+                Check(
+                    f"{name}, sigma {row['sigma']:g}: TBN {_pct(row.get('accuracy_tbn'))} vs clean BN {_pct(row.get('accuracy_clean_bn'))}",
+                    gain,
+                    None if gain is None else gain >= 0.20,
+                )
+            )
     return c
 
 
 def claim_b(data: dict[str, Any]) -> Claim:
-    c = Claim("b", "l2 adversarial training + TBN certifies like Gaussian augmentation",
-              "certified accuracy >= the gaussian model's - 3 points at r = sigma and 2 sigma")  # fmt: skip
+    c = Claim(
+        "b",
+        "l2 adversarial training + TBN certifies like Gaussian augmentation",
+        "certified accuracy >= the gaussian model's - 3 points at r = sigma and 2 sigma",
+    )
     for name, m in _at_models(data).items():
         if m["training"]["norm"] != "l2":
             continue
@@ -92,13 +104,22 @@ def claim_b(data: dict[str, Any]) -> Claim:
             for r in (float(sigma), 2 * float(sigma)):
                 ours, theirs = _acc(summary, r), _acc(base[1], r)
                 d = _diff(ours, theirs)
-                c.checks.append(Check(f"{name} + TBN vs {base[0]}, sigma {sigma}, r = {r:g}: {_pct(ours)} vs {_pct(theirs)}",
-                                      d, None if d is None else d >= -0.03))  # fmt: skip
+                c.checks.append(
+                    Check(
+                        f"{name} + TBN vs {base[0]}, sigma {sigma}, r = {r:g}: {_pct(ours)} vs {_pct(theirs)}",
+                        d,
+                        None if d is None else d >= -0.03,
+                    )
+                )
     return c
 
 
 def claim_c(data: dict[str, Any]) -> Claim:
-    c = Claim("c", "l-inf adversarial training + TBN certifies l2 radii", "certified accuracy >= the l2 model's - 10 points at r = 0.25 and 0.5")
+    c = Claim(
+        "c",
+        "l-inf adversarial training + TBN certifies l2 radii",
+        "certified accuracy >= the l2 model's - 10 points at r = 0.25 and 0.5",
+    )
     at = _at_models(data)
     l2 = next((k for k, m in at.items() if m["training"]["norm"] == "l2"), None)
     if l2 is None:
@@ -111,8 +132,13 @@ def claim_c(data: dict[str, Any]) -> Claim:
             for r in (0.25, 0.5):
                 ours, theirs = _acc(summary, r), _acc(other, r)
                 d = _diff(ours, theirs)
-                c.checks.append(Check(f"{name} + TBN vs {l2} + TBN, sigma {sigma}, r = {r:g}: {_pct(ours)} vs {_pct(theirs)}",
-                                      d, None if d is None else d >= -0.10))  # fmt: skip
+                c.checks.append(
+                    Check(
+                        f"{name} + TBN vs {l2} + TBN, sigma {sigma}, r = {r:g}: {_pct(ours)} vs {_pct(theirs)}",
+                        d,
+                        None if d is None else d >= -0.10,
+                    )
+                )
     return c
 
 
@@ -123,8 +149,11 @@ def noise_corruption_mean(mode: dict[str, Any]) -> float | None:
 
 
 def claim_d(data: dict[str, Any]) -> Claim:
-    c = Claim("d", "test-time BN helps on the noise corruptions of CIFAR-10-C",
-              f"{CORRUPTION_TBN} BN mean accuracy on the noise corruptions >= clean BN's + 10 points")  # fmt: skip
+    c = Claim(
+        "d",
+        "test-time BN helps on the noise corruptions of CIFAR-10-C",
+        f"{CORRUPTION_TBN} BN mean accuracy on the noise corruptions >= clean BN's + 10 points",
+    )
     for name, m in _at_models(data).items():
         modes = m["corruptions"]["modes"]
         clean = modes.get("clean")
@@ -133,12 +162,19 @@ def claim_d(data: dict[str, Any]) -> Claim:
             continue
         a, b = noise_corruption_mean(adapted), noise_corruption_mean(clean)
         d = _diff(a, b)
-        c.checks.append(Check(f"{name}: {CORRUPTION_TBN} {_pct(a)} vs clean {_pct(b)}", d, None if d is None else d >= 0.10))
+        c.checks.append(
+            Check(f"{name}: {CORRUPTION_TBN} {_pct(a)} vs clean {_pct(b)}", d, None if d is None else d >= 0.10)
+        )
     return c
 
 
 def claim_e(data: dict[str, Any]) -> Claim:
-    c = Claim("e", "empirical robustness with the clean statistics", "none: context beside published adversarial training", context=True)
+    c = Claim(
+        "e",
+        "empirical robustness with the clean statistics",
+        "none: context beside published adversarial training",
+        context=True,
+    )
     for name, m in _at_models(data).items():
         for key in ("attack", "autoattack"):
             result = m.get(key)
@@ -146,8 +182,13 @@ def claim_e(data: dict[str, Any]) -> Claim:
                 continue
             row = result["modes"]["clean"]["variants"]["standard"]
             for attack in result["attack"].get("attacks", []):
-                c.checks.append(Check(f"{name}: {attack} ({result['attack']['norm']} eps {result['attack']['eps']:g}, {result['test_images']} images)",
-                                      row.get(attack), None))  # fmt: skip
+                c.checks.append(
+                    Check(
+                        f"{name}: {attack} ({result['attack']['norm']} eps {result['attack']['eps']:g}, {result['test_images']} images)",
+                        row.get(attack),
+                        None,
+                    )
+                )
     return c
 
 
@@ -162,17 +203,30 @@ def _pct(v: float | None) -> str:
 
 def claims_markdown(claims: list[Claim]) -> list[str]:
     """The verdict table, then each claim's comparisons."""
-    lines = ["## Verdicts", "", "Targets fixed before the run (docs/method.md section 7); a claim holds when every comparison does.", "",
-             "| claim | target | verdict |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Verdicts",
+        "",
+        "Targets fixed before the run (docs/method.md section 7); a claim holds when every comparison does.",
+        "",
+        "| claim | target | verdict |",
+        "|---|---|---|",
+    ]
     lines += [f"| ({c.key}) {c.title} | {c.target} | **{c.verdict}** |" for c in claims]
     lines.append("")
     for c in claims:
         if not c.checks:
             continue
         head = "value" if c.context else "difference (points)"
-        lines += [f"### ({c.key}) {c.title}: {c.verdict}", "", f"| comparison | {head} | meets target |", "|---|---|---|"]
+        lines += [
+            f"### ({c.key}) {c.title}: {c.verdict}",
+            "",
+            f"| comparison | {head} | meets target |",
+            "|---|---|---|",
+        ]
         for k in c.checks:
-            value = "-" if k.measured is None else (f"{100 * k.measured:.1f}" if c.context else f"{100 * k.measured:+.1f}")
+            value = (
+                "-" if k.measured is None else (f"{100 * k.measured:.1f}" if c.context else f"{100 * k.measured:+.1f}")
+            )
             met = "-" if k.holds is None else ("yes" if k.holds else "**no**")
             lines.append(f"| {k.what} | {value} | {met} |")
         lines.append("")
@@ -180,5 +234,13 @@ def claims_markdown(claims: list[Claim]) -> list[str]:
 
 
 def claims_json(claims: list[Claim]) -> list[dict[str, Any]]:
-    return [{"claim": c.key, "title": c.title, "target": c.target, "verdict": c.verdict,
-             "checks": [{"what": k.what, "measured": k.measured, "holds": k.holds} for k in c.checks]} for c in claims]  # fmt: skip
+    return [
+        {
+            "claim": c.key,
+            "title": c.title,
+            "target": c.target,
+            "verdict": c.verdict,
+            "checks": [{"what": k.what, "measured": k.measured, "holds": k.holds} for k in c.checks],
+        }
+        for c in claims
+    ]

@@ -45,9 +45,19 @@ def _corruption_markdown(r: dict[str, Any]) -> list[str]:
     ]
     for m in modes:
         cells = [_pct(m["severity_mean"].get(s)) for s in sev]
-        lines.append(f"| {m['spec']} | {m['batch_size'] or '-'} | {_pct(m['clean_accuracy'])} | **{_pct(m['mean'])}** | {m['grid']} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {m['spec']} | {m['batch_size'] or '-'} | {_pct(m['clean_accuracy'])} | **{_pct(m['mean'])}** | {m['grid']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     corr = [c for c in CORRUPTIONS if any(c in m["corruption_mean"] for m in modes)]
-    lines += ["", "Accuracy (%) per corruption, mean over the severities:", "", "| corruption | " + " | ".join(m["spec"] for m in modes) + " |", "|" + "---|" * (1 + len(modes))]
+    lines += [
+        "",
+        "Accuracy (%) per corruption, mean over the severities:",
+        "",
+        "| corruption | " + " | ".join(m["spec"] for m in modes) + " |",
+        "|" + "---|" * (1 + len(modes)),
+    ]
     lines += [f"| {c} | " + " | ".join(_pct(m["corruption_mean"].get(c)) for m in modes) + " |" for c in corr]
     lines += ["", *(f"- {m['definition']}" for m in modes), ""]
     return lines
@@ -70,7 +80,9 @@ def _attack_markdown(r: dict[str, Any]) -> list[str]:
     a = r["attack"]
     attacks = a["attacks"]
     lines = [
-        f"### Adversarial robustness: {a['norm']}, eps={a['eps']:g}" + (f" ({255 * a['eps']:.3g}/255)" if a["norm"] == "linf" else "") + f" ({r['source']})",
+        f"### Adversarial robustness: {a['norm']}, eps={a['eps']:g}"
+        + (f" ({255 * a['eps']:.3g}/255)" if a["norm"] == "linf" else "")
+        + f" ({r['source']})",
         "",
         f"Run {r['run']} (epoch {r['epoch']}, {r['model']}), {r['test_images']} test images ({r['test_indices']}), "
         f"{_attack_settings(a)}, seed {a['seed']}, batch size {r['batch_size']}; eval id `{r['eval_id']}`.",
@@ -127,14 +139,29 @@ def _plot(results: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
         bars = ax_bar.bar(range(len(modes)), means, color=[f"C{i}" for i in range(len(modes))])
         ax_bar.bar_label(bars, fmt="%.1f", fontsize=7)
         ax_bar.set_xticks(range(len(modes)), [m["spec"] for m in modes], fontsize=7, rotation=15)
-        ax_bar.set(ylabel=f"mean accuracy (%) over {modes[0]['grid']}", ylim=(0, 100), title="\n".join(textwrap.wrap(r["source"], 70)))
+        ax_bar.set(
+            ylabel=f"mean accuracy (%) over {modes[0]['grid']}",
+            ylim=(0, 100),
+            title="\n".join(textwrap.wrap(r["source"], 70)),
+        )
         ax_bar.title.set_fontsize(7)
         for i, m in enumerate(modes):
             sev = sorted(m["severity_mean"], key=int)
             xs = [0, *map(int, sev)]
             ys = [100 * (m["clean_accuracy"] or 0), *(100 * m["severity_mean"][s] for s in sev)]
-            ax_sev.plot(xs, ys, marker="o", color=f"C{i}", label=m["spec"] + (f" (batch {m['batch_size']})" if m["batch_size"] else ""))
-        ax_sev.set(xlabel="severity (0: clean test images)", ylabel="accuracy (%)", ylim=(0, 100), title=f"{r['test_images']} test images, {r['model']}")
+            ax_sev.plot(
+                xs,
+                ys,
+                marker="o",
+                color=f"C{i}",
+                label=m["spec"] + (f" (batch {m['batch_size']})" if m["batch_size"] else ""),
+            )
+        ax_sev.set(
+            xlabel="severity (0: clean test images)",
+            ylabel="accuracy (%)",
+            ylim=(0, 100),
+            title=f"{r['test_images']} test images, {r['model']}",
+        )
         ax_sev.title.set_fontsize(7)
         ax_sev.grid(alpha=0.3)
         ax_sev.legend(fontsize=7)
@@ -155,6 +182,8 @@ def write_evaluation_report(run_storage: Storage) -> dict[str, str]:
         files["corruption_accuracy.png"] = out.object_uri("corruption_accuracy.png")
     files["report.md"] = out.write_text("report.md", section + "\n")
     files["evaluation.json"] = out.write_text(
-        "evaluation.json", json.dumps({"run": run_storage.uri, "variants": ATTACK_VARIANTS, "results": results}, indent=2, sort_keys=True) + "\n"
+        "evaluation.json",
+        json.dumps({"run": run_storage.uri, "variants": ATTACK_VARIANTS, "results": results}, indent=2, sort_keys=True)
+        + "\n",
     )
     return files

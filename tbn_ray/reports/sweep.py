@@ -32,7 +32,9 @@ def _radius_columns(cfg: SweepConfig) -> list[float]:
     return list(TABLE_RADII) if r is None or r in TABLE_RADII else sorted({*TABLE_RADII, r})
 
 
-def _table_row(cfg: SweepConfig, eps: float, sigma: float, training: dict[str, Any], pair: dict[str, Any] | None) -> dict[str, Any]:
+def _table_row(
+    cfg: SweepConfig, eps: float, sigma: float, training: dict[str, Any], pair: dict[str, Any] | None
+) -> dict[str, Any]:
     """One (epsilon, sigma) row; a stopped epsilon keeps its training columns and leaves the rest empty."""
     row: dict[str, Any] = {
         "epsilon": eps,
@@ -69,7 +71,9 @@ def table_rows(
     return [_table_row(cfg, eps, s, training[eps], pairs.get((eps, s))) for eps in cfg.epsilons for s in cfg.sigmas]
 
 
-def best_pair(cfg: SweepConfig, rows: list[dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]) -> dict[str, Any]:
+def best_pair(
+    cfg: SweepConfig, rows: list[dict[str, Any]], pairs: dict[tuple[float, float], dict[str, Any]]
+) -> dict[str, Any]:
     """The pair with the highest objective, ready for ``tbn-ray certify``. Ties (common with few
     validation images) go to the higher ACR, then to the first in grid order."""
     top = max((r for r in rows if r["status"] == EVALUATED), key=lambda r: (r["objective"], r["acr"]))
@@ -97,8 +101,21 @@ def _pct(v: float | None) -> str:
 
 def _markdown(cfg: SweepConfig, rows: list[dict[str, Any]], best: dict[str, Any], pair: dict[str, Any]) -> str:
     radii = _radius_columns(cfg)
-    head = ["epsilon", "sigma", "status", "epochs", "clean %", "PGD %", "smoothed clean %", *(f"cert. r={r:g} %" for r in radii),
-            "ACR", "abstain %", "train s", "calibrate s", "certify s"]  # fmt: skip
+    head = [
+        "epsilon",
+        "sigma",
+        "status",
+        "epochs",
+        "clean %",
+        "PGD %",
+        "smoothed clean %",
+        *(f"cert. r={r:g} %" for r in radii),
+        "ACR",
+        "abstain %",
+        "train s",
+        "calibrate s",
+        "certify s",
+    ]
     lines = [
         f"# Sweep {cfg.name}: training epsilon x TBN sigma",
         "",
@@ -120,10 +137,22 @@ def _markdown(cfg: SweepConfig, rows: list[dict[str, Any]], best: dict[str, Any]
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [f"{r['epsilon']:g}", f"{r['sigma']:g}", r["status"], str(r["epochs"]), _pct(r["clean_acc"]), _pct(r["pgd_acc"]),
-                 _pct(r["smoothed_clean_acc"]), *(_pct(r[f"certified_acc@{x:g}"]) for x in radii),
-                 "-" if r["acr"] is None else f"{r['acr']:.3f}", _pct(r["abstain_rate"]),
-                 *("-" if r[k] is None else f"{r[k]:.1f}" for k in ("train_seconds", "calibrate_seconds", "certify_seconds"))]  # fmt: skip
+        cells = [
+            f"{r['epsilon']:g}",
+            f"{r['sigma']:g}",
+            r["status"],
+            str(r["epochs"]),
+            _pct(r["clean_acc"]),
+            _pct(r["pgd_acc"]),
+            _pct(r["smoothed_clean_acc"]),
+            *(_pct(r[f"certified_acc@{x:g}"]) for x in radii),
+            "-" if r["acr"] is None else f"{r['acr']:.3f}",
+            _pct(r["abstain_rate"]),
+            *(
+                "-" if r[k] is None else f"{r[k]:.1f}"
+                for k in ("train_seconds", "calibrate_seconds", "certify_seconds")
+            ),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -152,7 +181,11 @@ def _heatmap(cfg: SweepConfig, rows: list[dict[str, Any]], best: dict[str, Any])
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(len(sig)), [f"{s:g}" for s in sig])
     ax.set_yticks(range(len(eps)), [f"{e:g}" for e in eps])
-    ax.set(xlabel="TBN sigma", ylabel=f"training epsilon ({cfg.train.attack.norm})", title=f"{cfg.name}: {cfg.objective} (validation)")
+    ax.set(
+        xlabel="TBN sigma",
+        ylabel=f"training epsilon ({cfg.train.attack.norm})",
+        title=f"{cfg.name}: {cfg.objective} (validation)",
+    )
     ax.set_facecolor("0.85")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

@@ -51,7 +51,9 @@ def write_metrics_plot(run: Run, rows: list[dict[str, Any]]) -> str:
     ax_loss.grid(alpha=0.3)
     handles = [h for ax in (ax_loss, ax_acc) for h in ax.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    ax_loss.set_title(run.uri.rstrip("/").rpartition("/")[2] or run.uri, fontsize=9)  # the run's name: a path is cut off
+    ax_loss.set_title(
+        run.uri.rstrip("/").rpartition("/")[2] or run.uri, fontsize=9
+    )  # the run's name: a path is cut off
     fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the axes
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

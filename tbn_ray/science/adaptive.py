@@ -41,9 +41,9 @@ from pydantic import Field
 from scipy.special import betainc, betaincinv
 
 from tbn_ray.config import REPORT_RADII, AdaptiveConfig
-from tbn_ray.science.sampling import Procedure
 from tbn_ray.science import bounds
 from tbn_ray.science.bounds import ABSTAIN, upper_confidence_bound
+from tbn_ray.science.sampling import Procedure
 from tbn_ray.science.smoothing import Certificate, bound_certificate
 
 
@@ -72,7 +72,9 @@ def certify_chance(p: np.ndarray, n: int, sigma: float, alpha: float, radii: tup
     """P(n draws certify radius >= r), for each p (rows) and report radius r (columns)."""
     k = certifying_counts(n, sigma, alpha, radii)
     reachable = k <= n
-    chance = betainc(np.where(reachable, k, 1), np.where(reachable, n - k + 1, 1), np.asarray(p)[:, None])  # P(Bin(n, p) >= k)
+    chance = betainc(
+        np.where(reachable, k, 1), np.where(reachable, n - k + 1, 1), np.asarray(p)[:, None]
+    )  # P(Bin(n, p) >= k)
     return np.where(reachable, chance, 0.0)
 
 
@@ -84,7 +86,9 @@ class AdaptiveSampling(AdaptiveConfig):
     ``docs/performance.md``)."""
 
     posterior_points: int = Field(32, ge=1, description="quadrature points of the pilot's posterior for p_cA")
-    abstain_alpha: float = Field(0.001, gt=0, lt=1, description="early abstention: confidence of the optimistic pilot bound")
+    abstain_alpha: float = Field(
+        0.001, gt=0, lt=1, description="early abstention: confidence of the optimistic pilot bound"
+    )
     radii: tuple[Annotated[float, Field(ge=0)], ...] = REPORT_RADII
 
     @staticmethod
@@ -108,7 +112,9 @@ class AdaptiveSampling(AdaptiveConfig):
         if reached:
             good |= radius >= max(reached) + self.margin
         # p_cA at the quantile midpoints of the pilot's posterior (Jeffreys prior)
-        p = betaincinv(votes + 0.5, draws - votes + 0.5, (np.arange(self.posterior_points) + 0.5) / self.posterior_points)
+        p = betaincinv(
+            votes + 0.5, draws - votes + 0.5, (np.arange(self.posterior_points) + 0.5) / self.posterior_points
+        )
         radii = tuple(float(r) for r in self.radii)
         full = certify_chance(p, n, sigma, alpha, radii)
         for i in np.flatnonzero(good[:-1]):

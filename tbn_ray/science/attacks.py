@@ -68,7 +68,14 @@ def _ascent_direction(grad: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
     return grad / _l2_norms(grad).clamp_min(1e-12)
 
 
-def _one_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None, loss_fn: LossFn) -> torch.Tensor:
+def _one_run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None,
+    loss_fn: LossFn,
+) -> torch.Tensor:
     delta = _random_start(x, attack, generator) if attack.random_start else torch.zeros_like(x)
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(attack.steps):
@@ -167,8 +174,13 @@ class _Best:
 
 
 def _apgd_run(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None,
-    loss_fn: LossFn, best: _Best,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None,
+    loss_fn: LossFn,
+    best: _Best,
 ) -> None:
     """One APGD run from a random start (Croce & Hein 2020, Algorithm 1), offering every iterate to ``best``."""
     view = (-1, *([1] * (x.dim() - 1)))
@@ -198,16 +210,24 @@ def _apgd_run(
     f_max_last = f0.clone()  # f_max at the last checkpoint (w_0 = 0)
     for k in range(1, attack.steps):
         z = project(x_cur + eta.view(view) * _ascent_direction(g_cur, attack))
-        x_next, f_next, g_next = evaluate(project(x_cur + APGD_MOMENTUM * (z - x_cur) + (1 - APGD_MOMENTUM) * (x_cur - x_prev)))
+        x_next, f_next, g_next = evaluate(
+            project(x_cur + APGD_MOMENTUM * (z - x_cur) + (1 - APGD_MOMENTUM) * (x_cur - x_prev))
+        )
         up = f_next > f_max
-        x_max, f_max, g_max = torch.where(up.view(view), x_next, x_max), torch.where(up, f_next, f_max), torch.where(up.view(view), g_next, g_max)
+        x_max, f_max, g_max = (
+            torch.where(up.view(view), x_next, x_max),
+            torch.where(up, f_next, f_max),
+            torch.where(up.view(view), g_next, g_max),
+        )
         if k in checkpoints:
             # condition 1: too few loss-increasing steps; condition 2: the step was not halved at
             # the previous checkpoint and the best loss has not improved since
             halve = (increases < APGD_RHO * (k - last_w)) | (~halved_last & (f_max <= f_max_last))
             eta = torch.where(halve, eta / 2, eta)
             # halving restarts from the best point, without momentum
-            x_next, g_next, x_cur = (torch.where(halve.view(view), a, b) for a, b in ((x_max, x_next), (g_max, g_next), (x_max, x_cur)))
+            x_next, g_next, x_cur = (
+                torch.where(halve.view(view), a, b) for a, b in ((x_max, x_next), (g_max, g_next), (x_max, x_cur))
+            )
             f_next = torch.where(halve, f_max, f_next)
             halved_last, f_max_last, increases, last_w = halve, f_max.clone(), torch.zeros_like(increases), k
         increases += f_next > f_cur

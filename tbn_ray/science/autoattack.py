@@ -33,7 +33,9 @@ def require_pyautoattack() -> Any:
     try:
         import pyautoattack
     except ImportError:
-        raise TbnError("the autoattack attack needs the optional pyautoattack package: pip install 'tbn-ray[zoo]'") from None
+        raise TbnError(
+            "the autoattack attack needs the optional pyautoattack package: pip install 'tbn-ray[zoo]'"
+        ) from None
     return pyautoattack
 
 
@@ -68,12 +70,18 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Attac
     if threat.norm not in _NORMS:
         raise TbnError(f"autoattack supports l2 and linf, got {threat.norm!r}")
     frozen = [p for p in model.parameters() if p.requires_grad]
-    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.device.type == "cuda" else []
+    devices = (
+        [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+        if x.device.type == "cuda"
+        else []
+    )
     try:
         for p in frozen:
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            adversary = aa.AutoAttack(model, norm=_NORMS[threat.norm], eps=threat.eps, version="standard", device=x.device, seed=int(seed))
+            adversary = aa.AutoAttack(
+                model, norm=_NORMS[threat.norm], eps=threat.eps, version="standard", device=x.device, seed=int(seed)
+            )
             adversary.verbose = False
             # contiguous NCHW: its attacks .view() the inputs (channels-last or permuted ones fail)
             x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))
@@ -90,4 +98,6 @@ def _check_budget(x: torch.Tensor, x_adv: torch.Tensor, threat: AttackConfig) ->
     delta = (x_adv - x).flatten(1)
     size = delta.abs().amax(1) if threat.norm == "linf" else delta.norm(dim=1)
     if bool((size > threat.eps * (1 + 1e-4) + 1e-6).any()) or bool((x_adv < 0).any() or (x_adv > 1).any()):
-        raise AssertionError(f"AutoAttack returned a point outside the {threat.norm} ball of {threat.eps:g} or [0, 1]: {float(size.max()):.6g}")
+        raise AssertionError(
+            f"AutoAttack returned a point outside the {threat.norm} ball of {threat.eps:g} or [0, 1]: {float(size.max()):.6g}"
+        )

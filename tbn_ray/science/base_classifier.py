@@ -35,7 +35,9 @@ def _folded(net: nn.Module) -> nn.Module:
     try:
         return fold_conv_bn(net)
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways on architectures from elsewhere
-        raise TbnError(f"--fold-bn: this architecture cannot be traced to fold its BatchNorm ({type(e).__name__}); certify without --fold-bn") from None
+        raise TbnError(
+            f"--fold-bn: this architecture cannot be traced to fold its BatchNorm ({type(e).__name__}); certify without --fold-bn"
+        ) from None
 
 
 def base_classifier(net: nn.Module, cfg: CertifyConfig, device: torch.device) -> nn.Module:

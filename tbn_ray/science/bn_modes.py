@@ -168,4 +168,3 @@ def used_bn_stats(model: nn.Module, x: torch.Tensor, mode: BNMode, stats: BNStat
             for h in hooks:
                 h.remove()
     return recorded
-

@@ -17,8 +17,8 @@ import io
 import re
 import tarfile
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,7 +70,9 @@ class Split:
         found = sorted_index[pos] == wanted if len(sorted_index) else np.zeros(len(wanted), dtype=bool)
         if not found.all():
             missing = wanted[~found]
-            shown = ", ".join(str(int(i)) for i in missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+            shown = ", ".join(str(int(i)) for i in missing[:5]) + (
+                f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            )
             held = f"indices {int(sorted_index[0])}..{int(sorted_index[-1])}" if len(sorted_index) else "nothing"
             raise TbnError(
                 f"official index {shown} not in this split ({len(self)} images, {held}); "
@@ -98,12 +100,16 @@ def data_meta(d: Cifar10) -> dict[str, str]:
 
 # --- decoding and the held-out rule (pure: no files located, downloaded or cached here) ------------
 
-def complete_splits(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray) -> tuple[Split, Split]:
+
+def complete_splits(
+    train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray
+) -> tuple[Split, Split]:
     """Complete splits: position is the official index."""
     return (
         Split(train_images, train_labels, np.arange(len(train_labels), dtype=np.int64)),
         Split(test_images, test_labels, np.arange(len(test_labels), dtype=np.int64)),
     )
+
 
 def decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Decode every member once, placing ``<class>/<k>.jpg`` at the k-th official index of that class."""
@@ -112,7 +118,9 @@ def decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[st
     filled = {split: np.zeros(len(y), dtype=bool) for split, y in labels.items()}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(len(y) for y in labels.values()), desc="decode CIFAR-10 JPEG (once)", unit="img", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(y) for y in labels.values()), desc="decode CIFAR-10 JPEG (once)", unit="img", dynamic_ncols=True
+    )
     with bar, tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             m = _JPEG_MEMBER.match(member.name)
@@ -120,7 +128,9 @@ def decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[st
                 continue
             split, cls, k = m.group(1), m.group(2), int(m.group(3))
             if cls not in CLASSES or k >= len(slots[split][CLASSES.index(cls)]):
-                raise TbnError(f"{archive} does not match its labels.npz ({member.name}); restore the original cifar10-jpeg folder")
+                raise TbnError(
+                    f"{archive} does not match its labels.npz ({member.name}); restore the original cifar10-jpeg folder"
+                )
             i = slots[split][CLASSES.index(cls)][k]
             fileobj = tar.extractfile(member)
             assert fileobj is not None  # a regular file, checked above
@@ -130,8 +140,11 @@ def decode_jpeg_archive(archive: Path, labels: dict[str, np.ndarray]) -> dict[st
             bar.update()
     for split, ok in filled.items():
         if not ok.all():
-            raise TbnError(f"{archive} lacks {int((~ok).sum())} {split} images; restore the original cifar10-jpeg folder")
+            raise TbnError(
+                f"{archive} lacks {int((~ok).sum())} {split} images; restore the original cifar10-jpeg folder"
+            )
     return images
+
 
 def assemble(source: str, description: str, train: Split, test: Split, train_limit: int | None) -> Cifar10:
     held = train.index % HELDOUT_MODULUS == HELDOUT_REMAINDER

@@ -67,18 +67,26 @@ def zoo_threat_models(name: str, dataset: str = "cifar10") -> list[str]:
     return [threat for threat, entries in zoo_models(dataset).items() if name in entries]
 
 
-def zoo_constructor(name: str, threat_model: str, dataset: str = "cifar10", num_classes: int = 10) -> Callable[[], nn.Module]:
+def zoo_constructor(
+    name: str, threat_model: str, dataset: str = "cifar10", num_classes: int = 10
+) -> Callable[[], nn.Module]:
     """The zoo entry's constructor (no weights); an unknown name is one line with close matches."""
     zoo = zoo_models(dataset)
     if threat_model not in zoo:
-        raise TbnError(f"RobustBench threat model {threat_model!r} does not exist for {dataset}; use one of {', '.join(zoo)}")
+        raise TbnError(
+            f"RobustBench threat model {threat_model!r} does not exist for {dataset}; use one of {', '.join(zoo)}"
+        )
     entries = zoo[threat_model]
     if name not in entries:
         import difflib
 
         close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.6)
         elsewhere = [t for t, e in zoo.items() if name in e]
-        hint = f"; it is listed under {', '.join(elsewhere)} (--threat-model)" if elsewhere else (f"; did you mean {', '.join(close)}?" if close else "")
+        hint = (
+            f"; it is listed under {', '.join(elsewhere)} (--threat-model)"
+            if elsewhere
+            else (f"; did you mean {', '.join(close)}?" if close else "")
+        )
         raise TbnError(f"RobustBench lists no {dataset} {threat_model} model {name!r}{hint}")
     timm_name = f"{name.lower().replace('-', '_')}_{dataset}_{threat_model.lower()}"
     import timm
@@ -106,12 +114,18 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name is not None and module_name.startswith(e.name):
-            raise TbnError(f"cannot import {module_name!r} for {spec}: no module {e.name!r} on the Python path") from None
+            raise TbnError(
+                f"cannot import {module_name!r} for {spec}: no module {e.name!r} on the Python path"
+            ) from None
         raise TbnError(f"importing {module_name!r} for {spec} failed: {e}") from None
     except SyntaxError as e:
-        raise TbnError(f"importing {module_name!r} for {spec} failed: SyntaxError in {e.filename}, line {e.lineno}: {e.msg}") from None
+        raise TbnError(
+            f"importing {module_name!r} for {spec} failed: SyntaxError in {e.filename}, line {e.lineno}: {e.msg}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - the user's module: whatever its import raises is its failure
-        raise TbnError(f"importing {module_name!r} for {spec} failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+        raise TbnError(
+            f"importing {module_name!r} for {spec} failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise TbnError(f"{module_name!r} has no attribute {attr!r} ({spec})")
@@ -146,7 +160,9 @@ def build_architecture(source: ModelSource, num_classes: int = 10) -> nn.Module:
         except TbnError:
             raise
         except Exception as e:  # noqa: BLE001 - the user's constructor: whatever it raises is its failure
-            raise TbnError(f"{source.name}() failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            raise TbnError(
+                f"{source.name}() failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            ) from None
         what = source.name
     if not isinstance(model, nn.Module):
         raise TbnError(f"{what} returned a {type(model).__name__}, not a torch nn.Module")

@@ -48,7 +48,9 @@ def check_fits(needed: float, device: torch.device, setting: str) -> None:
     """Refuse at once, in one line naming ``setting``, buffers that would not fit beside the forward pass."""
     free = free_bytes(device)
     if needed > BUFFER_SHARE * free:
-        raise TbnError(f"{setting} needs {_gib(needed)} of buffers on {device.type}, more than half of the {_gib(free)} free: lower it")
+        raise TbnError(
+            f"{setting} needs {_gib(needed)} of buffers on {device.type}, more than half of the {_gib(free)} free: lower it"
+        )
 
 
 @contextlib.contextmanager
@@ -61,4 +63,6 @@ def named_failure(setting: str, device: torch.device) -> Iterator[None]:
     except RuntimeError as e:
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        raise TbnError(f"{setting}: out of {device.type} memory in a forward pass ({str(e).splitlines()[0][:120]}); lower it") from None
+        raise TbnError(
+            f"{setting}: out of {device.type} memory in a forward pass ({str(e).splitlines()[0][:120]}); lower it"
+        ) from None

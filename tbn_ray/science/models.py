@@ -46,7 +46,9 @@ class Normalize(nn.Module):
 class Classifier(nn.Module):
     """A network applied to normalised inputs; callers feed [0,1] pixels."""
 
-    def __init__(self, body: nn.Module, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+    def __init__(
+        self, body: nn.Module, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.body = body
@@ -139,7 +141,11 @@ class PreActNet(nn.Module):
         self.stem = _conv3x3(3, stem)
         stages, cin = [], stem
         for i, cout in enumerate(widths):
-            stages.append(nn.Sequential(*[PreActBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(blocks)]))
+            stages.append(
+                nn.Sequential(
+                    *[PreActBlock(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(blocks)]
+                )
+            )
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(cin)

@@ -16,9 +16,16 @@ from tbn_ray.science.tbn import BNStats, use_bn_stats
 
 @torch.no_grad()
 def accuracy_under_noise(
-    model: nn.Module, sets: Mapping[float, Mapping[str, BNStats]], images: np.ndarray, labels: np.ndarray, *,
-    draws: int, seed: int, batch_size: int, device: torch.device,
-) -> list[dict[str, Any]]:  # fmt: skip
+    model: nn.Module,
+    sets: Mapping[float, Mapping[str, BNStats]],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    draws: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
     """Per sigma, ``accuracy_<label>`` for each named statistics set in ``sets[sigma]``: ``draws``
     noisy copies of every image, the noise drawn from one generator seeded per set so every set
     sees the same noisy images. The model (in eval mode) keeps the statistics it had."""

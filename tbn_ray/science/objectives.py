@@ -25,7 +25,10 @@ from tbn_ray.config import TrainConfig
 from tbn_ray.science.attacks import pgd
 
 #: A step's loss and the logits its accuracy is counted on (one row per training image).
-StepLoss = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, TrainConfig, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]
+StepLoss = Callable[
+    [nn.Module, nn.Module, torch.Tensor, torch.Tensor, TrainConfig, "torch.Generator | None"],
+    tuple[torch.Tensor, torch.Tensor],
+]
 
 
 def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -84,7 +87,13 @@ OBJECTIVES: dict[str, StepLoss] = {
 }
 
 
-def step_loss(model: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(
+    model: nn.Module,
+    target: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of ``cfg.objective`` on one batch of augmented images in [0, 1], and its logits."""
     return OBJECTIVES[cfg.objective](model, target, x, y, cfg, generator)

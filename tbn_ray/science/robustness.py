@@ -19,15 +19,22 @@ from torch import nn
 from tbn_ray.config import AttackConfig
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.attacks import apgd_ce, pgd
-from tbn_ray.science.autoattack import NAME as AUTOATTACK, autoattack, check_frozen_bn
+from tbn_ray.science.autoattack import NAME as AUTOATTACK
+from tbn_ray.science.autoattack import autoattack, check_frozen_bn
 from tbn_ray.science.bn_modes import BNMode, bn_mode, used_bn_stats
 from tbn_ray.science.tbn import CLEAN, BNStats
 
 
 @torch.no_grad()
 def correct_predictions(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, mode: BNMode, stats: BNStats, *,
-    batch_size: int, device: torch.device,
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    mode: BNMode,
+    stats: BNStats,
+    *,
+    batch_size: int,
+    device: torch.device,
 ) -> np.ndarray:
     """Per-image correctness (bool) of uint8 NHWC ``images`` in consecutive batches of ``batch_size``
     (in a batch mode these are the test batches; the last one may be smaller). Batches are
@@ -69,8 +76,14 @@ COUPLED_VARIANTS = frozenset({"adaptive", "non-adaptive"})
 
 
 def run_attack(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, threat: AttackConfig, *,
-    seed: int, coupled: bool,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    name: str,
+    threat: AttackConfig,
+    *,
+    seed: int,
+    coupled: bool,
 ) -> torch.Tensor:
     """``pgd``, ``apgd-ce`` or ``autoattack`` on the model as it is (its BN mode decides what is attacked).
 
@@ -104,15 +117,26 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 
 def attack_variants(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: BNMode, stats: BNStats, clean_stats: BNStats,
-    name: str, threat: AttackConfig, *, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mode: BNMode,
+    stats: BNStats,
+    clean_stats: BNStats,
+    name: str,
+    threat: AttackConfig,
+    *,
+    seed: int,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Clean and adversarial correctness of one batch ``x`` (float NCHW in [0,1]) per variant.
 
     Frozen modes: ``standard``. Batch modes (not for ``autoattack``, refused): ``adaptive``, ``batch-1``, ``fixed-clean-batch``,
     ``non-adaptive`` (``ATTACK_VARIANTS``). Every variant draws the same random starts (``seed``).
     """
-    def attacked(per_sample: bool = False, frozen: BNStats | None = None, coupled: bool = False) -> dict[str, np.ndarray]:
+
+    def attacked(
+        per_sample: bool = False, frozen: BNStats | None = None, coupled: bool = False
+    ) -> dict[str, np.ndarray]:
         m, s = (BNMode("fixed", "fixed"), frozen) if frozen is not None else (mode, stats)
         with bn_mode(model, m, s, per_sample=per_sample):
             clean = _correct(model, x, y)
@@ -133,4 +157,3 @@ def attack_variants(
     with bn_mode(model, mode, stats):
         out["non-adaptive"] = {"clean": out["adaptive"]["clean"], "adversarial": _correct(model, x_transfer, y)}
     return out
-

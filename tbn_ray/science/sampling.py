@@ -111,11 +111,19 @@ class PackedSampler:
         if batch_size < 1:
             raise TbnError(f"batch_size must be >= 1, got {batch_size}")
         self.base, self.num_classes, self.sigma = base, num_classes, sigma
-        self.batch_size, self.slots, self.device, self.channels_last = batch_size, images_per_pass, device, channels_last
+        self.batch_size, self.slots, self.device, self.channels_last = (
+            batch_size,
+            images_per_pass,
+            device,
+            channels_last,
+        )
         self.max_request = max_request  # the most draws a procedure asks for at once, if known: bounds the buffers
 
     def run(
-        self, inputs: Sequence[Tensor], generators: Sequence[torch.Generator], procedures: Sequence[Procedure],
+        self,
+        inputs: Sequence[Tensor],
+        generators: Sequence[torch.Generator],
+        procedures: Sequence[Procedure],
         on_done: Callable[[], None] | None = None,
     ) -> tuple[list[Any], list[int], float]:
         """Each procedure's outcome, each image's forward rows, and the wall seconds of the whole run;
@@ -134,7 +142,11 @@ class PackedSampler:
         free = list(range(k))
         dtype = inputs[0].dtype
         image_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        check_fits((k * per_slot + b) * image_bytes, self.device, f"--images-per-pass {self.slots} with --batch-size {self.batch_size}")
+        check_fits(
+            (k * per_slot + b) * image_bytes,
+            self.device,
+            f"--images-per-pass {self.slots} with --batch-size {self.batch_size}",
+        )
         noise = torch.empty((k, per_slot, *shape), dtype=dtype, device=self.device)
         batch = torch.empty((b, *shape), dtype=dtype, device=self.device)
         owner = torch.empty(b, dtype=torch.int64, device=self.device)
@@ -159,7 +171,11 @@ class PackedSampler:
                     break
                 used = self._fill(active, noise, batch, owner, b)
                 with named_failure(f"--batch-size {self.batch_size}", self.device):
-                    logits = self.base(batch[:used].contiguous(memory_format=torch.channels_last) if self.channels_last else batch[:used])
+                    logits = self.base(
+                        batch[:used].contiguous(memory_format=torch.channels_last)
+                        if self.channels_last
+                        else batch[:used]
+                    )
                 check_logits(logits, used, c)
                 counts.index_add_(0, owner[:used] * c + logits.argmax(dim=1), ones[:used])
                 done = [s for s, slot in active.items() if slot.undrawn == 0 and slot.chunk_left == 0]
@@ -188,7 +204,9 @@ class PackedSampler:
         if not isinstance(request, int) or request < 1:
             raise TbnError(f"a certification procedure asked for {request!r} draws; it must ask for >= 1")
         if most is not None and request > most:
-            raise TbnError(f"a certification procedure asked for {request} draws at once, above the {most} it was sized for")
+            raise TbnError(
+                f"a certification procedure asked for {request} draws at once, above the {most} it was sized for"
+            )
         slot.undrawn = request
 
     def _fill(self, active: dict[int, _Slot], noise: Tensor, batch: Tensor, owner: Tensor, b: int) -> int:
@@ -202,7 +220,12 @@ class PackedSampler:
                     slot.undrawn -= size
                     slot.chunk_left, slot.chunk_at = size, 0
                 take = min(b - used, slot.chunk_left)
-                torch.add(slot.x, noise[slot_id, slot.chunk_at : slot.chunk_at + take], alpha=self.sigma, out=batch[used : used + take])
+                torch.add(
+                    slot.x,
+                    noise[slot_id, slot.chunk_at : slot.chunk_at + take],
+                    alpha=self.sigma,
+                    out=batch[used : used + take],
+                )
                 owner[used : used + take] = slot_id
                 slot.chunk_at += take
                 slot.chunk_left -= take

@@ -42,9 +42,9 @@ from pydantic import field_validator
 
 from tbn_ray.config import REPORT_RADII
 from tbn_ray.config.sequential import SequentialConfig
-from tbn_ray.science.sampling import Procedure
 from tbn_ray.science import bounds
 from tbn_ray.science.bounds import ABSTAIN, lower_confidence_bound, upper_confidence_bound
+from tbn_ray.science.sampling import Procedure
 from tbn_ray.science.smoothing import MISCLASSIFIED, Certificate
 
 #: Why a sequential certificate stopped (its ``stopped`` field).
@@ -52,7 +52,9 @@ STOP_REASONS = ("top", "settled", "abstain", "full", MISCLASSIFIED)
 
 
 @lru_cache(maxsize=256)
-def _schedule(first_look: int, growth: float, final_share: float, spend: float, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def _schedule(
+    first_look: int, growth: float, final_share: float, spend: float, n: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(look sizes, their alphas): n / growth^i down to first_look; final_share * alpha at n, the rest by size^spend."""
     looks = [n]
     while round(looks[0] / growth) >= first_look and round(looks[0] / growth) < looks[0]:
@@ -103,7 +105,9 @@ class SequentialSampling(SequentialConfig):
         c_a_hat = int(counts_selection.argmax())
         votes, drawn, best, best_look, stopped = np.zeros_like(counts_selection), 0, 0.0, 0, "full"
         if self.skip_misclassified and label is not None and c_a_hat != label:
-            return SequentialCertificate(ABSTAIN, 0.0, 0.0, c_a_hat, counts_selection, votes, n_bound=0, looks=0, stopped=MISCLASSIFIED)
+            return SequentialCertificate(
+                ABSTAIN, 0.0, 0.0, c_a_hat, counts_selection, votes, n_bound=0, looks=0, stopped=MISCLASSIFIED
+            )
         for j, size in enumerate(looks):
             # fresh draws up to the j-th look, all in the bound: a Clopper-Pearson bound at alpha_j
             votes = votes + (yield int(size) - drawn)
@@ -125,9 +129,16 @@ class SequentialSampling(SequentialConfig):
                 break
         prediction, radius = bounds.certify_bound(best, c_a_hat, sigma)
         return SequentialCertificate(
-            prediction, radius, best, c_a_hat, counts_selection, votes,
-            n_bound=int(looks[best_look]) if best > 0 else drawn, looks=j + 1, stopped=stopped,
-        )  # fmt: skip
+            prediction,
+            radius,
+            best,
+            c_a_hat,
+            counts_selection,
+            votes,
+            n_bound=int(looks[best_look]) if best > 0 else drawn,
+            looks=j + 1,
+            stopped=stopped,
+        )
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

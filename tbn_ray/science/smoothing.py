@@ -85,7 +85,10 @@ def check_fixed_classifier(base: nn.Module) -> None:
 
 def _low_precision(base: nn.Module) -> bool:
     """Runs under CUDA autocast (``base_classifier.Autocast``): logits rounded to bf16/fp16 steps."""
-    return any(getattr(m, "amp", "off") != "off" and getattr(getattr(m, "device", None), "type", None) == "cuda" for m in base.modules())
+    return any(
+        getattr(m, "amp", "off") != "off" and getattr(getattr(m, "device", None), "type", None) == "cuda"
+        for m in base.modules()
+    )
 
 
 def check_certifiable(base: nn.Module, x: Tensor, sigma: float, num_classes: int) -> None:
@@ -114,10 +117,14 @@ def check_fixed_function(base: nn.Module, x: Tensor, sigma: float, num_classes: 
             alone = torch.cat([base(probe[i : i + 1]) for i in range(len(probe))]) if isinstance(out, Tensor) else None
     except Exception as e:  # noqa: BLE001 - the user's forward: whatever it raises is its failure
         first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise TbnError(f"the base classifier fails on inputs of shape {tuple(probe.shape)}: {type(e).__name__}: {first}") from None
+        raise TbnError(
+            f"the base classifier fails on inputs of shape {tuple(probe.shape)}: {type(e).__name__}: {first}"
+        ) from None
     if not isinstance(out, Tensor) or alone is None or tuple(out.shape) != (len(probe), num_classes):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise TbnError(f"the base classifier returns {got} for {len(probe)} inputs; it must return logits of shape ({len(probe)}, {num_classes})")
+        raise TbnError(
+            f"the base classifier returns {got} for {len(probe)} inputs; it must return logits of shape ({len(probe)}, {num_classes})"
+        )
     out, alone = out.float(), alone.float()
     if not bool(out.isfinite().all() and alone.isfinite().all()):
         raise TbnError("the base classifier returns non-finite logits on the inputs it is to certify")
@@ -362,9 +369,13 @@ def certify_examples(
     """
     _check_images(images, labels, indices)
     device = _resolve_device(device)
-    smooth = Smooth(model, num_classes, sigma, batch_size=cfg.batch_size, device=device, channels_last=cfg.channels_last)
+    smooth = Smooth(
+        model, num_classes, sigma, batch_size=cfg.batch_size, device=device, channels_last=cfg.channels_last
+    )
     if len(images):
-        check_certifiable(model, torch.tensor(images[0], device=device).permute(2, 0, 1).float().div(255), smooth.sigma, num_classes)
+        check_certifiable(
+            model, torch.tensor(images[0], device=device).permute(2, 0, 1).float().div(255), smooth.sigma, num_classes
+        )
     smooth.base = compiled(model, cfg.compile)  # validated above, as the model itself
     n0, n = cfg.n0, cfg.n
 
@@ -378,10 +389,24 @@ def certify_examples(
     generators = [example_generator(cfg.seed, int(i), device) for i in indices]
     with cudnn_benchmark(device, cfg.cudnn_autotune):
         if cfg.images_per_pass == 1:
-            certs = _certify_alone(smooth, image, generators, procedure, progress=f"certify sigma={sigma}" if progress else None, on_image=on_image)
+            certs = _certify_alone(
+                smooth,
+                image,
+                generators,
+                procedure,
+                progress=f"certify sigma={sigma}" if progress else None,
+                on_image=on_image,
+            )
         else:
-            certs = _certify_packed(smooth, [image(r) for r in range(len(images))], generators, [procedure(r) for r in range(len(generators))],
-                                    cfg.images_per_pass, largest_request(cfg), on_image)  # fmt: skip
+            certs = _certify_packed(
+                smooth,
+                [image(r) for r in range(len(images))],
+                generators,
+                [procedure(r) for r in range(len(generators))],
+                cfg.images_per_pass,
+                largest_request(cfg),
+                on_image,
+            )
     return [_record(cert, int(indices[row]), int(labels[row]), n0, n) for row, cert in enumerate(certs)]
 
 
@@ -429,18 +454,33 @@ def largest_request(cfg: CertifyConfig) -> int:
 
 
 def _certify_packed(
-    smooth: Smooth, xs: list[Tensor], generators: list[torch.Generator], procedures: list[Procedure], images_per_pass: int,
-    max_request: int, on_image: Callable[[], None] | None = None,
+    smooth: Smooth,
+    xs: list[Tensor],
+    generators: list[torch.Generator],
+    procedures: list[Procedure],
+    images_per_pass: int,
+    max_request: int,
+    on_image: Callable[[], None] | None = None,
 ) -> list[Certificate]:
     """The procedures run with several images per forward pass; each pass's time shared out by rows."""
-    packer = PackedSampler(smooth.base, smooth.num_classes, smooth.sigma, batch_size=smooth.batch_size, images_per_pass=images_per_pass,
-                           device=smooth.device, channels_last=smooth.channels_last, max_request=max_request)  # fmt: skip
+    packer = PackedSampler(
+        smooth.base,
+        smooth.num_classes,
+        smooth.sigma,
+        batch_size=smooth.batch_size,
+        images_per_pass=images_per_pass,
+        device=smooth.device,
+        channels_last=smooth.channels_last,
+        max_request=max_request,
+    )
     outcomes, used, seconds = packer.run(xs, generators, procedures, on_done=on_image)
     return [replace(c, seconds=seconds * u / max(1, sum(used))) for c, u in zip(outcomes, used)]
 
 
 def _check_images(images: np.ndarray, labels: Sequence[int] | np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
-    nhwc = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
+    nhwc = (
+        isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3)
+    )
     if not nhwc:
         raise TbnError("images must be a uint8 numpy array of shape (N, H, W, C), the CIFAR-10 storage format")
     if not len(images) == len(labels) == len(indices):
@@ -480,7 +520,9 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
         raise TbnError("no certification records to summarize")
     idx = [r["idx"] for r in records]
     if len(set(idx)) != len(idx):
-        raise TbnError("certification records repeat an example index (shards merged twice?); each image must count once")
+        raise TbnError(
+            "certification records repeat an example index (shards merged twice?); each image must count once"
+        )
     radius = np.array([r["radius"] for r in records], dtype=np.float64)
     correct = np.array([r["correct"] for r in records], dtype=bool)
     predict = np.array([r["predict"] for r in records])
@@ -496,5 +538,9 @@ def summarize(records: Sequence[dict[str, Any]], radii: Iterable[float] = REPORT
         "clean_accuracy_smoothed": float(np.mean(correct)),
         "seconds_per_image": float(np.mean([r["time"] for r in records])),
         # adaptive records say how many forward passes each image took (fixed n: n0 + n for all)
-        **({"forward_passes_per_image": float(np.mean([r["samples"] for r in records]))} if all("samples" in r for r in records) else {}),
+        **(
+            {"forward_passes_per_image": float(np.mean([r["samples"] for r in records]))}
+            if all("samples" in r for r in records)
+            else {}
+        ),
     }

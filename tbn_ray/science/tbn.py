@@ -112,7 +112,9 @@ def set_bn_stats(model: nn.Module, stats: BNStats) -> None:
                 src = stats[name][buf]
                 dst = getattr(bn, buf)
                 if dst.shape != src.shape:
-                    raise TbnError(f"BN statistics for {name!r} have shape {tuple(src.shape)}, the model {tuple(dst.shape)}")
+                    raise TbnError(
+                        f"BN statistics for {name!r} have shape {tuple(src.shape)}, the model {tuple(dst.shape)}"
+                    )
                 dst.copy_(src.to(dst.device, dst.dtype))
 
 

@@ -39,14 +39,16 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from tbn_ray.science import data as data_mod
-from tbn_ray.science.attacks import pgd
 from tbn_ray.config import AttackConfig, OptimConfig, TrainConfig
 from tbn_ray.errors import TbnError
+from tbn_ray.science import data as data_mod
+from tbn_ray.science.attacks import pgd
 from tbn_ray.science.models import build_model
 from tbn_ray.science.objectives import gaussian_noise, step_loss
 
-EpochCallback = Callable[[int, dict[str, Any], nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None]
+EpochCallback = Callable[
+    [int, dict[str, Any], nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None
+]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,14 +64,25 @@ def _check_batch(images: int, batch_size: int) -> None:
 
 
 def make_loader(
-    x_uint8_nchw: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
+    x_uint8_nchw: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
 ) -> DataLoader:
     """Batches of uint8 images (a quarter of float32's bytes), converted on the training device."""
     if drop_last:
         _check_batch(len(x_uint8_nchw), batch_size)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        TensorDataset(x_uint8_nchw, y), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator, num_workers=0
+        TensorDataset(x_uint8_nchw, y),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        generator=generator,
+        num_workers=0,
     )
 
 
@@ -95,7 +108,9 @@ def lr_factor(step: int, optim: OptimConfig, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per iteration (not per epoch), so warmup and decay are smooth at any epoch count.
 
     To resume, build it on the fresh optimizer, then load both state dicts.
@@ -157,7 +172,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _optimizer_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
 ) -> None:
     """Backward, step (through the fp16 GradScaler when there is one), then the per-iteration schedule."""
@@ -310,7 +327,9 @@ class Alone:
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Batches:
         _check_batch(len(x), batch_size)
-        return Batches(len(x) // batch_size, lambda epoch: make_loader(x, y, batch_size, seed=epoch_seed(seed, epoch, 0)))
+        return Batches(
+            len(x) // batch_size, lambda epoch: make_loader(x, y, batch_size, seed=epoch_seed(seed, epoch, 0))
+        )
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -343,7 +362,9 @@ class DataParallel:
 
     def batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Batches:
         dataset = TensorDataset(x, y)
-        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed, drop_last=True
+        )
         per_worker = batch_size // self.world
         if len(sampler) < per_worker:
             raise TbnError(
@@ -359,15 +380,24 @@ class DataParallel:
         return Batches(len(loader), for_epoch)
 
 
-def _heldout_metrics(model: nn.Module, heldout: data_mod.Split, cfg: TrainConfig, device: torch.device, replica: Alone | DataParallel) -> dict[str, Any]:
+def _heldout_metrics(
+    model: nn.Module, heldout: data_mod.Split, cfg: TrainConfig, device: torch.device, replica: Alone | DataParallel
+) -> dict[str, Any]:
     """Clean and PGD accuracy on this worker's held-out images with rank 0's BN statistics, and the seconds it took."""
     t0 = time.perf_counter()
     replica.sync_buffers(model)
     noisy = cfg.noise_trained
     ev = evaluate(
-        model, heldout.images, heldout.labels, None if noisy else cfg.eval_attack, device,
-        batch_size=cfg.eval.batch_size, seed=cfg.seed, amp=cfg.optim.amp, noise_sigma=cfg.noise.sigma if noisy else None,
-    )  # fmt: skip
+        model,
+        heldout.images,
+        heldout.labels,
+        None if noisy else cfg.eval_attack,
+        device,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        amp=cfg.optim.amp,
+        noise_sigma=cfg.noise.sigma if noisy else None,
+    )
     out = {
         "heldout_clean_acc": ev["clean_acc"],
         "heldout_pgd_acc": ev["pgd_acc"],
@@ -428,9 +458,19 @@ def fit(
         generator = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + replica.rank))
         lr = optimizer.param_groups[0]["lr"]
         train = train_epoch(
-            trained, batches.for_epoch(epoch), optimizer, scheduler, cfg, device, scaler=scaler, generator=generator, progress=progress
+            trained,
+            batches.for_epoch(epoch),
+            optimizer,
+            scheduler,
+            cfg,
+            device,
+            scaler=scaler,
+            generator=generator,
+            progress=progress,
         )
-        metrics = replica.reduce_metrics({"epoch": epoch, "lr": lr, **train, **_heldout_metrics(model, heldout, cfg, device, replica)})
+        metrics = replica.reduce_metrics(
+            {"epoch": epoch, "lr": lr, **train, **_heldout_metrics(model, heldout, cfg, device, replica)}
+        )
         if on_epoch is not None:
             on_epoch(epoch, metrics, model, optimizer, scheduler)
     return model

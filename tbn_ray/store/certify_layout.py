@@ -28,9 +28,18 @@ _COLUMNS = {
 }
 #: Metadata fields of a shard and their types (``bool`` is refused where a number is meant).
 _META = {
-    "format": str, "sigma": (int, float), "shard": int, "shards": int, "indices": list, "images_total": int,
-    "params": dict, "worker": dict, "gpus": (int, float), "started": (int, float), "seconds": (int, float),
-}  # fmt: skip
+    "format": str,
+    "sigma": (int, float),
+    "shard": int,
+    "shards": int,
+    "indices": list,
+    "images_total": int,
+    "params": dict,
+    "worker": dict,
+    "gpus": (int, float),
+    "started": (int, float),
+    "seconds": (int, float),
+}
 
 
 def shard_sets(keys: list[str]) -> dict[str, dict[int, dict[int, str]]]:

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tbn_ray.errors import TbnError, log
-from tbn_ray.store.certify_layout import SHARD_KEY, refuse_two_shard_sets, shard_problem, shard_sets
 from tbn_ray.science.smoothing import summarize
+from tbn_ray.store.certify_layout import SHARD_KEY, refuse_two_shard_sets, shard_problem, shard_sets
 from tbn_ray.store.results import write_results
 from tbn_ray.store.storage import Storage, map_concurrently
-
 
 
 class CertifyPlan(Protocol):
@@ -34,6 +32,7 @@ class CertifyPlan(Protocol):
     indices: np.ndarray
 
     def shard_indices(self, shard: int) -> np.ndarray: ...
+
 
 SHARD_FORMAT = "tbn-ray/certify-shard-v1"
 _SHARD_META = b"tbn_ray.shard"
@@ -59,7 +58,9 @@ class UnusableShard(TbnError):
     """A stored shard that cannot be used (corrupt, or another plan's): certify it again."""
 
 
-def read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_shard(
+    out: Storage, key: str, expected: list[int] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A shard's records and metadata, checked: it holds exactly the indices it was planned with.
 
     An unreachable store raises TbnError; a shard that is there but unusable, ``UnusableShard``.
@@ -78,7 +79,9 @@ def read_shard(out: Storage, key: str, expected: list[int] | None = None) -> tup
     if meta.get("format") != SHARD_FORMAT or m is None:
         raise UnusableShard(f"{where} is not a tbn-ray shard ({SHARD_FORMAT})")
     if (sigma_dir(meta["sigma"]), meta["shard"], meta["shards"]) != (m.group(1), int(m.group(2)), int(m.group(3))):
-        raise UnusableShard(f"{where} holds sigma={meta['sigma']} shard {meta['shard']}/{meta['shards']}, not what its key says")
+        raise UnusableShard(
+            f"{where} holds sigma={meta['sigma']} shard {meta['shard']}/{meta['shards']}, not what its key says"
+        )
     records = table.to_pylist()
     params = meta["params"]
     if any(r["n0"] != params.get("n0") or r["n"] != params.get("n") for r in records):
@@ -105,7 +108,9 @@ def _choose_shards(out: Storage, plan: CertifyPlan | None) -> dict[str, list[str
             have = found.get(sigma_dir(sigma), {}).get(plan.shards, {})
             missing = sorted(set(range(plan.shards)) - set(have))
             if missing:
-                raise TbnError(f"{out.uri}/{sigma_dir(sigma)}: shards {missing[:5]} missing; run the same certify command again")
+                raise TbnError(
+                    f"{out.uri}/{sigma_dir(sigma)}: shards {missing[:5]} missing; run the same certify command again"
+                )
             chosen[sigma_dir(sigma)] = [have[k] for k in range(plan.shards)]
     else:
         refuse_two_shard_sets(out, found)
@@ -116,9 +121,13 @@ def _choose_shards(out: Storage, plan: CertifyPlan | None) -> dict[str, list[str
                 chosen[name] = [by_count[n][k] for k in range(n)]
             else:
                 n, have = max(by_count.items(), key=lambda item: len(item[1]) / item[0])
-                log(f"{out.uri}/{name}: {n - len(have)} of {n} shards missing, left out (run the certify command again to finish)")
+                log(
+                    f"{out.uri}/{name}: {n - len(have)} of {n} shards missing, left out (run the certify command again to finish)"
+                )
         if not chosen:
-            raise TbnError(f"no complete certification under {out.uri}: point at <output>/<run-id> of a finished (or resumed) tbn-ray certify")
+            raise TbnError(
+                f"no complete certification under {out.uri}: point at <output>/<run-id> of a finished (or resumed) tbn-ray certify"
+            )
     return chosen
 
 
@@ -134,7 +143,9 @@ def _merge_sigma(out: Storage, name: str, keys: list[str], expected: CertifyPlan
     if expected is None:
         shards = map_concurrently(lambda key: read_shard(out, key), keys)
     else:
-        shards = map_concurrently(lambda k: read_shard(out, keys[k], expected.shard_indices(k).tolist()), list(range(len(keys))))
+        shards = map_concurrently(
+            lambda k: read_shard(out, keys[k], expected.shard_indices(k).tolist()), list(range(len(keys)))
+        )
     records = [r for recs, _ in shards for r in recs]
     metas = [meta for _, meta in shards]
     idx = [r["idx"] for r in records]
@@ -160,5 +171,7 @@ def _merge_sigma(out: Storage, name: str, keys: list[str], expected: CertifyPlan
     try:
         write_results(records, summary, where, params)
     except ValueError as e:  # records that disagree with their own parameters: a damaged or foreign shard
-        raise TbnError(f"{where.uri}: the shards do not agree with their parameters ({e}); delete that folder and certify again") from None
+        raise TbnError(
+            f"{where.uri}: the shards do not agree with their parameters ({e}); delete that folder and certify again"
+        ) from None
     return CertifyOutput(float(params["sigma"]), {**summary, **params}, where.uri)

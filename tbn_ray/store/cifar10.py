@@ -45,11 +45,19 @@ DOWNLOAD_PROBE_TIMEOUT_S = 15.0
 _JPEG_DIR, _JPEG_ARCHIVE, _JPEG_LABELS = "cifar10-jpeg", "cifar10-jpeg.tar.gz", "labels.npz"
 _JPEG_CACHE_VERSION = 1
 _PARTIAL_DIR = "cifar10-partial"
-_NO_DATA_HINT = "use --data jpeg or partial (or TBN_DATA=jpeg|partial) with the offline copies in shared/data (TBN_SHARED_DATA)"
+_NO_DATA_HINT = (
+    "use --data jpeg or partial (or TBN_DATA=jpeg|partial) with the offline copies in shared/data (TBN_SHARED_DATA)"
+)
 #: md5 of the raw array bytes (shared/data/README.md), stable unlike the npz files' own md5.
 _PARTIAL_MD5 = {
-    "cifar10_test_prefix.npz": {"images": "0c4c38dfa836385de34b32047bf21481", "all_labels": "251f18ce75337ae9ca5d0dbd7ea62cf4"},
-    "cifar10_train_prefix.npz": {"images": "1cd03138cda319861da4963f1e6a81ca", "all_labels": "69c5f3349be54915edfca558b72ad888"},
+    "cifar10_test_prefix.npz": {
+        "images": "0c4c38dfa836385de34b32047bf21481",
+        "all_labels": "251f18ce75337ae9ca5d0dbd7ea62cf4",
+    },
+    "cifar10_train_prefix.npz": {
+        "images": "1cd03138cda319861da4963f1e6a81ca",
+        "all_labels": "69c5f3349be54915edfca558b72ad888",
+    },
 }
 
 
@@ -117,16 +125,18 @@ def _download_official(root: Path) -> None:
 
     try:
         try:
-            with urllib.request.urlopen(urllib.request.Request(CIFAR10.url, method="HEAD"), timeout=DOWNLOAD_PROBE_TIMEOUT_S):
+            with urllib.request.urlopen(
+                urllib.request.Request(CIFAR10.url, method="HEAD"), timeout=DOWNLOAD_PROBE_TIMEOUT_S
+            ):
                 pass
         except urllib.error.HTTPError:
             pass  # the host answered (perhaps refusing HEAD): torchvision's own request decides
         CIFAR10(str(root), train=True, download=True)
     except (OSError, RuntimeError) as e:  # URLError, timeouts, md5 mismatch of the download
         reason = " ".join(str(getattr(e, "reason", e)).split())[:160] or type(e).__name__
-        raise TbnError(f"could not download CIFAR-10 from {CIFAR10.url} into {root} ({reason}); {_NO_DATA_HINT}") from None
-
-
+        raise TbnError(
+            f"could not download CIFAR-10 from {CIFAR10.url} into {root} ({reason}); {_NO_DATA_HINT}"
+        ) from None
 
 
 def _load_official(root: Path) -> tuple[Split, Split]:
@@ -137,10 +147,14 @@ def _load_official(root: Path) -> tuple[Split, Split]:
     try:
         train, test = CIFAR10(str(root), train=True), CIFAR10(str(root), train=False)
     except RuntimeError:
-        raise TbnError(f"the CIFAR-10 files in {root / CIFAR10.base_folder} are corrupted (md5 mismatch); delete that folder to download again") from None
+        raise TbnError(
+            f"the CIFAR-10 files in {root / CIFAR10.base_folder} are corrupted (md5 mismatch); delete that folder to download again"
+        ) from None
     return complete_splits(
-        np.ascontiguousarray(train.data), np.asarray(train.targets, dtype=np.int64),
-        np.ascontiguousarray(test.data), np.asarray(test.targets, dtype=np.int64),
+        np.ascontiguousarray(train.data),
+        np.asarray(train.targets, dtype=np.int64),
+        np.ascontiguousarray(test.data),
+        np.asarray(test.targets, dtype=np.int64),
     )
 
 
@@ -150,8 +164,6 @@ def _md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -192,7 +204,10 @@ def _load_jpeg(shared: Path, cache_dir: Path) -> tuple[Split, Split]:
     try:
         _write_npz_atomic(cache, dict(zip(keys, arrays)))
     except OSError as e:
-        warnings.warn(f"could not cache the decoded JPEG mirror in {cache.parent} ({e}); set TBN_CACHE to a writable folder", stacklevel=3)
+        warnings.warn(
+            f"could not cache the decoded JPEG mirror in {cache.parent} ({e}); set TBN_CACHE to a writable folder",
+            stacklevel=3,
+        )
     return complete_splits(*arrays)
 
 
@@ -211,8 +226,6 @@ def _read_partial(path: Path) -> Split:
 
 
 # --- public API ---------------------------------------------------------------------------
-
-
 
 
 def _detect(root: Path, shared: Path | None) -> str | None:
@@ -245,18 +258,24 @@ def load_cifar10(
                 return assemble("official", "CIFAR-10 (official)", *_load_official(root_dir), train_limit)
             except TbnError as e:
                 copies = shared if shared is not None else "shared/data (not found)"
-                raise TbnError(f"no CIFAR-10 found: no official files in {root_dir}, no offline copies in {copies}, and {e}") from None
+                raise TbnError(
+                    f"no CIFAR-10 found: no official files in {root_dir}, no offline copies in {copies}, and {e}"
+                ) from None
         chosen = detected
     if chosen == "official":
         return assemble("official", "CIFAR-10 (official)", *_load_official(root_dir), train_limit)
     where = shared if shared is not None else "shared/data (not found above the working directory)"
     if chosen == "jpeg":
         if shared is None or not _jpeg_present(shared):
-            raise TbnError(f"no CIFAR-10 JPEG mirror in {where}/{_JPEG_DIR}; set TBN_SHARED_DATA to the folder holding it, or use --data official/partial")
+            raise TbnError(
+                f"no CIFAR-10 JPEG mirror in {where}/{_JPEG_DIR}; set TBN_SHARED_DATA to the folder holding it, or use --data official/partial"
+            )
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         return assemble("jpeg", "CIFAR-10 (JPEG q75 mirror)", *_load_jpeg(shared, cache), train_limit)
     if shared is None or not _partial_present(shared):
-        raise TbnError(f"no CIFAR-10 byte-exact subset in {where}/{_PARTIAL_DIR}; set TBN_SHARED_DATA to the folder holding it, or use --data official/jpeg")
+        raise TbnError(
+            f"no CIFAR-10 byte-exact subset in {where}/{_PARTIAL_DIR}; set TBN_SHARED_DATA to the folder holding it, or use --data official/jpeg"
+        )
     folder = shared / _PARTIAL_DIR
     train, test = _read_partial(folder / "cifar10_train_prefix.npz"), _read_partial(folder / "cifar10_test_prefix.npz")
     description = f"CIFAR-10 (byte-exact subset: {len(test)} test, {len(train)} train)"
@@ -265,5 +284,3 @@ def load_cifar10(
 
 def load_from_config(cfg: DataConfig) -> Cifar10:
     return load_cifar10(cfg.source, root=cfg.root, shared_dir=cfg.shared_dir, train_limit=cfg.train_limit)
-
-

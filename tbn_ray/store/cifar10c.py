@@ -26,7 +26,6 @@ CIFAR10C_FORMAT = "tbn-ray/cifar10c-v1"
 CIFAR10C_DIR = "cifar10c"  # under a storage root
 
 
-
 def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -129,7 +128,12 @@ def regenerated_cifar10c(root: Storage, test: data_mod.Split, *, seed: int, data
     """The regenerated CIFAR-10-C of ``test`` (cached under ``root/cifar10c``)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TbnError(f"--seed must be a non-negative integer, got {seed!r}")
-    digest = _digest(CIFAR10C_FORMAT.encode(), test.index.astype(np.int64).tobytes(), test.labels.astype(np.int64).tobytes(), test.images.tobytes())
+    digest = _digest(
+        CIFAR10C_FORMAT.encode(),
+        test.index.astype(np.int64).tobytes(),
+        test.labels.astype(np.int64).tobytes(),
+        test.images.tobytes(),
+    )
     return Cifar10C(
         storage=root.child(CIFAR10C_DIR, f"regenerated-seed{seed}-{digest}"),
         description=f"CIFAR-10-C (regenerated, seed {seed}, from {data_description})",
@@ -141,8 +145,13 @@ def regenerated_cifar10c(root: Storage, test: data_mod.Split, *, seed: int, data
 
 
 def released_cifar10c(
-    root: Storage, directory: str | Path, index: np.ndarray, corruptions: Sequence[str], severities: Sequence[int],
-    *, progress: bool = False,
+    root: Storage,
+    directory: str | Path,
+    index: np.ndarray,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    *,
+    progress: bool = False,
 ) -> Cifar10C:
     """The released CIFAR-10-C (``<corruption>.npy`` + ``labels.npy`` in ``directory``) for the
     test images ``index``: the needed rows are imported into ``root/cifar10c`` once, so actors
@@ -160,7 +169,9 @@ def released_cifar10c(
         rows = (severity - 1) * 10_000 + index
         if labels is None:
             labels = np.asarray(released_labels[rows], dtype=np.int64)
-            c10c = Cifar10C(root.child(CIFAR10C_DIR, f"released-{_digest(index.tobytes())}"), "CIFAR-10-C (released)", index, labels)
+            c10c = Cifar10C(
+                root.child(CIFAR10C_DIR, f"released-{_digest(index.tobytes())}"), "CIFAR-10-C (released)", index, labels
+            )
         elif not np.array_equal(np.asarray(released_labels[rows]), labels):
             raise TbnError(f"{directory}/labels.npy: labels differ between severities; restore the released files")
         assert c10c is not None

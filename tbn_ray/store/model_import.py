@@ -24,7 +24,14 @@ from torch import nn
 
 from tbn_ray.config import DataConfig, ModelConfig, ModelSource, TrainConfig
 from tbn_ray.errors import SoundnessError, TbnError, log
-from tbn_ray.science.external import Normalized, build_architecture, import_robustbench, split_callable, zoo_constructor, zoo_threat_models
+from tbn_ray.science.external import (
+    Normalized,
+    build_architecture,
+    import_robustbench,
+    split_callable,
+    zoo_constructor,
+    zoo_threat_models,
+)
 from tbn_ray.science.smoothing import check_fixed_classifier, check_fixed_function
 from tbn_ray.science.tbn import batch_norms, describe_bn, normalization_layers
 from tbn_ray.store.runs import Checkpoint, Run, make_checkpoint
@@ -62,7 +69,9 @@ def parse_normalize(mean: str, std: str) -> tuple[tuple[float, float, float], tu
         try:
             values = [float(Fraction(p)) for p in parts]
         except (ValueError, ZeroDivisionError):
-            raise TbnError(f"--normalize {what} {text!r}: not numbers; use e.g. --normalize 0.4914,0.4822,0.4465 0.2471,0.2435,0.2616") from None
+            raise TbnError(
+                f"--normalize {what} {text!r}: not numbers; use e.g. --normalize 0.4914,0.4822,0.4465 0.2471,0.2435,0.2616"
+            ) from None
         if len(values) == 1:
             values *= 3
         if len(values) != 3 or not all(math.isfinite(v) for v in values):
@@ -74,9 +83,13 @@ def parse_normalize(mean: str, std: str) -> tuple[tuple[float, float, float], tu
         raise TbnError(f"--normalize STD {std!r}: every std must be > 0")
     for what, text, values in (("MEAN", mean, m), ("STD", std, s)):
         if max(values) > 1 or min(values) < 0:
-            raise TbnError(f"--normalize {what} {text!r} is outside [0, 1]: on the 0-255 scale? give it for [0, 1] images (divide by 255)")
+            raise TbnError(
+                f"--normalize {what} {text!r} is outside [0, 1]: on the 0-255 scale? give it for [0, 1] images (divide by 255)"
+            )
     if min(s) < 1e-3:
-        raise TbnError(f"--normalize STD {std!r}: a std below 0.001 would scale the image by more than 1000; CIFAR-10's are about 0.25")
+        raise TbnError(
+            f"--normalize STD {std!r}: a std below 0.001 would scale the image by more than 1000; CIFAR-10's are about 0.25"
+        )
     return m, s
 
 
@@ -84,13 +97,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state_dict in a weights file (loaded as data, weights only), also when nested under
     ``state_dict``, ``model``... as training scripts often save it."""
     if path.is_dir():
-        raise TbnError(f"--weights {path} is a directory: give the state_dict file (saved with torch.save(model.state_dict(), FILE))")
+        raise TbnError(
+            f"--weights {path} is a directory: give the state_dict file (saved with torch.save(model.state_dict(), FILE))"
+        )
     if not path.is_file():
         raise TbnError(f"weights file not found: {path}")
     try:
         raw: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise TbnError(f"{path} is not a readable state_dict file (torch.load, weights only: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise TbnError(
+            f"{path} is not a readable state_dict file (torch.load, weights only: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
     for _ in range(3):
         if isinstance(raw, dict) and not _tensors_only(raw):
             inner = next((raw[k] for k in NESTED_KEYS if isinstance(raw.get(k), dict)), None)
@@ -132,7 +149,9 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str,
     by_canon_file = {_canonical(k): k for k in state}
     if len(by_canon_model) != len(expected) or len(by_canon_file) != len(state):  # prefixes carry meaning here
         by_canon_model, by_canon_file = {k: k for k in expected}, {k: k for k in state}
-    missing = [by_canon_model[c] for c in by_canon_model.keys() - by_canon_file.keys() if not c.endswith("num_batches_tracked")]
+    missing = [
+        by_canon_model[c] for c in by_canon_model.keys() - by_canon_file.keys() if not c.endswith("num_batches_tracked")
+    ]
     unexpected = [by_canon_file[c] for c in by_canon_file.keys() - by_canon_model.keys()]
     shapes = [
         f"{by_canon_model[c]} (file {tuple(state[by_canon_file[c]].shape)}, model {tuple(expected[by_canon_model[c]].shape)})"
@@ -140,9 +159,11 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str,
         if state[by_canon_file[c]].shape != expected[by_canon_model[c]].shape
     ]
     if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing ({_short(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_short(unexpected)})" if unexpected else "",
-                 f"{len(shapes)} of another shape ({_short(shapes, 2)})" if shapes else ""]  # fmt: skip
+        parts = [
+            f"{len(missing)} missing ({_short(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({_short(unexpected)})" if unexpected else "",
+            f"{len(shapes)} of another shape ({_short(shapes, 2)})" if shapes else "",
+        ]
         raise TbnError(f"{where} does not fit {what}: keys " + "; ".join(p for p in parts if p))
     return {by_canon_model[c]: state[by_canon_file[c]] for c in by_canon_model.keys() & by_canon_file.keys()}
 
@@ -156,7 +177,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, w
         raise AssertionError(f"state_dict fitting left {leftover} missing, {result.unexpected_keys} unexpected")
 
 
-def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: str = "cifar10") -> tuple[nn.Module, list[Path]]:
+def robustbench_weights(
+    name: str, threat_model: str, model_dir: Path, dataset: str = "cifar10"
+) -> tuple[nn.Module, list[Path]]:
     """The zoo model with its weights, as ``robustbench.utils.load_model`` loads them from
     ``model_dir/<dataset>/<threat model>/<name>.pt`` (downloaded there first where the internet
     is reachable), and the weight files read."""
@@ -175,13 +198,17 @@ def robustbench_weights(name: str, threat_model: str, model_dir: Path, dataset: 
                 f"RobustBench could not fetch {name} ({type(e).__name__}; no internet?): put its weights at {files[0]} "
                 "(RobustBench's model-directory layout) and pass --model-dir"
             ) from None
-        raise TbnError(f"RobustBench could not load {name} from {folder}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+        raise TbnError(
+            f"RobustBench could not load {name} from {folder}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        ) from None
     parts = sorted(folder.glob(f"{name}.pt_m*.pt"))  # an ensemble's parts
     if parts:
         files = parts
     existing = [f for f in files if f.is_file()]
     if not existing:  # e.g. a timm entry, whose weights timm keeps elsewhere
-        raise TbnError(f"RobustBench loaded {name} without a file under {folder}; tbn-ray imports zoo models stored there")
+        raise TbnError(
+            f"RobustBench loaded {name} without a file under {folder}; tbn-ray imports zoo models stored there"
+        )
     return model, existing
 
 
@@ -214,8 +241,10 @@ def check_importable(model: nn.Module, what: str) -> None:
     keeps running statistics."""
     for name, bn in batch_norms(model):
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-            raise TbnError(f"{what}: BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False); it always "
-                           "normalises with the batch's statistics, so it has no fixed form to certify or to adapt")  # fmt: skip
+            raise TbnError(
+                f"{what}: BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False); it always "
+                "normalises with the batch's statistics, so it has no fixed form to certify or to adapt"
+            )
     x = torch.rand(*INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
         check_fixed_function(model.eval(), x, IMPORT_PROBE_SIGMA, NUM_CLASSES)
@@ -238,7 +267,11 @@ def clean_accuracy(model: nn.Module) -> dict[str, Any] | None:
         return None
     with torch.no_grad():
         predicted = model.eval()(to_float(test.images)).argmax(1).numpy()
-    return {"accuracy": float((predicted == test.labels).mean()), "images": len(test), "data": "CIFAR-10 test (byte-exact subset)"}
+    return {
+        "accuracy": float((predicted == test.labels).mean()),
+        "images": len(test),
+        "data": "CIFAR-10 test (byte-exact subset)",
+    }
 
 
 def say_accuracy(accuracy: dict[str, Any] | None, source: ModelSource) -> None:
@@ -252,9 +285,13 @@ def say_accuracy(accuracy: dict[str, Any] | None, source: ModelSource) -> None:
     elif source.kind == "robustbench":
         log(f"warning: {line}: low for a zoo model; check the threat model and the weights file")
     elif source.normalize is None:
-        log(f"warning: {line}: if the model expects normalised images, import it with --normalize MEAN STD (its training's values)")
+        log(
+            f"warning: {line}: if the model expects normalised images, import it with --normalize MEAN STD (its training's values)"
+        )
     else:
-        log(f"warning: {line}: if the model takes [0, 1] images itself, import it without --normalize; else check MEAN and STD")
+        log(
+            f"warning: {line}: if the model takes [0, 1] images itself, import it without --normalize; else check MEAN and STD"
+        )
 
 
 def default_name(source: ModelSource) -> str:
@@ -265,8 +302,13 @@ def default_name(source: ModelSource) -> str:
 
 
 def imported_model(
-    spec: str, *, threat_model: str | None = None, model_dir: str | Path | None = None, weights: str | Path | None = None,
-    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None, dataset: str = "cifar10",
+    spec: str,
+    *,
+    threat_model: str | None = None,
+    model_dir: str | Path | None = None,
+    weights: str | Path | None = None,
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+    dataset: str = "cifar10",
 ) -> tuple[nn.Module, ModelSource]:
     """The model ``spec`` names with its weights (eval mode), checked, and its source."""
     kind, _, rest = spec.partition(":")
@@ -274,13 +316,19 @@ def imported_model(
         if not rest:
             raise TbnError("robustbench: needs a zoo name, e.g. robustbench:Engstrom2019Robustness")
         if normalize is not None:
-            raise TbnError("RobustBench models normalise inside (they take [0, 1] images): --normalize does not apply to them")
+            raise TbnError(
+                "RobustBench models normalise inside (they take [0, 1] images): --normalize does not apply to them"
+            )
         if threat_model is None:
             listed = zoo_threat_models(rest, dataset)
             if not listed:
-                raise TbnError(f"robustbench:{rest}: no model of that name in RobustBench's {dataset} zoo, under any threat model")
+                raise TbnError(
+                    f"robustbench:{rest}: no model of that name in RobustBench's {dataset} zoo, under any threat model"
+                )
             if len(listed) != 1:
-                raise TbnError(f"robustbench:{rest} is listed under {', '.join(listed)}: choose one with --threat-model")
+                raise TbnError(
+                    f"robustbench:{rest} is listed under {', '.join(listed)}: choose one with --threat-model"
+                )
             threat_model = listed[0]
         if weights is not None:  # a zoo architecture with weights of the user's own
             source = ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset)
@@ -290,18 +338,37 @@ def imported_model(
             files = [path]
         else:
             zoo_constructor(rest, threat_model, dataset)  # the name and threat model checked before any download
-            model, files = robustbench_weights(rest, threat_model, Path(model_dir or ROBUSTBENCH_MODEL_DIR).resolve(), dataset)
-        source = ModelSource(kind="robustbench", name=rest, threat_model=threat_model, dataset=dataset,
-                             weights=str(files[0] if len(files) == 1 else files[0].parent), weights_sha256=file_sha256(files))  # fmt: skip
+            model, files = robustbench_weights(
+                rest, threat_model, Path(model_dir or ROBUSTBENCH_MODEL_DIR).resolve(), dataset
+            )
+        source = ModelSource(
+            kind="robustbench",
+            name=rest,
+            threat_model=threat_model,
+            dataset=dataset,
+            weights=str(files[0] if len(files) == 1 else files[0].parent),
+            weights_sha256=file_sha256(files),
+        )
     else:
         split_callable(spec)
         if threat_model is not None or model_dir is not None:
-            raise TbnError("--threat-model and --model-dir are for robustbench:<name>; a module:callable takes --weights")
+            raise TbnError(
+                "--threat-model and --model-dir are for robustbench:<name>; a module:callable takes --weights"
+            )
         if weights is None:
-            raise TbnError(f"{spec} needs its weights: --weights FILE (a state_dict saved with torch.save(model.state_dict(), FILE))")
+            raise TbnError(
+                f"{spec} needs its weights: --weights FILE (a state_dict saved with torch.save(model.state_dict(), FILE))"
+            )
         path = Path(weights).resolve()
         state = read_state_dict(path)
-        source = ModelSource(kind="callable", name=spec, dataset=dataset, normalize=normalize, weights=str(path), weights_sha256=file_sha256([path]))
+        source = ModelSource(
+            kind="callable",
+            name=spec,
+            dataset=dataset,
+            normalize=normalize,
+            weights=str(path),
+            weights_sha256=file_sha256([path]),
+        )
         model = build_architecture(source, NUM_CLASSES)
         load_weights(model, state, str(path), spec)
     if normalize is not None:
@@ -318,30 +385,42 @@ def import_run(
     is a no-op; another model under an existing run name is refused."""
     root.check()
     if name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise TbnError(f"--name {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' (no '/', not empty)")
+        raise TbnError(
+            f"--name {name!r}: a run name is one folder name of letters, digits, '.', '_' and '-' (no '/', not empty)"
+        )
     model, source = imported_model(spec, **how)
-    cfg = TrainConfig(name=name or default_name(source), model=ModelConfig(arch="imported", source=source), data=data or DataConfig())
+    cfg = TrainConfig(
+        name=name or default_name(source), model=ModelConfig(arch="imported", source=source), data=data or DataConfig()
+    )
     run = Run(root.child(cfg.name))
     if run.has_checkpoint():
         held = run.load_checkpoint()
         if held.config.model == cfg.model:
-            log(f"{run.uri} already holds {source.label} (weights sha256 {(source.weights_sha256 or '')[:12]}); nothing to do")
+            log(
+                f"{run.uri} already holds {source.label} (weights sha256 {(source.weights_sha256 or '')[:12]}); nothing to do"
+            )
             return run, held
         raise TbnError(f"{run.uri} already holds another model ({held.config.model.label}); use another --name")
     norms = normalization_layers(model)
     accuracy = clean_accuracy(model)
     meta = {
-        "imported": source.label, "weights": source.weights, "weights_sha256": source.weights_sha256,
+        "imported": source.label,
+        "weights": source.weights,
+        "weights_sha256": source.weights_sha256,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "batchnorm": describe_bn(model) if batch_norms(model) else "none", "normalization_layers": norms,
-        "note": "imported, not trained by tbn-ray", "clean_accuracy": accuracy,
-    }  # fmt: skip
+        "batchnorm": describe_bn(model) if batch_norms(model) else "none",
+        "normalization_layers": norms,
+        "note": "imported, not trained by tbn-ray",
+        "clean_accuracy": accuracy,
+    }
     ckpt = make_checkpoint(model, cfg, 0, meta)
     rebuilt, _ = _round_trip(ckpt, run.uri)
     x = torch.rand(2, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         if not torch.equal(model(x), rebuilt(x)):
-            raise TbnError(f"{source.label} does not rebuild to the same function from its source and weights (is its constructor random?)")
+            raise TbnError(
+                f"{source.label} does not rebuild to the same function from its source and weights (is its constructor random?)"
+            )
     run.save_checkpoint(ckpt)
     try:
         check_fixed_classifier(model.eval())
@@ -349,8 +428,14 @@ def import_run(
         log(f"note: certification will refuse this model: {e}")
     say_accuracy(accuracy, source)
     bn = meta["batchnorm"]
-    log(f"imported {source.label} into {run.uri}: {meta['parameters']:,} parameters, BatchNorm: {bn}"
-        + ("" if batch_norms(model) else f" (TBN does not apply; {', '.join(norms) or 'no normalization layers'}: use --bn clean)"))  # fmt: skip
+    log(
+        f"imported {source.label} into {run.uri}: {meta['parameters']:,} parameters, BatchNorm: {bn}"
+        + (
+            ""
+            if batch_norms(model)
+            else f" (TBN does not apply; {', '.join(norms) or 'no normalization layers'}: use --bn clean)"
+        )
+    )
     return run, ckpt
 
 
@@ -362,5 +447,7 @@ def _round_trip(ckpt: Checkpoint, where: str) -> tuple[nn.Module, Checkpoint]:
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
-        raise TbnError(f"{where}: the imported weights do not load into the rebuilt architecture: {str(e).splitlines()[0][:160]}") from None
+        raise TbnError(
+            f"{where}: the imported weights do not load into the rebuilt architecture: {str(e).splitlines()[0][:160]}"
+        ) from None
     return model.eval(), ckpt

@@ -58,16 +58,28 @@ class Reproduction:
             return None
         rec = self.root.read_json(key)
         if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
-            raise TbnError(f"{self.root.object_uri(key)} is not a tbn-ray reproduce record; delete it and run the stage again")
+            raise TbnError(
+                f"{self.root.object_uri(key)} is not a tbn-ray reproduce record; delete it and run the stage again"
+            )
         return _locations(rec, lambda v: self.root.uri + v[1:] if v.startswith(f"{HERE}/") else v)
 
     def write_record(self, spec: ModelSpec, stage: str, body: dict[str, Any]) -> None:
         """Locations inside the reproduction are stored relative to it, so a copied or committed
         reproduction (a clone elsewhere, another bucket) still finds its results."""
         inside = self.root.uri.rstrip("/") + "/"
-        rec = {"format": RECORD_FORMAT, "stage": stage, "model": spec.name, "device": self.cfg.device,
-               "device_name": device_name(self.cfg.device), "finished": time.time(), **body}  # fmt: skip
-        self.root.write_json(self.record_key(spec, stage), _locations(rec, lambda v: HERE + v[len(inside) - 1 :] if v.startswith(inside) else v))
+        rec = {
+            "format": RECORD_FORMAT,
+            "stage": stage,
+            "model": spec.name,
+            "device": self.cfg.device,
+            "device_name": device_name(self.cfg.device),
+            "finished": time.time(),
+            **body,
+        }
+        self.root.write_json(
+            self.record_key(spec, stage),
+            _locations(rec, lambda v: HERE + v[len(inside) - 1 :] if v.startswith(inside) else v),
+        )
 
 
 #: How a record writes the reproduction's own folder.

@@ -85,5 +85,7 @@ def read_results(out: Storage | str | Path) -> tuple[list[dict[str, Any]], dict[
     store = as_storage(out)
     for key in ("summary.json", "radii.parquet"):
         if not store.exists(key):
-            raise TbnError(f"no certification results at {store.object_uri(key)}; run certification into {store.uri} first")
+            raise TbnError(
+                f"no certification results at {store.object_uri(key)}; run certification into {store.uri} first"
+            )
     return pq.read_table(io.BytesIO(store.read_bytes("radii.parquet"))).to_pylist(), store.read_json("summary.json")

@@ -15,22 +15,22 @@ Everything is written as whole objects through ``storage.Storage`` and loaded wi
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
-from tbn_ray.store.cifar10 import load_from_config
-from tbn_ray.science import data as data_mod
 from tbn_ray.config import DataConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
+from tbn_ray.science import data as data_mod
 from tbn_ray.science.models import build_model
-from tbn_ray.store.storage import Storage, default_storage_uri
 from tbn_ray.science.tbn import CLEAN, BNStats, batch_norms, get_bn_stats
+from tbn_ray.store.cifar10 import load_from_config
+from tbn_ray.store.storage import Storage, default_storage_uri
 
 CHECKPOINT = "checkpoint.pt"
 BN_STATS = "bn_stats.pt"
@@ -98,7 +98,7 @@ def make_checkpoint(
         model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
         config=config,
         epoch=epoch,
-        meta={**meta, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)},
+        meta={**meta, "saved": datetime.now(UTC).isoformat(timespec="seconds"), "torch": str(torch.__version__)},
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         scheduler=scheduler.state_dict() if scheduler is not None else None,
     )
@@ -114,7 +114,9 @@ def _torch_load(data: bytes, where: str, what: str, remedy: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every parse failure of untrusted bytes means the same
-        raise TbnError(f"{where} is not a readable tbn-ray {what} (corrupt or truncated, {type(e).__name__}): {remedy}") from None
+        raise TbnError(
+            f"{where} is not a readable tbn-ray {what} (corrupt or truncated, {type(e).__name__}): {remedy}"
+        ) from None
 
 
 def _tensor_dict(value: Any) -> bool:
@@ -134,9 +136,11 @@ def checkpoint_from_bytes(data: bytes, where: str) -> Checkpoint:
     fields_ok = (
         _tensor_dict(raw.get("model"))
         and isinstance(raw.get("config"), dict)
-        and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
+        and isinstance(epoch, int)
+        and not isinstance(epoch, bool)
+        and epoch >= 0
         and all(_optional_dict(raw.get(k)) for k in ("meta", "optimizer", "scheduler"))
-    )  # fmt: skip
+    )
     if not fields_ok:
         raise TbnError(f"{where} is a damaged tbn-ray checkpoint (a field is missing or of the wrong type): {remedy}")
     return Checkpoint(
@@ -157,9 +161,18 @@ def _usable_stats(stats: Any) -> bool:
         if not isinstance(layer, str) or not isinstance(bufs, dict):
             return False
         mean, var = bufs.get("running_mean"), bufs.get("running_var")
-        if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)) or mean.shape != var.shape or mean.dim() != 1:
+        if (
+            not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor))
+            or mean.shape != var.shape
+            or mean.dim() != 1
+        ):
             return False
-        if not (mean.is_floating_point() and var.is_floating_point() and bool(mean.isfinite().all()) and bool((var >= 0).all())):
+        if not (
+            mean.is_floating_point()
+            and var.is_floating_point()
+            and bool(mean.isfinite().all())
+            and bool((var >= 0).all())
+        ):
             return False
     return True
 
@@ -172,14 +185,19 @@ def bn_sets_from_bytes(data: bytes, where: str) -> dict[str, dict[str, Any]]:
         raise TbnError(f"{where} is not a tbn-ray BN statistics file (expected format {BN_FORMAT}): {remedy}")
     sets = raw.get("sets")
     if not usable_bn_sets(sets):
-        raise TbnError(f"{where} is a damaged tbn-ray BN statistics file (a set is missing or of the wrong type): {remedy}")
+        raise TbnError(
+            f"{where} is a damaged tbn-ray BN statistics file (a set is missing or of the wrong type): {remedy}"
+        )
     return sets
 
 
 def usable_bn_sets(sets: Any) -> bool:
     """Statistics sets as tbn-ray stores and passes them: name -> {"stats": {layer: mean, var}, "meta": {...}}."""
     return isinstance(sets, dict) and all(
-        isinstance(name, str) and isinstance(entry, dict) and _usable_stats(entry.get("stats")) and _optional_dict(entry.get("meta"))
+        isinstance(name, str)
+        and isinstance(entry, dict)
+        and _usable_stats(entry.get("stats"))
+        and _optional_dict(entry.get("meta"))
         for name, entry in sets.items()
     )
 
@@ -199,7 +217,9 @@ class Run:
         text = str(uri).rstrip("/")
         if "://" not in text and not Path(text).is_absolute() and not Path(text).exists():
             root = default_storage_uri().rstrip("/")
-            if root not in (".", "") and Storage.open(root).exists(text if text.endswith(".pt") else f"{text}/{CHECKPOINT}"):
+            if root not in (".", "") and Storage.open(root).exists(
+                text if text.endswith(".pt") else f"{text}/{CHECKPOINT}"
+            ):
                 text = f"{root}/{text}"
         if text.endswith(".pt"):
             parent, _, name = text.rpartition("/")
@@ -268,9 +288,13 @@ class Run:
         if name == CLEAN:
             return get_bn_stats(model)
         if not batch_norms(model):
-            raise TbnError(f"no TBN statistics {name!r}: the model has no BatchNorm layers, so TBN does not apply; use --bn clean (bn='clean')")
+            raise TbnError(
+                f"no TBN statistics {name!r}: the model has no BatchNorm layers, so TBN does not apply; use --bn clean (bn='clean')"
+            )
         known = ", ".join(sorted(sets)) or "none"
-        raise TbnError(f"no TBN statistics {name!r} in {self.stats_origin} (calibrated: {known}); {self.calibrate_hint(name.removeprefix('sigma='))}")
+        raise TbnError(
+            f"no TBN statistics {name!r} in {self.stats_origin} (calibrated: {known}); {self.calibrate_hint(name.removeprefix('sigma='))}"
+        )
 
     @property
     def stats_origin(self) -> str:

@@ -61,12 +61,7 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
     if key == "" and allow_empty:
         return key
     parts = key.split("/")
-    if (
-        not key
-        or "\\" in key
-        or any(p in ("", ".", "..") for p in parts)
-        or parts[-1].endswith(TMP_SUFFIX)
-    ):
+    if not key or "\\" in key or any(p in ("", ".", "..") for p in parts) or parts[-1].endswith(TMP_SUFFIX):
         raise TbnError(f"invalid storage key {key!r}: use a relative path like 'run/metrics.json'")
     return key
 

@@ -95,7 +95,14 @@ class S3Storage(Storage):
                 raise TbnError(f"not found: {uri}") from e
             if code == "NoSuchBucket":
                 raise self._no_bucket() from e
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            if code in (
+                "AccessDenied",
+                "403",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "ExpiredToken",
+                "InvalidToken",
+            ):
                 raise TbnError(
                     f"no permission for {uri} at {self.endpoint} ({code}): check the AWS credentials and the bucket policy"
                 ) from e

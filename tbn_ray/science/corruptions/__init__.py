@@ -39,9 +39,18 @@ from tbn_ray.science.corruptions.base import SIZE, Rngs
 from tbn_ray.science.corruptions.weather import FROST_INSTALL
 
 __all__ = [
-    "CORRUPTIONS", "SEVERITIES", "RELEASED_EXTRA", "FROST_INSTALL", "corrupt", "generate",
-    "parse_corruptions", "parse_severities", "released_layout", "load_released", "sample_grid",
-]  # fmt: skip
+    "CORRUPTIONS",
+    "SEVERITIES",
+    "RELEASED_EXTRA",
+    "FROST_INSTALL",
+    "corrupt",
+    "generate",
+    "parse_corruptions",
+    "parse_severities",
+    "released_layout",
+    "load_released",
+    "sample_grid",
+]
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
@@ -144,9 +153,7 @@ def _check_indices(indices: np.ndarray | None, n: int) -> np.ndarray:
 
 def _image_rngs(seed: int, corruption: str, severity: int, indices: np.ndarray) -> list[np.random.Generator]:
     key = int.from_bytes(corruption.encode(), "little")
-    return [
-        np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, severity, int(i)))) for i in indices
-    ]
+    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, severity, int(i)))) for i in indices]
 
 
 def corrupt(
@@ -244,7 +251,9 @@ def load_released(directory: str | Path, corruption: str) -> tuple[np.ndarray, n
         try:
             arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
         except (ValueError, OSError, EOFError) as e:
-            raise TbnError(f"cannot read {path} as a CIFAR-10-C .npy file ({type(e).__name__}): restore the released files") from None
+            raise TbnError(
+                f"cannot read {path} as a CIFAR-10-C .npy file ({type(e).__name__}): restore the released files"
+            ) from None
         if not isinstance(arrays[-1], np.ndarray):  # an .npz archive under an .npy name
             raise TbnError(f"{path} is not a single .npy array: restore the released files")
     images, labels = arrays

@@ -35,7 +35,7 @@ def _disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     disk = ((xx**2 + yy**2) <= radius**2).astype(np.float32)
     disk /= disk.sum()
-    g = np.exp(-np.arange(-1, 2) ** 2 / (2.0 * alias_blur**2))
+    g = np.exp(-(np.arange(-1, 2) ** 2) / (2.0 * alias_blur**2))
     g /= g.sum()
     kernel = ndimage.correlate(disk, np.outer(g, g).astype(np.float32), mode="mirror")
     nz = np.nonzero(kernel)
