@@ -16,7 +16,7 @@ import tbn_ray
 from tbn_ray.errors import TbnError
 from tbn_ray.store.runs import Run
 
-from .helpers import SHARED_DATA, copy_fixture_run
+from .helpers import HANG_S, SHARED_DATA, copy_fixture_run
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
@@ -56,7 +56,7 @@ def test_api_on_a_module_gives_the_clis_records(run_dir: Path, tmp_path: Path, m
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     (cli_parquet,) = (tmp_path / "cli").glob("*/sigma=0.25/radii.parquet")

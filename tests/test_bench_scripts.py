@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .helpers import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def _run(script: str, *args: str, out: Path) -> dict:
         check=True,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
     )
     return json.loads((out / "smoke.json").read_text())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import SHARED_DATA
+from .helpers import HANG_S, SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
@@ -43,7 +43,7 @@ certify:
 def tbn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TBN_STORAGE": str(cwd / "results")}
     return subprocess.run(
-        [sys.executable, "-m", "tbn_ray", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tbn_ray", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_S
     )
 
 

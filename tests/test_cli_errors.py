@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SHARED_DATA
+from .helpers import HANG_S, SHARED_DATA
 from .test_cli import TINY, tbn
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
@@ -65,6 +65,6 @@ def test_the_show_hint_only_where_it_helps_and_bare_run_names(trained, tmp_path)
         capture_output=True,
         text=True,
         env={**os.environ, "TBN_STORAGE": str(env_root)},
-        timeout=120,
+        timeout=HANG_S,
     )
     assert shown.returncode == 0 and shown.stdout.startswith(f"run: {trained}"), shown.stderr

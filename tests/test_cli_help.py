@@ -13,6 +13,8 @@ import tbn_ray
 from tbn_ray.cli import app
 from tbn_ray.config import CertifyConfig
 
+from .helpers import HANG_S
+
 
 def commands(group, path: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
     """(path, command) for every command and group below ``group``, the group itself first.
@@ -32,7 +34,7 @@ ALL = list(commands(ROOT))
 def tbn(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "tbn_ray", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tbn_ray", *args], env=env, capture_output=True, text=True, timeout=HANG_S
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from tbn_ray.jobs.engine import Claims, run_in_process
 
 from .engine_jobs import UNITS, SleepJob, SleepWorker, computations
+from .helpers import HANG_S
 
 FAST = {"ttl_s": 30.0, "refresh_s": 0.5, "settle_s": 1.0}  # settle: generous on a busy 2-core machine
 
@@ -40,7 +41,7 @@ def concurrently(*runs) -> list[Any]:  # type: ignore[no-untyped-def]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=HANG_S)
     if errors:
         raise errors[0]
     return results

@@ -23,6 +23,8 @@ import pytest
 
 from tests.conftest import free_port
 
+from .helpers import HANG_S
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_session.py"
 sys.path.insert(0, str(REPO / "bench"))
@@ -185,7 +187,7 @@ def test_budget_too_small_starts_nothing(tmp_path: Path) -> None:
         tmp_path / "work",
         "--carry",
         tmp_path / "none",
-        timeout=120,
+        timeout=HANG_S,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     status = json.loads((tmp_path / "results" / "summary.json").read_text())["status"]
@@ -259,7 +261,7 @@ def test_trimmed_ray_starts_with_dashboard_and_runs_an_actor_pool(tmp_path: Path
     )
     env = {**os.environ, "PYTHONPATH": str(site), "TRIMMED": str(site), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=180)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "results [0, 1, 4, 9, 16]" in out.stdout
     assert "dashboard 127.0.0.1:" in out.stdout

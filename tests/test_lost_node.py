@@ -31,7 +31,7 @@ from tbn_ray.store.runs import Run
 from tbn_ray.store.storage import Storage
 
 from .conftest import free_port
-from .helpers import tiny_run
+from .helpers import HANG_S, tiny_run
 from .test_ray_certify import exact, read_records
 
 CFG = CertifyConfig(sigmas=(0.25,), n0=20, n=1000, batch_size=500, max_images=16)
@@ -98,7 +98,7 @@ def report(**values: Any) -> None:
     print("RESULT " + json.dumps(values), flush=True)
 
 
-def in_child(scenario: str, *args: str, log: Path, timeout_s: float = 300) -> dict[str, Any]:
+def in_child(scenario: str, *args: str, log: Path, timeout_s: float = HANG_S) -> dict[str, Any]:
     """``scenario(*args)`` of this module in a child Python, its output in ``log``; its RESULT line."""
     code = f"from tests.test_lost_node import {scenario}; {scenario}(*{args!r})"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
@@ -193,7 +193,7 @@ def train_scenario(storage: str, config: str) -> None:
         checkpointed = Storage.open(f"{storage}/lost")
         driver = tbn_ray_process(*args, "--max-failures", "2")
         loss = lose_node_when(cluster, worker, lambda: checkpointed.exists("checkpoint.pt"), driver)
-        status = finish(driver, 420)
+        status = finish(driver, HANG_S)
         phase(f"training done: status {status}")
     report(status=status, loss=loss)
 
@@ -211,7 +211,7 @@ def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint(s3_bucket: st
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"train": tiny("lost", EPOCHS)}))
     storage = f"{s3_bucket}/runs"
-    outcome = in_child("train_scenario", storage, str(config), log=tmp_path / "child.log", timeout_s=480)
+    outcome = in_child("train_scenario", storage, str(config), log=tmp_path / "child.log", timeout_s=HANG_S)
     assert outcome["status"] == 0 and "spare" in outcome["loss"], outcome
 
     run = Run.open(f"{storage}/lost")
@@ -238,9 +238,9 @@ def sweep_scenario(storage: str, config: str, name: str) -> None:
         loss = lose_node_when(
             cluster, worker, lambda: any(k.endswith("/checkpoint.pt") for k in root.list("train/")), driver
         )
-        first = finish(driver, 360)
+        first = finish(driver, HANG_S)
         phase(f"sweep done: status {first}")
-        again = None if first == 0 else finish(tbn_ray_process(*args, "--resume"), 180)
+        again = None if first == 0 else finish(tbn_ray_process(*args, "--resume"), HANG_S)
     report(first=first, again=again, loss=loss)
 
 
@@ -254,7 +254,9 @@ def test_a_node_lost_with_a_sweep_trial_the_sweep_still_finishes(s3_bucket: str,
 
     config = tiny_sweep(tmp_path, "lostsweep", epsilons=[0.25], sigmas=[0.25], train={"data": {"train_limit": 256}})
     storage = f"{s3_bucket}/sweeps"
-    outcome = in_child("sweep_scenario", storage, str(config), "lostsweep", log=tmp_path / "child.log", timeout_s=600)
+    outcome = in_child(
+        "sweep_scenario", storage, str(config), "lostsweep", log=tmp_path / "child.log", timeout_s=HANG_S
+    )
     assert "spare" in outcome["loss"], outcome["loss"]
     assert outcome["first"] == 0 or outcome["again"] == 0, outcome
 

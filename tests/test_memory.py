@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SHARED_DATA
+from .helpers import HANG_S, SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "cifar10-partial").is_dir(), reason="CIFAR-10 subset absent")
 
@@ -54,7 +54,7 @@ def _run(settings: dict) -> subprocess.CompletedProcess:
         [sys.executable, "-c", SCRIPT.replace("{SETTINGS}", repr(settings))],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         preexec_fn=limit,
         cwd=ROOT,
     )

@@ -30,7 +30,7 @@ from tbn_ray.science.smoothing import certify_examples
 from tbn_ray.store.runs import Run, make_checkpoint
 from tbn_ray.store.storage import Storage
 
-from .helpers import SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
+from .helpers import HANG_S, SHARED_DATA, kill_soon, s3_last_modified, wait_actors_gone
 
 SIGMAS = (0.25, 0.5)
 SMALL = {"n0": 20, "n": 200, "batch_size": 100, "skip": 7}
@@ -391,7 +391,7 @@ def test_cli_bad_input_one_line_exit_2(run: Run, s3_server: str, tmp_path: Path)
         for name, (args, _) in cases.items()
     }
     for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=HANG_S)
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, (name, stderr)
         assert lines[-1].startswith("tbn-ray: error: ") and cases[name][1] in lines[-1], (name, stderr)

@@ -32,6 +32,8 @@ from tbn_ray.distributed.sweep import prepare  # noqa: E402
 from tbn_ray.jobs.sweep_pairs import SPLIT_KEYS, trained_epochs  # noqa: E402
 from tbn_ray.reports.sweep import EVALUATED, STOPPED, best_pair  # noqa: E402
 
+from .helpers import HANG_S
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +147,7 @@ def test_sweep_2x2_on_s3_interrupted_and_resumed_trains_each_epsilon_once(
         )
     try:
         # SIGKILL (a lost driver or head node: nothing saved on the way out) once the first epsilon is trained.
-        _wait(lambda: any(trained_epochs(r) == EPOCHS for r in training_runs(root).values()), proc, log, 300)
+        _wait(lambda: any(trained_epochs(r) == EPOCHS for r in training_runs(root).values()), proc, log, HANG_S)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -200,7 +202,7 @@ def test_asha_stopped_trial_frees_the_cluster_for_the_next(ray_local, tmp_path: 
         ],
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=HANG_S,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

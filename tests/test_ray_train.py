@@ -36,6 +36,8 @@ from tbn_ray.distributed import train as ray_train  # noqa: E402  (imports ray)
 from tbn_ray.distributed.train import Recovery, Scaling, train_on_ray  # noqa: E402
 from tbn_ray.jobs.pipeline import calibrate_run  # noqa: E402
 
+from .helpers import HANG_S
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +231,7 @@ def test_cli_missing_bucket_or_cluster_exits_2_before_training(s3_server: str, t
         [*TBN_RAY, "train", "--config", str(config), "--storage", "s3://tbn-no-such-bucket-77c1/x", "--workers", "2"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert out.returncode == 2, out.stderr
@@ -243,7 +245,7 @@ def test_cli_missing_bucket_or_cluster_exits_2_before_training(s3_server: str, t
         [*TBN_RAY, "train", "--config", str(config), "--storage", str(tmp_path), "--address", nowhere],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
     )
     assert out.returncode == 2 and f"no Ray cluster reachable at {nowhere}" in out.stderr, out.stderr[-2000:]
 
@@ -263,7 +265,7 @@ def test_cli_train_on_a_local_instance_prints_no_ray_internals(tmp_path: Path) -
             [*TBN_RAY, "train", "--config", str(config), "--storage", str(tmp_path), "--workers", "1"],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG_S,
             env=env,
         )
     finally:
@@ -280,7 +282,7 @@ def test_cli_train_on_a_local_instance_prints_no_ray_internals(tmp_path: Path) -
     assert Run.open(str(tmp_path / "quiet")).load_checkpoint().epoch == 1
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = HANG_S) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
@@ -302,7 +304,7 @@ def test_cli_local_trains_in_process_without_ray(tmp_path: Path) -> None:
         [*TBN_RAY, "train", "--local", "--config", str(config), "--storage", str(tmp_path), "--device", "cpu"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -391,7 +393,7 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
         ]
         deadline = time.monotonic() + 60
         while True:  # the dashboard answers before the head's job agent is ready
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_S)
             if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
                 break
             time.sleep(2)

@@ -18,6 +18,8 @@ from tbn_ray.jobs.reproduce import reproduce
 from tbn_ray.store.reproduction import Reproduction
 from tbn_ray.store.storage import Storage
 
+from .helpers import HANG_S
+
 TINY = {
     "name": "tiny",
     "device": "cpu",
@@ -138,7 +140,7 @@ def test_cli_reproduce_report_stage_and_bad_config(tiny: tuple[Path, Path], tmp_
         [sys.executable, "-m", "tbn_ray", "reproduce", "--config", str(bad), "--storage", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
     )
     assert out.returncode == 2 and "model names must be unique" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(
@@ -156,7 +158,7 @@ def test_cli_reproduce_report_stage_and_bad_config(tiny: tuple[Path, Path], tmp_
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
     )
     assert out.returncode == 2 and "stage train has not finished" in out.stderr, out.stderr[-1500:]
 

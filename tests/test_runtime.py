@@ -19,7 +19,7 @@ import pytest
 from tbn_ray.store.storage import Storage
 
 from .conftest import free_port
-from .helpers import tiny_run
+from .helpers import HANG_S, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 TBN_RAY = [sys.executable, "-c", "from tbn_ray.cli import main; main()"]
@@ -94,7 +94,7 @@ def test_an_address_where_no_cluster_answers_is_one_clean_line_within_seconds(
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
         cwd=REPO,
         env=env,
     )
@@ -120,6 +120,8 @@ def test_a_new_dashboard_is_given_minutes_unless_the_user_says_otherwise(given: 
         "runtime._wait_longer_for_the_dashboard()\n"
         "print(services.ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_S, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [waited]

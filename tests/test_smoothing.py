@@ -26,7 +26,7 @@ from tbn_ray.science.smoothing import (
 )
 from tbn_ray.store.results import TSV_HEADER, read_results, write_results
 
-from .helpers import SHARED_DATA, certify_with, partial_test_images
+from .helpers import HANG_S, SHARED_DATA, certify_with, partial_test_images
 
 PARTIAL = SHARED_DATA / "cifar10-partial"
 CPU = torch.device("cpu")
@@ -171,7 +171,7 @@ def test_science_core_imports_neither_ray_nor_scipy_stats() -> None:
         "        importlib.import_module(m.name)\n"
         "print(sorted(m for m in ('ray', 'scipy.stats') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
