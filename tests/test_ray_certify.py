@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from tbn_ray.cli import app
 from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, ModelConfig, TrainConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.certify import ShardResult, certify_run, pending_shards, plan_certify, run_plan_in_process
+from tbn_ray.jobs.certify import ShardResult, certify_run, plan_certify, run_plan_in_process
+from tbn_ray.jobs.engine import pending
 from tbn_ray.jobs.pipeline import calibrate_run
 from tbn_ray.science.models import build_model
 from tbn_ray.science.smoothing import certify_examples
@@ -360,7 +361,7 @@ def test_s3_outage_fails_clearly_and_rerun_finishes(run: Run, ray_local, s3_buck
     restartable_s3.start()
     present = shard_keys(plan.out)
     assert 2 <= len(present) < 8
-    assert len(pending_shards(plan)) == 8 - len(present)  # every object there is a complete, verified shard
+    assert len(pending(plan).units) == 8 - len(present)  # every object there is a complete, verified shard
     resumed = run_plan_on_ray(plan, ray_local, actors=2, cpus_per_actor=1, progress=False)
     assert (resumed.shards_computed, resumed.shards_skipped) == (8 - len(present), len(present))
     assert [r["idx"] for r in read_records(plan.out, 0.25)] == plan.indices.tolist()

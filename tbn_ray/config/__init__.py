@@ -362,7 +362,7 @@ class CertifyConfig(_Strict):
     _PLANNED: ClassVar[frozenset[str]] = frozenset(
         {"sigmas", "bn", "data", "shards", "sample_size", "adaptive_design", "sequential", "adaptive_sampling"}
     )
-    #: Fields stored with every result whatever their value (so results of before keep their ids).
+    #: Fields stored with every result whatever their value: they are part of every run id.
     _ALWAYS: ClassVar[tuple[str, ...]] = (
         "n0",
         "n",
@@ -393,7 +393,9 @@ class CertifyConfig(_Strict):
             value = getattr(self, name)
             if name in self._CUDA_ONLY and device_type != "cuda":
                 value = info.default
-            if name == "adaptive" and value:  # the design's settings; the pilot's as before designs existed
+            if (
+                name == "adaptive" and value
+            ):  # the chosen design's settings (the pilot's under the key its stored ids use)
                 value = (
                     self.adaptive_sampling.model_dump(mode="json")
                     if self.adaptive_design == "pilot"
@@ -644,7 +646,7 @@ def shown_default(model: type[BaseModel], field: str) -> str:
 
 
 # The sweep's and the reproduction's configs live beside this module and are re-exported here,
-# so ``from tbn_ray.config import SweepConfig`` keeps working; they build on the classes above.
+# so that every config is imported from ``tbn_ray.config``; they build on the classes above.
 from tbn_ray.config.reproduce import (  # noqa: E402
     CostConfig,
     ModelSpec,

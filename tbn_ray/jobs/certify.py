@@ -28,7 +28,7 @@ import torch
 from tbn_ray.config import DEFAULT_SHARDS, CertifyConfig
 from tbn_ray.devices import resolve_device
 from tbn_ray.errors import TbnError, log
-from tbn_ray.jobs.engine import Metric, pending, run_in_process
+from tbn_ray.jobs.engine import Metric, run_in_process
 from tbn_ray.reports.certify import write_certification_report
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.base_classifier import base_classifier
@@ -67,7 +67,7 @@ def bn_set_for(cfg: CertifyConfig, sigma: float) -> str:
     return bn_key(sigma) if cfg.bn == "tbn" else CLEAN
 
 
-#: The order of a result's parameters as stored since the first certification (summary.json keeps it).
+#: The order of a result's parameters in summary.json: part of the stored form that run ids and reports read.
 _PARAMS_ORDER = (
     "sigma",
     "n0",
@@ -362,11 +362,6 @@ class ShardCertifier:
         rows_out = [{**r, "actor": self.worker["actor"], "node": self.worker["node"]} for r in records]
         uri = write_shard(plan.out, plan.shard_key(sigma, shard), rows_out, meta)
         return ShardResult(float(sigma), shard, len(idx), seconds, uri, dict(self.worker))
-
-
-def pending_shards(plan: CertifyPlan) -> list[tuple[float, int]]:
-    """The (sigma, shard) pairs not yet stored and verified (readable, the planned indices)."""
-    return pending(plan).units
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,7 @@ def import_run(
         "clean_accuracy": accuracy,
     }
     ckpt = make_checkpoint(model, cfg, 0, meta)
-    rebuilt, _ = _round_trip(ckpt, run.uri)
+    rebuilt = _round_trip(ckpt, run.uri)
     x = torch.rand(2, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         if not torch.equal(model(x), rebuilt(x)):
@@ -439,7 +439,7 @@ def import_run(
     return run, ckpt
 
 
-def _round_trip(ckpt: Checkpoint, where: str) -> tuple[nn.Module, Checkpoint]:
+def _round_trip(ckpt: Checkpoint, where: str) -> nn.Module:
     """The model as every later command builds it: from the stored config and state only."""
     from tbn_ray.science.models import build_model
 
@@ -450,4 +450,4 @@ def _round_trip(ckpt: Checkpoint, where: str) -> tuple[nn.Module, Checkpoint]:
         raise TbnError(
             f"{where}: the imported weights do not load into the rebuilt architecture: {str(e).splitlines()[0][:160]}"
         ) from None
-    return model.eval(), ckpt
+    return model.eval()
