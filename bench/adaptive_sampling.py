@@ -36,7 +36,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -307,7 +306,7 @@ def main() -> None:
         spend=args.spend,
         stop_alpha=args.stop_alpha,
     )
-    every = replace(sequential, skip_misclassified=False)
+    every = sequential.model_copy(update={"skip_misclassified": False})
     makers = {
         "fixed": lambda *a, label: cohen_certify(*a),
         "pilot": lambda *a, label: plan.procedure(*a),
