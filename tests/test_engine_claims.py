@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from tbn_ray.jobs.engine import Claims, run_in_process
+from tbn_ray.jobs.claims import Claims
+from tbn_ray.jobs.engine import run_in_process
 
 from .engine_jobs import UNITS, SleepJob, SleepWorker, computations
 from .helpers import HANG_S

@@ -25,7 +25,8 @@ import ray
 from tbn_ray.distributed.pool import READY_TIMEOUT_S, PoolWorker, actor_shape, run_pool
 from tbn_ray.distributed.runtime import RayCluster
 from tbn_ray.errors import log
-from tbn_ray.jobs.engine import CLAIM_POLL_S, ClaimedUnits, Claims, Job, Progress, pending
+from tbn_ray.jobs.claims import CLAIM_POLL_S, Claims
+from tbn_ray.jobs.engine import ClaimedUnits, Job, Progress, pending
 
 
 class JobActor(PoolWorker):
