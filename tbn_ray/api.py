@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
@@ -367,8 +367,21 @@ def certify(
 
 
 def _evaluation(
-    kind: str, model: ModelLike, stats, bn: Sequence[str], config, storage, name, data, device, progress, settings
-):  # type: ignore[no-untyped-def]
+    kind: Literal["attack", "corruptions"],
+    model: ModelLike,
+    stats: Calibration | Mapping[str, Any] | None,
+    *,
+    bn: Sequence[str] | str,
+    config: EvaluateConfig | None,
+    storage: str | Path | None,
+    name: str | None,
+    data: str | DataConfig | None,
+    device: str,
+    progress: bool,
+    settings: dict[str, Any],
+) -> Evaluation:
+    """The one body of ``evaluate_attack`` and ``evaluate_corruptions``: the same run, modes and
+    images; only the plan differs."""
     from tbn_ray.devices import resolve_device
     from tbn_ray.jobs.evaluate import run_in_process
 
@@ -435,7 +448,19 @@ def evaluate_attack(
     """Empirical robustness per BN mode (``bn``: clean, sigma:<s>, test-batch[:N]) under the
     attacks of ``settings`` (``EvaluateConfig`` fields: attacks, norm, eps, attack_steps, ...;
     ``indices=(start, stop)`` of the test set)."""
-    return _evaluation("attack", model, stats, bn, config, storage, name, data, device, progress, settings)
+    return _evaluation(
+        "attack",
+        model,
+        stats,
+        bn=bn,
+        config=config,
+        storage=storage,
+        name=name,
+        data=data,
+        device=device,
+        progress=progress,
+        settings=settings,
+    )
 
 
 def evaluate_corruptions(
@@ -454,4 +479,16 @@ def evaluate_corruptions(
     """CIFAR-10-C accuracy (regenerated, seeded) per corruption and severity for each BN mode
     (``settings``: ``EvaluateConfig`` fields corruptions, severities, batch_size, cifar10c_seed;
     ``indices=(start, stop)``)."""
-    return _evaluation("corruptions", model, stats, bn, config, storage, name, data, device, progress, settings)
+    return _evaluation(
+        "corruptions",
+        model,
+        stats,
+        bn=bn,
+        config=config,
+        storage=storage,
+        name=name,
+        data=data,
+        device=device,
+        progress=progress,
+        settings=settings,
+    )
