@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig
+from tbn_ray.config import CalibrateConfig, CertifyConfig, DataConfig, EvaluateConfig
 from tbn_ray.jobs.certify import certify_run
 from tbn_ray.jobs.evaluate import run_in_process
 from tbn_ray.jobs.evaluate_attack import plan_attack
@@ -175,9 +175,8 @@ def summarize_autoattack(run: Run, figures: dict[str, Any], images: int, batch: 
     """``--summarize``: AutoAttack accuracy from the batches stored so far, per threat model."""
     rows = []
     for norm, eps, text in AA_THREATS:
-        plan = plan_attack(
-            run, ["clean"], attacks=["autoattack"], norm=norm, eps=eps, batch_size=batch, start=0, stop=images
-        )
+        aa = EvaluateConfig(attacks=("autoattack",), norm=norm, eps=eps, batch_size=batch)
+        plan = plan_attack(run, ["clean"], aa, start=0, stop=images)
         items = [json.loads(p.read_text()) for p in sorted(plan.out.local_path().glob("clean/autoattack/batch-*.json"))]
         items = [
             i for i in items if i["params"] == plan.item_params(plan.modes[0], ("autoattack", i["params"]["batch"]))
@@ -326,16 +325,8 @@ def main() -> None:
     aa_rows = []
     for norm, eps, text in AA_THREATS:
         t0 = time.perf_counter()
-        plan = plan_attack(
-            run,
-            ["clean"],
-            attacks=["autoattack"],
-            norm=norm,
-            eps=eps,
-            batch_size=args.aa_batch,
-            start=0,
-            stop=args.aa_images,
-        )
+        aa = EvaluateConfig(attacks=("autoattack",), norm=norm, eps=eps, batch_size=args.aa_batch)
+        plan = plan_attack(run, ["clean"], aa, start=0, stop=args.aa_images)
         res = run_in_process(plan, torch.device("cpu"), progress=False).result["modes"]["clean"]["variants"]["standard"]
         aa_rows.append(
             {

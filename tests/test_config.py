@@ -140,7 +140,9 @@ def test_evaluate_defaults_come_from_config_and_are_validated(tmp_path):
     }.items():
         assert re.search(rf"^  {flag} <.*\(default: {re.escape(default)}\)$", shown, re.M), (flag, shown)
     run = tiny_run(Storage.open(tmp_path / "runs"))
-    plan = plan_attack(run, ["clean"], data_cfg=DataConfig(source="partial", shared_dir=str(SHARED_DATA)), stop=4)
+    plan = plan_attack(
+        run, ["clean"], EvaluateConfig(), data_cfg=DataConfig(source="partial", shared_dir=str(SHARED_DATA)), stop=4
+    )
     t = plan.threat
     assert (plan.batch_size, plan.attacks, t.steps, t.restarts, t.norm, t.eps, plan.seed) == (
         200,

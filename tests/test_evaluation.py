@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, TrainConfig
+from tbn_ray.config import AttackConfig, CalibrateConfig, CertifyConfig, EvaluateConfig, TrainConfig, parse_config
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs.certify import aggregate, certify_run
 from tbn_ray.jobs.evaluate import run_in_process
@@ -235,8 +235,9 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(
     run: Run, cifar: data_mod.Cifar10, tmp_path: Path
 ) -> None:
     modes = ["clean", "sigma:0.25", "test-batch", "test-batch:32"]
-    kw = dict(corruptions="gaussian_noise,contrast", severities="1,5", batch_size=32, start=0, stop=64, progress=False)
-    plan = plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), **kw)
+    ev = EvaluateConfig(corruptions="gaussian_noise,contrast", severities="1,5", batch_size=32)
+    kw = dict(start=0, stop=64, progress=False)
+    plan = plan_corruptions(run, modes, ev, cache_root=Storage.open(tmp_path / "cache"), **kw)
     result = run_in_process(plan, CPU, progress=False)
     assert (result.items_computed, result.items_skipped) == (5 * 4, 0)
     c10c = plan.cifar10c
@@ -269,7 +270,7 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(
 
     # the same command again: every item reused
     again = run_in_process(
-        plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), **kw), CPU, progress=False
+        plan_corruptions(run, modes, ev, cache_root=Storage.open(tmp_path / "cache"), **kw), CPU, progress=False
     )
     assert (again.items_computed, again.items_skipped) == (0, 20) and again.result["modes"] == r["modes"]
     # the report: markdown, plot, every number in one JSON
@@ -288,7 +289,7 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(
     with np.load(SHARED_DATA / "cifar10-partial" / "cifar10_test_prefix.npz") as z:
         _write_released(released, c10c, ("gaussian_noise", "contrast"), z["all_labels"])
     rel = run_in_process(
-        plan_corruptions(run, modes, cache_root=Storage.open(tmp_path / "cache"), released=released, **kw),
+        plan_corruptions(run, modes, ev, cache_root=Storage.open(tmp_path / "cache"), released=released, **kw),
         CPU,
         progress=False,
     )
@@ -298,8 +299,9 @@ def test_corruption_evaluation_caches_resumes_and_accepts_released_files(
 
 
 def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
-    kw = dict(attacks=["pgd", "apgd-ce"], norm="l2", eps="0.5", steps=3, batch_size=24, start=0, stop=48)
-    plan = plan_attack(run, ["clean", "test-batch"], **kw)
+    ev = EvaluateConfig(attacks=("pgd", "apgd-ce"), norm="l2", eps=0.5, attack_steps=3, batch_size=24)
+    kw = dict(start=0, stop=48)
+    plan = plan_attack(run, ["clean", "test-batch"], ev, **kw)
     assert plan.batches == 2
     result = run_in_process(plan, CPU, progress=False)
     assert result.items_computed == 2 * 2 * 2
@@ -323,7 +325,7 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
     )
     assert clean["pgd"] == pytest.approx(np.mean(flags))
     # adding a mode later reuses the finished ones
-    more = run_in_process(plan_attack(run, ["clean", "test-batch", "sigma:0.25"], **kw), CPU, progress=False)
+    more = run_in_process(plan_attack(run, ["clean", "test-batch", "sigma:0.25"], ev, **kw), CPU, progress=False)
     assert (more.items_computed, more.items_skipped) == (4, 8)
     assert set(more.result["modes"]) == {"clean", "test-batch-b24", "sigma=0.25"}
     assert "l2, eps=0.5" in (evaluation_section(run.storage) or "")
@@ -331,7 +333,9 @@ def test_attack_evaluation_items_and_resume(run: Run, tmp_path: Path) -> None:
 
 def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
     run_in_process(
-        plan_attack(run, ["clean"], attacks=["pgd"], norm="l2", eps="0.25", steps=1, batch_size=16, start=0, stop=16),
+        plan_attack(
+            run, ["clean"], EvaluateConfig(attacks=("pgd",), eps=0.25, attack_steps=1, batch_size=16), start=0, stop=16
+        ),
         CPU,
         progress=False,
     )
@@ -354,20 +358,34 @@ def test_certification_report_includes_the_runs_evaluation(run: Run) -> None:
 
 def test_bad_input_fails_before_any_work(run: Run, tmp_path: Path) -> None:
     cache = Storage.open(tmp_path / "cache")
+    ev = EvaluateConfig()
     cases = [
         (
-            lambda: plan_corruptions(run, ["clean"], cache_root=cache, corruptions="fog,smog"),
+            lambda: plan_corruptions(run, ["clean"], EvaluateConfig(corruptions="fog,smog"), cache_root=cache),
             "unknown corruption 'smog'",
         ),
-        (lambda: plan_corruptions(run, ["clean"], cache_root=cache, severities="1-6"), "severities must lie in 1..5"),
-        (lambda: plan_corruptions(run, ["clean", "median"], cache_root=cache), "unknown BN mode 'median'"),
-        (lambda: plan_corruptions(run, ["sigma:0.5"], cache_root=cache), "tbn-ray calibrate .* --sigma 0.5"),
-        (lambda: plan_corruptions(run, [], cache_root=cache), "no BN mode given"),
-        (lambda: plan_attack(run, ["clean"], eps="0"), "--eps must be > 0"),
-        (lambda: plan_attack(run, ["clean"], eps="-8/255"), "--eps must be > 0"),
-        (lambda: plan_attack(run, ["clean"], attacks=["fgsm"]), "unknown attack 'fgsm'"),
-        (lambda: plan_attack(run, ["clean"], norm="l1"), "--norm must be l2 or linf"),
-        (lambda: plan_attack(run, ["clean"], start=5000), "no test images"),
+        (
+            lambda: plan_corruptions(run, ["clean"], EvaluateConfig(severities="1-6"), cache_root=cache),
+            "severities must lie in 1..5",
+        ),
+        (lambda: plan_corruptions(run, ["clean", "median"], ev, cache_root=cache), "unknown BN mode 'median'"),
+        (lambda: plan_corruptions(run, ["sigma:0.5"], ev, cache_root=cache), "tbn-ray calibrate .* --sigma 0.5"),
+        (lambda: plan_corruptions(run, [], ev, cache_root=cache), "no BN mode given"),
+        # the settings are checked once, by the config, with the flag or key they came from
+        (
+            lambda: parse_config(EvaluateConfig, {"eps": "0"}, "x", {"eps": "--eps"}),
+            "--eps: Input should be greater than 0",
+        ),
+        (
+            lambda: parse_config(EvaluateConfig, {"eps": "-8/255"}, "x", {"eps": "--eps"}),
+            "--eps: Input should be greater",
+        ),
+        (lambda: plan_attack(run, ["clean"], EvaluateConfig(attacks=("fgsm",))), "unknown attack 'fgsm'"),
+        (
+            lambda: parse_config(EvaluateConfig, {"norm": "l1"}, "x", {"norm": "--norm"}),
+            "--norm: Input should be 'l2' or 'linf'",
+        ),
+        (lambda: plan_attack(run, ["clean"], ev, start=5000), "no test images"),
     ]
     for make, message in cases:
         with pytest.raises(TbnError, match=message):
@@ -391,7 +409,10 @@ def test_cli_bad_input_one_line_exit_2(
             ["evaluate", "corruptions", run.uri, "--bn", "test-batch", "--bn", "sigma:0.12", *common],
             "tbn-ray calibrate",
         ),
-        "eps": (["evaluate", "attack", run.uri, "--bn", "clean", "--eps", "0", "--local"], "--eps must be > 0"),
+        "eps": (
+            ["evaluate", "attack", run.uri, "--bn", "clean", "--eps", "0", "--local"],
+            "--eps: Input should be greater than 0",
+        ),
         "mode": (["evaluate", "attack", run.uri, "--bn", "adabn", "--local"], "unknown BN mode 'adabn'"),
         "severity": (
             ["data", "cifar10c", "--severities", "0-5", "--storage", str(tmp_path / "cache")],

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbn_ray.config import CalibrateConfig, DataConfig, ModelConfig, TrainConfig
+from tbn_ray.config import CalibrateConfig, DataConfig, EvaluateConfig, ModelConfig, TrainConfig
 from tbn_ray.jobs.evaluate import Task, TaskResult, TaskRunner
 from tbn_ray.jobs.evaluate_attack import plan_attack
 from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
@@ -55,9 +55,8 @@ def last_modified(out: Storage) -> dict[str, float]:
 def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray_local) -> None:
     from tbn_ray.distributed.evaluate import run_plan_on_ray
 
-    plan = plan_attack(
-        run, ["clean", "test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160
-    )
+    pgd = EvaluateConfig(attacks=("pgd",), eps=0.5, attack_steps=12, batch_size=32)
+    plan = plan_attack(run, ["clean", "test-batch"], pgd, start=0, stop=160)
     results: list[TaskResult] = []
     killed: list[str] = []
     before_kill: dict[str, float] = {}
@@ -88,7 +87,7 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
     twin = Run(Storage.open(f"{run.uri}-twin"))
     twin.save_checkpoint(run.load_checkpoint())
     twin.save_bn_sets(run.load_bn_sets())
-    copy = plan_attack(twin, ["test-batch"], attacks=["pgd"], eps="0.5", steps=12, batch_size=32, start=0, stop=160)
+    copy = plan_attack(twin, ["test-batch"], pgd, start=0, stop=160)
     TaskRunner(copy, torch.device("cpu"), {"actor": "test"}).run(Task(("pgd", 3), ("test-batch",)))
     key = plan.item_key(parse_bn_mode("test-batch"), ("pgd", 3))
     assert copy.out.read_json(key)["variants"] == plan.out.read_json(key)["variants"]
@@ -100,10 +99,8 @@ def test_actor_killed_mid_task_loses_nothing_and_the_run_completes(run: Run, ray
 def test_interrupted_corruption_evaluation_resumes_only_missing_items(run: Run, ray_local) -> None:
     from tbn_ray.distributed.evaluate import run_plan_on_ray
 
-    kw = dict(
-        corruptions="gaussian_noise,fog,pixelate", severities="2,4", batch_size=50, start=0, stop=100, progress=False
-    )
-    plan = plan_corruptions(run, ["clean", "sigma:0.25", "test-batch"], **kw)
+    ev = EvaluateConfig(corruptions="gaussian_noise,fog,pixelate", severities="2,4", batch_size=50)
+    plan = plan_corruptions(run, ["clean", "sigma:0.25", "test-batch"], ev, start=0, stop=100, progress=False)
     seen: list[TaskResult] = []
 
     def interrupt_after_2(result: TaskResult) -> None:

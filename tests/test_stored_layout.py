@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tbn_ray.config import CertifyConfig, DataConfig
+from tbn_ray.config import CertifyConfig, DataConfig, EvaluateConfig
 from tbn_ray.jobs.certify import plan_certify, run_plan_in_process
 from tbn_ray.jobs.evaluate import run_in_process
 from tbn_ray.jobs.evaluate_attack import plan_attack
@@ -105,9 +105,7 @@ def _run_all(bucket: Storage) -> dict[str, Any]:
             plan_corruptions(
                 run,
                 ["clean", "sigma:0.25", "test-batch"],
-                corruptions="gaussian_noise,contrast",
-                severities="1,5",
-                batch_size=8,
+                EvaluateConfig(corruptions="gaussian_noise,contrast", severities="1,5", batch_size=8),
                 start=0,
                 stop=16,
                 data_cfg=data,
@@ -120,12 +118,9 @@ def _run_all(bucket: Storage) -> dict[str, Any]:
             plan_attack(
                 run,
                 ["clean", "test-batch"],
-                attacks=["pgd", "apgd-ce"],
-                norm="l2",
-                eps="0.5",
-                steps=2,
-                restarts=1,
-                batch_size=6,
+                EvaluateConfig(
+                    attacks=("pgd", "apgd-ce"), norm="l2", eps=0.5, attack_steps=2, restarts=1, batch_size=6
+                ),
                 start=0,
                 stop=12,
                 data_cfg=data,

@@ -486,9 +486,7 @@ class EvaluateConfig(_Strict):
     restarts: int = Field(1, ge=1, description="random starts per attack")
     attacks: tuple[str, ...] = ("pgd", "apgd-ce")
     norm: Norm = Field("l2", description="threat model of the attacks")
-    eps: float = Field(
-        0.5, description="attack budget in [0,1] pixel units (8/255 accepted); > 0, checked with the threat model"
-    )
+    eps: float = Field(0.5, gt=0, description="attack budget in [0,1] pixel units, e.g. 0.5 or 8/255")
     step_size: float | None = Field(
         None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)"
     )
@@ -498,6 +496,11 @@ class EvaluateConfig(_Strict):
     cifar10c_seed: int = Field(0, description="CIFAR-10-C regeneration seed (per-image randomness derives from it)")
 
     _num = field_validator("eps", mode="before")(_number)
+
+    @model_validator(mode="after")
+    def _budget(self) -> EvaluateConfig:
+        check_budget(self.norm, self.eps)
+        return self
 
 
 class RayConfig(_Strict):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbn_ray.config import DataConfig, EvaluateConfig, default
+from tbn_ray.config import DataConfig
 from tbn_ray.errors import TbnError
 from tbn_ray.jobs import engine
 from tbn_ray.jobs.engine import Metric, pending
@@ -42,11 +42,6 @@ from tbn_ray.store.cifar10c import index_text
 from tbn_ray.store.runs import Run, hash_weights, load_data_for, tensor_bytes
 from tbn_ray.store.storage import Storage, map_concurrently
 
-# The defaults live in config.EvaluateConfig.
-DEFAULT_BATCH_SIZE: int = default(EvaluateConfig, "batch_size")
-DEFAULT_ATTACK_STEPS: int = default(EvaluateConfig, "attack_steps")
-DEFAULT_RESTARTS: int = default(EvaluateConfig, "restarts")
-ATTACKS: tuple[str, ...] = default(EvaluateConfig, "attacks")
 ITEM_FORMAT = "tbn-ray/evaluate-item-v1"
 
 

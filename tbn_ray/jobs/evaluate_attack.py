@@ -12,24 +12,15 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from tbn_ray.config import AttackConfig, DataConfig, parse_config
+from tbn_ray.config import AttackConfig, DataConfig, EvaluateConfig, default
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.evaluate import (
-    ATTACKS,
-    DEFAULT_ATTACK_STEPS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_RESTARTS,
-    EvalPlan,
-    Task,
-    base_plan,
-)
+from tbn_ray.jobs.evaluate import EvalPlan, Task, base_plan
 from tbn_ray.science import autoattack
 from tbn_ray.science import data as data_mod
 from tbn_ray.science.bn_modes import BNMode, parse_bn_modes
@@ -41,8 +32,8 @@ from tbn_ray.store.runs import Run
 APGD = "APGD-CE, Croce & Hein 2020: momentum 0.75, rho 0.75, initial step 2 eps, checkpoints p_1=0.22"
 
 
-#: Every attack name; the default set (``ATTACKS``) is smaller, so stored evaluations keep their items.
-KNOWN_ATTACKS: tuple[str, ...] = (*ATTACKS, autoattack.NAME)
+#: Every attack name; the default set (``EvaluateConfig.attacks``) is smaller, so stored evaluations keep their items.
+KNOWN_ATTACKS: tuple[str, ...] = (*default(EvaluateConfig, "attacks"), autoattack.NAME)
 
 
 def parse_attacks(names: Sequence[str]) -> tuple[str, ...]:
@@ -54,20 +45,9 @@ def parse_attacks(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def parse_eps(text: str | float) -> float:
-    """A budget in [0,1] pixel units; ``8/255`` accepted."""
-    try:
-        eps = float(Fraction(text.strip())) if isinstance(text, str) else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise TbnError(f"--eps {text!r} is not a number; use e.g. 0.5 or 8/255") from None
-    if not eps > 0 or not math.isfinite(eps):
-        raise TbnError(f"--eps must be > 0 (a budget in [0,1] pixel units, e.g. 0.5 or 8/255), got {text}")
-    return eps
-
-
 @dataclass(frozen=True, eq=False)
 class AttackPlan(EvalPlan):
-    attacks: tuple[str, ...] = ATTACKS
+    attacks: tuple[str, ...] = default(EvaluateConfig, "attacks")
     threat: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
 
@@ -207,33 +187,23 @@ def _mode_result(items: list[dict[str, Any]], mode: BNMode) -> dict[str, Any]:
 def plan_attack(
     run: Run,
     modes: Sequence[str],
+    cfg: EvaluateConfig,
     *,
-    attacks: Sequence[str] = ATTACKS,
-    norm: str = "l2",
-    eps: str | float = 0.5,
-    steps: int = DEFAULT_ATTACK_STEPS,
-    restarts: int = DEFAULT_RESTARTS,
-    step_size: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
     data_cfg: DataConfig | None = None,
     start: int | None = None,
     stop: int | None = None,
 ) -> AttackPlan:
     """Check the threat model, modes, statistics, images and storage before any work."""
-    attacks = parse_attacks(attacks)
-    eps_value = parse_eps(eps)
-    if norm not in ("l2", "linf"):
-        raise TbnError(f"--norm must be l2 or linf, got {norm!r}")
-    threat = parse_config(
-        AttackConfig,
-        {"norm": norm, "eps": eps_value, "steps": steps, "restarts": restarts, "step_size": step_size},
-        "attack options",
+    attacks = parse_attacks(cfg.attacks)
+    threat = AttackConfig(
+        norm=cfg.norm, eps=cfg.eps, steps=cfg.attack_steps, restarts=cfg.restarts, step_size=cfg.step_size
     )
     if autoattack.NAME in attacks:
         for mode in parse_bn_modes(modes):
             autoattack.check_frozen_bn(mode.batch, mode.spec)
         autoattack.require_pyautoattack()  # installed: before any work
-    base = base_plan(run, modes, batch_size=batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=AttackPlan.kind)
+    base = base_plan(
+        run, modes, batch_size=cfg.batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=AttackPlan.kind
+    )
     run.storage.check()
-    return AttackPlan(**base, attacks=attacks, threat=threat, seed=seed)
+    return AttackPlan(**base, attacks=attacks, threat=threat, seed=cfg.seed)

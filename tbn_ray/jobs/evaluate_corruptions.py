@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbn_ray.config import DataConfig
+from tbn_ray.config import DataConfig, EvaluateConfig
 from tbn_ray.errors import TbnError
-from tbn_ray.jobs.evaluate import DEFAULT_BATCH_SIZE, EvalPlan, Task, base_plan
+from tbn_ray.jobs.evaluate import EvalPlan, Task, base_plan
 from tbn_ray.science.bn_modes import BNMode
 from tbn_ray.science.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions, parse_severities
 from tbn_ray.science.robustness import correct_predictions
@@ -140,12 +140,9 @@ def default_cifar10c_root(run: Run) -> Storage:
 def plan_corruptions(
     run: Run,
     modes: Sequence[str],
+    cfg: EvaluateConfig,
     *,
     cache_root: Storage | None = None,
-    corruptions: str = "all",
-    severities: str = "1-5",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
     released: str | Path | None = None,
     data_cfg: DataConfig | None = None,
     start: int | None = None,
@@ -154,10 +151,10 @@ def plan_corruptions(
 ) -> CorruptionPlan:
     """Check everything a corruption evaluation needs before any work (modes, statistics,
     corruption names, severities, storage); with ``released``, import the needed arrays.
-    ``corruptions``/``severities``: as ``tbn-ray data cifar10c`` takes them ("all", "1-5")."""
-    names, levels = parse_corruptions(corruptions), parse_severities(severities)
+    ``cfg.corruptions``/``cfg.severities``: as ``tbn-ray data cifar10c`` takes them ("all", "1-5")."""
+    names, levels = parse_corruptions(cfg.corruptions), parse_severities(cfg.severities)
     base = base_plan(
-        run, modes, batch_size=batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=CorruptionPlan.kind
+        run, modes, batch_size=cfg.batch_size, data_cfg=data_cfg, start=start, stop=stop, kind=CorruptionPlan.kind
     )
     cache_root = cache_root or default_cifar10c_root(run)
     cache_root.check()
@@ -169,6 +166,8 @@ def plan_corruptions(
                 f"the labels in {released}/labels.npy do not match the CIFAR-10 test labels; is it CIFAR-10-C?"
             )
     else:
-        c10c = regenerated_cifar10c(cache_root, base["test"], seed=seed, data_description=base["data_description"])
+        c10c = regenerated_cifar10c(
+            cache_root, base["test"], seed=cfg.cifar10c_seed, data_description=base["data_description"]
+        )
     c10c.write_metadata()
     return CorruptionPlan(**base, cifar10c=c10c, corruptions=names, severities=levels)

@@ -129,11 +129,10 @@ def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[s
     corruption = plan_corruptions(
         run,
         list(r.corruption_modes),
+        e.model_copy(
+            update={"corruptions": r.corruptions, "severities": r.severities, "cifar10c_seed": r.cifar10c_seed}
+        ),
         cache_root=rep.root,
-        corruptions=r.corruptions,
-        severities=r.severities,
-        batch_size=e.batch_size,
-        seed=r.cifar10c_seed,
         stop=r.corruption_images,
         progress=progress,
     )
@@ -148,18 +147,8 @@ def evaluate_stage(rep: Reproduction, spec: ModelSpec, progress: bool) -> dict[s
         ("autoattack", tuple(a for a in e.attacks if a == autoattack.NAME), r.autoattack_images or r.attack_images),
     ]
     for key, attacks, stop in (g for g in groups if g[1]):
-        plan = plan_attack(
-            run,
-            ["clean"],
-            attacks=attacks,
-            norm=threat.norm,
-            eps=threat.eps,
-            steps=e.attack_steps,
-            restarts=e.restarts,
-            batch_size=e.batch_size,
-            seed=r.attack_seed,
-            stop=stop,
-        )
+        at = {"attacks": attacks, "norm": threat.norm, "eps": threat.eps, "step_size": None, "seed": r.attack_seed}
+        plan = plan_attack(run, ["clean"], e.model_copy(update=at), stop=stop)
         out[key] = run_in_process(plan, device, progress=progress).location
     return out
 
