@@ -36,7 +36,6 @@ from tbn_ray.cli_options import (
     index_range,
     load_flags,
     pool_options,
-    ray_about,
     require_ray,
     storage_root,
     where_options,
@@ -45,7 +44,7 @@ from tbn_ray.config import (
     CalibrateConfig,
     CertifyConfig,
     ExperimentConfig,
-    NoiseTrainingConfig,
+    RayConfig,
     RuntimeConfig,
     TrainConfig,
     parse_config,
@@ -102,51 +101,31 @@ def _start(
 
 
 @app.command(cls=Command)
+@config_options(
+    "ray",
+    RayConfig,
+    only=("workers", "cpus_per_worker", "gpus_per_worker", "keep", "max_failures", "start_timeout_s"),
+    rename={"start_timeout_s": "--start-timeout"},
+    param="placement",
+)
+@config_options(
+    "train",
+    TrainConfig,
+    only=("name", "optim.epochs", "objective", "noise.sigma"),
+    rename={"noise.sigma": "--noise-sigma"},
+)
 def train(
     config: ConfigOpt = None,
-    name: Annotated[Optional[str], typer.Option(help=about("run name", TrainConfig, "name"))] = None,
     storage: StorageOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="training epochs (default: the config's optim.epochs)")] = None,
-    objective: Annotated[
-        Optional[str],
-        typer.Option(
-            help=about("training objective: adversarial (PGD) | gaussian | consistency", TrainConfig, "objective")
-        ),
-    ] = None,
-    noise_sigma: Annotated[
-        Optional[float],
-        typer.Option(
-            help=about("noise level of the gaussian and consistency objectives", NoiseTrainingConfig, "sigma")
-        ),
-    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="start over instead of resuming")] = False,
     local: Annotated[
         bool, typer.Option("--local", help="train in this process without Ray (one device, --device)")
     ] = False,
-    workers: Annotated[Optional[int], typer.Option(help=ray_about("Ray Train DDP workers", "workers"))] = None,
-    cpus_per_worker: Annotated[
-        Optional[float],
-        typer.Option(help=ray_about("CPUs each worker reserves and uses as torch threads", "cpus_per_worker")),
-    ] = None,
-    gpus_per_worker: Annotated[
-        Optional[int],
-        typer.Option(help=ray_about("0: CPU workers (gloo); 1: one GPU per worker (nccl)", "gpus_per_worker")),
-    ] = None,
     address: AddressOpt = None,
-    keep: Annotated[
-        Optional[int],
-        typer.Option(help=ray_about("Ray checkpoints kept, the most recent; best.pt is kept besides", "keep")),
-    ] = None,
-    max_failures: Annotated[
-        Optional[int],
-        typer.Option(help=ray_about("worker failures recovered from the last checkpoint", "max_failures")),
-    ] = None,
-    start_timeout: Annotated[
-        Optional[float],
-        typer.Option(help=ray_about("seconds to wait for the workers to be placed, per attempt", "start_timeout_s")),
-    ] = None,
+    settings: Settings = None,  # type: ignore[assignment]  (the train section's flags)
+    placement: Settings = None,  # type: ignore[assignment]  (the ray section's flags)
 ) -> None:
     """Training on Ray Train (DDP), or in this process with --local; resumes the run of the same name.
 
@@ -156,26 +135,10 @@ def train(
     """
     from tbn_ray.store.runs import Run
 
-    ray_flags = {
-        "--workers": ("ray.workers", workers),
-        "--cpus-per-worker": ("ray.cpus_per_worker", cpus_per_worker),
-        "--gpus-per-worker": ("ray.gpus_per_worker", gpus_per_worker),
-        "--keep": ("ray.keep", keep),
-        "--max-failures": ("ray.max_failures", max_failures),
-        "--start-timeout": ("ray.start_timeout_s", start_timeout),
-    }
-    check_local(local, device, "--gpus-per-worker", {"--address": address, **{f: v for f, (_, v) in ray_flags.items()}})
+    check_local(local, device, "--gpus-per-worker", {"--address": address, **{f: v for f, (_, v) in placement.items()}})
     cfg = load_flags(
         config,
-        {
-            "--name": ("train.name", name),
-            "--epochs": ("train.optim.epochs", epochs),
-            "--data": ("train.data.source", data),
-            "--objective": ("train.objective", objective),
-            "--noise-sigma": ("train.noise.sigma", noise_sigma),
-            "--device": ("train.device", device),
-            **ray_flags,
-        },
+        {**settings, "--data": ("train.data.source", data), "--device": ("train.device", device), **placement},
     )
     root = storage_root(storage)
     if local:
@@ -201,42 +164,22 @@ def train(
 
 
 @app.command(cls=Command)
+@config_options("calibrate", CalibrateConfig, rename={"sigmas": "--sigma"})
 def calibrate(
     run: RunArg,
-    sigma: Annotated[
-        Optional[list[float]], typer.Option("--sigma", help=about("noise level, repeatable", CalibrateConfig, "sigmas"))
-    ] = None,
     config: ConfigOpt = None,
-    samples: Annotated[
-        Optional[int], typer.Option(help=about("noisy samples per sigma", CalibrateConfig, "samples"))
-    ] = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option(help=about("images per forward pass", CalibrateConfig, "batch_size"))
-    ] = None,
-    seed: Annotated[
-        Optional[int],
-        typer.Option(help=about("seed of the noise and of the held-out images drawn", CalibrateConfig, "seed")),
-    ] = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
     replace: Annotated[
         bool, typer.Option("--replace", help="replace a stored set made with other settings (refused without it)")
     ] = False,
+    settings: Settings = None,  # type: ignore[assignment]  (one flag per field of CalibrateConfig)
 ) -> None:
     """TBN: estimate frozen BN statistics per sigma on noisy held-out training images."""
     from tbn_ray.jobs.pipeline import calibrate_run
     from tbn_ray.store.runs import Run
 
-    cfg = load_flags(
-        config,
-        {
-            "--sigma": ("calibrate.sigmas", sigma or None),
-            "--samples": ("calibrate.samples", samples),
-            "--batch-size": ("calibrate.batch_size", batch_size),
-            "--seed": ("calibrate.seed", seed),
-            "--device": ("train.device", device),
-        },
-    )
+    cfg = load_flags(config, {**settings, "--device": ("train.device", device)})
     with about_run(run):
         r = Run.open(run)
         calibrate_run(r, cfg.calibrate, data_cfg=data_override(data), device=cfg.train.device, replace=replace)

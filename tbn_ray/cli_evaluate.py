@@ -18,10 +18,11 @@ from tbn_ray.cli_options import (
     IndicesOpt,
     ProgressOpt,
     RunArg,
+    Settings,
     StorageOpt,
     Where,
-    about,
     about_run,
+    config_options,
     data_override,
     load_flags,
     option_group,
@@ -57,22 +58,11 @@ evaluate_app = typer.Typer(
 
 @dataclass(frozen=True)
 class Cifar10cChoice:
-    """Which CIFAR-10-C arrays a command writes or reads: corruptions x severities of which test
-    images, regenerated with a seed or imported from the released files."""
+    """Which test images' CIFAR-10-C arrays a command writes or reads: regenerated (the corruptions,
+    severities and seed are the ``evaluate`` section's flags) or imported from the released files."""
 
-    corruptions: str | None
-    severities: str | None
-    seed: int | None
     indices: str | None
     released: Path | None
-
-    def flags(self) -> dict[str, tuple[str, Any]]:
-        """The flags that override the ``evaluate`` config section."""
-        return {
-            "--corruptions": ("evaluate.corruptions", self.corruptions),
-            "--severities": ("evaluate.severities", self.severities),
-            "--seed": ("evaluate.cifar10c_seed", self.seed),
-        }
 
 
 #: The options of ``Cifar10cChoice``, for every command that reads or writes CIFAR-10-C.
@@ -80,32 +70,6 @@ cifar10c_options = option_group(
     "cifar10c",
     Cifar10cChoice,
     {
-        "corruptions": (
-            Optional[str],
-            typer.Option(
-                help=about(
-                    "'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow", EvaluateConfig, "corruptions"
-                )
-            ),
-            None,
-        ),
-        "severities": (
-            Optional[str],
-            typer.Option(help=about("severities: 1-5, 3 or 1,3,5", EvaluateConfig, "severities")),
-            None,
-        ),
-        "seed": (
-            Optional[int],
-            typer.Option(
-                "--seed",
-                help=about(
-                    "CIFAR-10-C regeneration seed (per-image randomness derives from it)",
-                    EvaluateConfig,
-                    "cifar10c_seed",
-                ),
-            ),
-            None,
-        ),
         "indices": (Optional[str], IndicesOpt.__metadata__[0], None),
         "released": (
             Optional[Path],
@@ -116,17 +80,19 @@ cifar10c_options = option_group(
         ),
     },
 )
+#: The ``evaluate`` section's CIFAR-10-C fields as flags.
+cifar10c_settings = config_options(
+    "evaluate",
+    EvaluateConfig,
+    only=("corruptions", "severities", "cifar10c_seed"),
+    rename={"cifar10c_seed": "--seed"},
+    param="corruption_settings",
+)
 BnOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--bn",
         help="BN mode, repeatable: clean | sigma:<s> (calibrated TBN set) | test-batch | test-batch:<N> (prior mixing) (required, at least one)",
-    ),
-]
-BatchOpt = Annotated[
-    Optional[int],
-    typer.Option(
-        help=about("images per forward pass: the test batch of the test-batch modes", EvaluateConfig, "batch_size")
     ),
 ]
 
@@ -159,12 +125,14 @@ def _run_evaluation(plan, cfg: ExperimentConfig, where: Where) -> None:  # type:
 
 
 @data_app.command("cifar10c", cls=Command)
+@cifar10c_settings
 @cifar10c_options
 def data_cifar10c(
     data: DataOpt = None,
     storage: StorageOpt = None,
     progress: ProgressOpt = True,
     cifar10c: Cifar10cChoice = None,  # type: ignore[assignment]  (the options of cifar10c_options)
+    corruption_settings: Settings = None,  # type: ignore[assignment]  (the options of cifar10c_settings)
 ) -> None:
     """Regenerate CIFAR-10-C from the test set once (Hendrycks & Dietterich's CIFAR parameters, seeded),
     one array per corruption and severity under <storage>/cifar10c/; or import the released files (--released)."""
@@ -175,7 +143,7 @@ def data_cifar10c(
     from tbn_ray.store.cifar10 import load_from_config
     from tbn_ray.store.cifar10c import generate_cifar10c, regenerated_cifar10c, released_cifar10c
 
-    ev = load_flags(None, cifar10c.flags()).evaluate
+    ev = load_flags(None, corruption_settings).evaluate
     names, levels = parse_corruptions(ev.corruptions), parse_severities(ev.severities)
     start, stop = parse_indices(cifar10c.indices)
     root = storage_root(storage)
@@ -203,12 +171,13 @@ def data_cifar10c(
 
 @evaluate_app.command("corruptions", cls=Command)
 @where_options("evaluate in this process, without Ray")
+@cifar10c_settings
+@config_options("evaluate", EvaluateConfig, only=("batch_size",))
 @cifar10c_options
 def evaluate_corruptions(
     run: RunArg,
     bn: BnOpt = None,
     config: ConfigOpt = None,
-    batch_size: BatchOpt = None,
     storage: Annotated[
         Optional[str],
         typer.Option(
@@ -217,6 +186,8 @@ def evaluate_corruptions(
     ] = None,
     data: DataOpt = None,
     cifar10c: Cifar10cChoice = None,  # type: ignore[assignment]  (the options of cifar10c_options)
+    settings: Settings = None,  # type: ignore[assignment]  (the evaluate section's batch size)
+    corruption_settings: Settings = None,  # type: ignore[assignment]  (the options of cifar10c_settings)
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity for each BN mode, into RUN/evaluate/;
@@ -224,7 +195,7 @@ def evaluate_corruptions(
     from tbn_ray.jobs.evaluate_corruptions import plan_corruptions
     from tbn_ray.store.runs import Run
 
-    cfg = _evaluate_config(config, {"--batch-size": ("evaluate.batch_size", batch_size), **cifar10c.flags()}, where)
+    cfg = _evaluate_config(config, {**settings, **corruption_settings}, where)
     ev = cfg.evaluate
     start, stop = parse_indices(cifar10c.indices)
     with about_run(run):
@@ -244,39 +215,19 @@ def evaluate_corruptions(
 
 @evaluate_app.command("attack", cls=Command)
 @where_options("evaluate in this process, without Ray")
+@config_options(
+    "evaluate",
+    EvaluateConfig,
+    only=("norm", "eps", "attacks", "attack_steps", "restarts", "step_size", "batch_size", "seed"),
+    rename={"attacks": "--attack", "attack_steps": "--steps"},
+)
 def evaluate_attack(
     run: RunArg,
     bn: BnOpt = None,
-    norm: Annotated[Optional[str], typer.Option(help=about("l2 | linf", EvaluateConfig, "norm"))] = None,
-    eps: Annotated[
-        Optional[str], typer.Option(help=about("budget in [0,1] pixel units, e.g. 0.5 or 8/255", EvaluateConfig, "eps"))
-    ] = None,
     config: ConfigOpt = None,
-    attack: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--attack",
-            help=about(
-                "pgd | apgd-ce | autoattack (standard AutoAttack, frozen BN modes only; needs tbn-ray[zoo]), repeatable",
-                EvaluateConfig,
-                "attacks",
-            ),
-        ),
-    ] = None,
-    steps: Annotated[
-        Optional[int], typer.Option(help=about("iterations per attack run", EvaluateConfig, "attack_steps"))
-    ] = None,
-    restarts: Annotated[Optional[int], typer.Option(help=about("random restarts", EvaluateConfig, "restarts"))] = None,
-    step_size: Annotated[
-        Optional[float], typer.Option(help="PGD step size; APGD sets its own (default: 2.5 eps / steps)")
-    ] = None,
-    batch_size: BatchOpt = None,
-    seed: Annotated[
-        Optional[int],
-        typer.Option(help=about("random starts derive from (seed, attack, batch)", EvaluateConfig, "seed")),
-    ] = None,
     indices: IndicesOpt = None,
     data: DataOpt = None,
+    settings: Settings = None,  # type: ignore[assignment]  (the evaluate section's attack flags)
     where: Where = None,  # type: ignore[assignment]  (the options of where_options)
 ) -> None:
     """Empirical robustness (PGD, APGD-CE, AutoAttack) for each BN mode; test-batch modes are attacked through
@@ -284,20 +235,7 @@ def evaluate_attack(
     from tbn_ray.jobs.evaluate_attack import plan_attack
     from tbn_ray.store.runs import Run
 
-    cfg = _evaluate_config(
-        config,
-        {
-            "--attack": ("evaluate.attacks", attack or None),
-            "--steps": ("evaluate.attack_steps", steps),
-            "--restarts": ("evaluate.restarts", restarts),
-            "--batch-size": ("evaluate.batch_size", batch_size),
-            "--norm": ("evaluate.norm", norm),
-            "--eps": ("evaluate.eps", eps),
-            "--seed": ("evaluate.seed", seed),
-            "--step-size": ("evaluate.step_size", step_size),
-        },
-        where,
-    )
+    cfg = _evaluate_config(config, settings, where)
     ev = cfg.evaluate
     start, stop = parse_indices(indices)
     with about_run(run):

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
+from pydantic.fields import FieldInfo
 from typer.core import TyperCommand
 
 from tbn_ray.config import DataConfig, ExperimentConfig, RayConfig, TrainConfig, load_config, shown_default
+from tbn_ray.config.base import _number
 from tbn_ray.errors import TbnError
 from tbn_ray.store.storage import DEFAULT_STORAGE
 
@@ -58,14 +60,16 @@ def about(text: str, model: type[BaseModel], field: str) -> str:
     return f"{text} (default: {shown_default(model, field)})"
 
 
-def ray_about(text: str, field: str) -> str:
-    """Help for a Ray placement flag; a field without a fixed default explains what decides it."""
-    value = RayConfig.model_fields[field]
-    return (
-        f"{text} (default: {value.description.removeprefix('default: ')})"
-        if value.default is None
-        else about(text, RayConfig, field)
-    )
+def field_help(model: type[BaseModel], name: str, *, repeated: bool = False) -> str:
+    """A flag's help, written once in the config: the field's description, its choices, and its
+    default (or what decides it, where the description says so)."""
+    info = model.model_fields[name]
+    text = (info.description or name) + ("; repeatable" if repeated else "")
+    if typing.get_origin(info.annotation) is Literal:
+        text = f"{text}: {' | '.join(typing.get_args(info.annotation))}"
+    if info.default is not None:
+        return f"{text} (default: {shown_default(model, name)})"
+    return text if "(default: " in text else f"{text} (default: none)"
 
 
 RunArg = Annotated[
@@ -106,11 +110,9 @@ AddressOpt = Annotated[
         help="Ray cluster to join: auto | host:port (default: $RAY_ADDRESS, else a local instance with the dashboard)"
     ),
 ]
-ActorsOpt = Annotated[Optional[int], typer.Option(help=ray_about("actors to start", "actors"))]
-GpusPerActorOpt = Annotated[Optional[float], typer.Option(help=ray_about("GPUs per actor", "gpus_per_actor"))]
-CpusPerActorOpt = Annotated[
-    Optional[float], typer.Option(help=ray_about("CPUs per actor, also its torch threads", "cpus_per_actor"))
-]
+ActorsOpt = Annotated[Optional[int], typer.Option(help=field_help(RayConfig, "actors"))]
+GpusPerActorOpt = Annotated[Optional[float], typer.Option(help=field_help(RayConfig, "gpus_per_actor"))]
+CpusPerActorOpt = Annotated[Optional[float], typer.Option(help=field_help(RayConfig, "cpus_per_actor"))]
 ProgressOpt = Annotated[
     bool, typer.Option("--progress/--no-progress", help="show a progress bar (default: on)", show_default=False)
 ]
@@ -252,8 +254,15 @@ def option_group(
     return decorate
 
 
-def _flag_type(annotation: Any) -> tuple[Any, bool]:
-    """The CLI type of a config field's annotation, and whether it is a repeatable list."""
+def _flag_type(info: FieldInfo) -> tuple[Any, bool]:
+    """The CLI type of a config field, and whether it is a repeatable list. A ``Number`` field's flag
+    takes text, so that ``8/255`` reaches the config that reads it."""
+    if any(isinstance(m, BeforeValidator) and m.func is _number for m in info.metadata):
+        return str, False
+    return _annotation_type(info.annotation)
+
+
+def _annotation_type(annotation: Any) -> tuple[Any, bool]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
     if origin is tuple:
@@ -262,42 +271,53 @@ def _flag_type(annotation: Any) -> tuple[Any, bool]:
     if origin is Literal:
         return str, False
     if origin in (typing.Union, types.UnionType):
-        return _flag_type(args[0])
+        return _annotation_type(args[0])
     return annotation, False
 
 
+def _owner(model: type[BaseModel], dotted: str) -> tuple[type[BaseModel], str]:
+    """The config model that declares a dotted field (``optim.epochs`` of the train section), and its name."""
+    *parents, name = dotted.split(".")
+    for parent in parents:
+        model = type(model.model_fields[parent].default)
+    return model, name
+
+
 def config_options(
-    section: str, model: type[BaseModel], *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
+    section: str,
+    model: type[BaseModel],
+    *,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
+    rename: dict[str, str] | None = None,
+    param: str = "settings",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """One flag per field of ``model`` (the ``section`` of the experiment config), named, typed and
-    described by the field itself, so a field added to the config is a flag at once. The command
-    receives them as one argument ``settings``: ``{flag: (dotted field, value or None)}``, as
-    ``load_flags`` takes it."""
+    """One flag per field of ``model`` (the ``section`` of the experiment config), or per field of
+    ``only`` (dotted into nested sections), named, typed and described by the field itself, so a
+    field added to the config is a flag at once. The command receives them as one argument
+    ``param``: ``{flag: (dotted field, value or None)}``, as ``load_flags`` takes it."""
     rename = rename or {}
+    if only is None:
+        only = tuple(
+            n for n, info in model.model_fields.items() if n not in skip and not isinstance(info.default, BaseModel)
+        )
     options: dict[str, tuple[Any, Any, Any]] = {}
-    flags: dict[str, str] = {}
-    for name, info in model.model_fields.items():
-        if name in skip or isinstance(info.default, BaseModel):
-            continue
-        kind, repeated = _flag_type(info.annotation)
-        flag = rename.get(name, "--" + name.replace("_", "-"))
-        text = (info.description or name) + ("; repeatable" if repeated else "")
-        if typing.get_origin(info.annotation) is Literal:
-            text = f"{text}: {' | '.join(typing.get_args(info.annotation))}"
-        if info.default is not None:
-            text = f"{text} (default: {shown_default(model, name)})"
-        elif "(default: " not in text:
-            text = f"{text} (default: none)"
+    fields: dict[str, tuple[str, str]] = {}
+    for dotted in only:
+        owner, name = _owner(model, dotted)
+        info = owner.model_fields[name]
+        kind, repeated = _flag_type(info)
+        flag = rename.get(dotted, "--" + name.replace("_", "-"))
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-        param = f"opt_{name}"
-        options[param] = (Optional[kind], typer.Option(*decls, help=text, show_default=False), None)
-        flags[param] = flag
+        key = f"{param}_{dotted.replace('.', '_')}"
+        help_text = field_help(owner, name, repeated=repeated)
+        options[key] = (Optional[kind], typer.Option(*decls, help=help_text, show_default=False), None)
+        fields[key] = (flag, f"{section}.{dotted}")
 
     def make(**values: Any) -> dict[str, tuple[str, Any]]:
-        fields = {f"opt_{name}": name for name in model.model_fields}
-        return {flags[p]: (f"{section}.{fields[p]}", v if v != [] else None) for p, v in values.items()}
+        return {fields[k][0]: (fields[k][1], v if v != [] else None) for k, v in values.items()}
 
-    return option_group("settings", make, options)
+    return option_group(param, make, options)
 
 
 def where_options(local_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

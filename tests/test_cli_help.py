@@ -5,13 +5,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import typer.main
 
 import tbn_ray
 from tbn_ray.cli import app
-from tbn_ray.config import CertifyConfig
+from tbn_ray.cli_options import field_help
+from tbn_ray.config import (
+    CalibrateConfig,
+    CertifyConfig,
+    EvaluateConfig,
+    NoiseTrainingConfig,
+    OptimConfig,
+    RayConfig,
+    TrainConfig,
+)
 
 from .helpers import HANG_S
 
@@ -94,6 +104,51 @@ def test_a_certify_flag_and_its_yaml_key_set_the_same_field(tmp_path):
         None, {"--images-per-pass": ("certify.images_per_pass", 3), "--fold-bn": ("certify.fold_bn", True)}
     ).certify
     assert from_yaml == from_flags and from_yaml.identity("cpu") != CertifyConfig().identity("cpu")
+
+
+@pytest.mark.parametrize(
+    ("path", "flag", "model", "field"),
+    [
+        (("train",), "--name", TrainConfig, "name"),
+        (("train",), "--epochs", OptimConfig, "epochs"),
+        (("train",), "--objective", TrainConfig, "objective"),
+        (("train",), "--noise-sigma", NoiseTrainingConfig, "sigma"),
+        (("train",), "--start-timeout", RayConfig, "start_timeout_s"),
+        (("train",), "--workers", RayConfig, "workers"),
+        (("calibrate",), "--sigma", CalibrateConfig, "sigmas"),
+        (("calibrate",), "--samples", CalibrateConfig, "samples"),
+        (("evaluate", "attack"), "--eps", EvaluateConfig, "eps"),
+        (("evaluate", "attack"), "--steps", EvaluateConfig, "attack_steps"),
+        (("evaluate", "attack"), "--step-size", EvaluateConfig, "step_size"),
+        (("evaluate", "corruptions"), "--batch-size", EvaluateConfig, "batch_size"),
+        (("evaluate", "corruptions"), "--seed", EvaluateConfig, "cifar10c_seed"),
+        (("data", "cifar10c"), "--severities", EvaluateConfig, "severities"),
+        (("certify",), "--n0", CertifyConfig, "n0"),
+        (("certify",), "--actors", RayConfig, "actors"),
+    ],
+)
+def test_a_flag_is_described_by_its_config_field(path, flag, model, field):
+    """Each command's settings are flags made from their config fields: the help is the field's own
+    description and default, and nothing in the command restates them."""
+    cmd = dict(ALL)[path]
+    param = next(p for p in cmd.params if flag in p.opts)
+    repeated = typing.get_origin(model.model_fields[field].annotation) is tuple
+    assert param.help == field_help(model, field, repeated=repeated)
+    assert param.default is None and model.model_fields[field].description
+
+
+def test_a_budget_flag_takes_a_fraction_as_the_config_does(tmp_path):
+    """``--eps 8/255`` reaches the config (a Number field's flag takes text); a bad budget is refused
+    in one line that names the flag."""
+    from typer.testing import CliRunner
+
+    missing = str(tmp_path / "no-run")
+    ok = CliRunner().invoke(
+        app, ["evaluate", "attack", missing, "--bn", "clean", "--local", "--norm", "linf", "--eps", "8/255"]
+    )
+    assert "no checkpoint" in str(ok.exception), ok.exception  # past the config, at the run
+    bad = CliRunner().invoke(app, ["evaluate", "attack", missing, "--bn", "clean", "--local", "--eps", "1/0"])
+    assert str(bad.exception).startswith("--eps: ") and "not a number: '1/0'" in str(bad.exception), bad.exception
 
 
 def test_help_version_and_bare_commands():

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from tbn_ray.config.base import _number, _Strict
+from tbn_ray.config.base import Number, _Strict
 from tbn_ray.config.sequential import SequentialConfig
 from tbn_ray.errors import TbnError, warn
 
@@ -133,13 +133,11 @@ class AttackConfig(_Strict):
     """A PGD threat model; budgets are in [0,1] pixel units (``8/255`` accepted)."""
 
     norm: Norm = "l2"
-    eps: float = Field(0.5, gt=0)
+    eps: Number = Field(0.5, gt=0)
     steps: int = Field(7, ge=1)
-    step_size: float | None = Field(None, gt=0, description="default 2.5 * eps / steps (Madry et al.)")
+    step_size: Number | None = Field(None, gt=0, description="default 2.5 * eps / steps (Madry et al.)")
     random_start: bool = True
     restarts: int = Field(1, ge=1)
-
-    _num = field_validator("eps", "step_size", mode="before")(_number)
 
     @model_validator(mode="after")
     def _budget(self) -> AttackConfig:
@@ -152,7 +150,7 @@ class AttackConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="global batch size, split across workers")
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -181,7 +179,7 @@ class NoiseTrainingConfig(_Strict):
     docs/method.md section 6). The consistency defaults are Jeong & Shin's CIFAR-10 settings for
     sigma 0.25 and 0.5: two noisy copies, lambda 20, eta 0.5."""
 
-    sigma: Sigma = 0.25
+    sigma: Sigma = Field(0.25, description="noise level of the gaussian and consistency objectives")
     copies: int = Field(2, ge=2, description="consistency: noisy copies of each image per step (m)")
     consistency_weight: float = Field(20.0, ge=0, description="consistency: weight of the KL term (lambda)")
     entropy_weight: float = Field(
@@ -193,7 +191,7 @@ class TrainConfig(_Strict):
     """How a model is trained. ``objective`` picks the loss: PGD adversarial training (``attack``),
     or the randomized-smoothing baselines on noisy images (``noise``)."""
 
-    name: str = "run"
+    name: str = Field("run", description="run name")
     seed: int = 0
     device: str = "auto"
     data: DataConfig = DataConfig()
@@ -204,7 +202,8 @@ class TrainConfig(_Strict):
     augment: bool = True
     objective: Objective = Field(
         "adversarial",
-        description="adversarial (PGD, the attack section), gaussian (Cohen et al.) or consistency (Jeong & Shin)",
+        description="training loss (adversarial: PGD, the attack section; gaussian: Cohen et al.; "
+        "consistency: Jeong & Shin; both at noise.sigma)",
     )
     noise: NoiseTrainingConfig = NoiseTrainingConfig()
 
@@ -254,10 +253,12 @@ def check_sigma(sigma: float) -> float:
 class CalibrateConfig(_Strict):
     """TBN: BN statistics re-estimated on Gaussian-noised held-out training images."""
 
-    sigmas: tuple[Sigma, ...] = Field((0.12, 0.25, 0.5, 1.0), min_length=1)
+    sigmas: tuple[Sigma, ...] = Field(
+        (0.12, 0.25, 0.5, 1.0), min_length=1, description="noise levels, one set of statistics each"
+    )
     samples: int = Field(10000, ge=1, description="noisy images averaged (held-out images cycled with fresh noise)")
-    batch_size: int = Field(500, ge=1)
-    seed: int = 0
+    batch_size: int = Field(500, ge=1, description="images per forward pass")
+    seed: int = Field(0, description="seed of the noise and of the held-out images drawn")
 
 
 class AdaptiveConfig(_Strict):
@@ -278,16 +279,11 @@ class AdaptiveConfig(_Strict):
     margin: float = Field(
         0.02, ge=0, description="l2: ... or that clears the highest report radius reached at the full n by this"
     )
-    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
+    fractions: tuple[Annotated[Number, Field(gt=0, le=1)], ...] = Field(
         (1 / 64, 3 / 128, 1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0),
         min_length=1,
         description="the estimation sizes the plan picks from, as fractions of n (e.g. 3/128); must include 1 (the full n)",
     )
-
-    @field_validator("fractions", mode="before")
-    @classmethod
-    def _fractions(cls, v: Any) -> Any:
-        return tuple(_number(f) for f in v) if isinstance(v, (list, tuple)) else v
 
     @model_validator(mode="after")
     def _full_n(self) -> AdaptiveConfig:
@@ -484,18 +480,19 @@ class EvaluateConfig(_Strict):
     )
     attack_steps: int = Field(50, ge=1, description="iterations per attack run: an evaluation, not training")
     restarts: int = Field(1, ge=1, description="random starts per attack")
-    attacks: tuple[str, ...] = ("pgd", "apgd-ce")
+    attacks: tuple[str, ...] = Field(
+        ("pgd", "apgd-ce"),
+        description="pgd | apgd-ce | autoattack (standard AutoAttack, frozen BN modes only; needs tbn-ray[zoo])",
+    )
     norm: Norm = Field("l2", description="threat model of the attacks")
-    eps: float = Field(0.5, gt=0, description="attack budget in [0,1] pixel units, e.g. 0.5 or 8/255")
+    eps: Number = Field(0.5, gt=0, description="attack budget in [0,1] pixel units, e.g. 0.5 or 8/255")
     step_size: float | None = Field(
-        None, gt=0, description="PGD step size; default 2.5 eps / steps (APGD sets its own)"
+        None, gt=0, description="PGD step size; APGD sets its own (default: 2.5 eps / steps)"
     )
     seed: int = Field(0, description="random starts derive from (seed, attack, batch)")
     corruptions: str = Field("all", description="'all' (the 15 standard corruptions) or a comma list, e.g. fog,snow")
     severities: str = Field("1-5", description="severities: 1-5, 3 or 1,3,5")
     cifar10c_seed: int = Field(0, description="CIFAR-10-C regeneration seed (per-image randomness derives from it)")
-
-    _num = field_validator("eps", mode="before")(_number)
 
     @model_validator(mode="after")
     def _budget(self) -> EvaluateConfig:
@@ -509,15 +506,26 @@ class RayConfig(_Strict):
 
     workers: int = Field(1, ge=1, description="Ray Train DDP workers")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="default: a local instance's CPUs / workers; on a cluster 1"
+        None,
+        gt=0,
+        description="CPUs each worker reserves and uses as torch threads "
+        "(default: a local instance's CPUs / workers; on a cluster 1)",
     )
-    gpus_per_worker: int = Field(0, ge=0, le=1, description="0 (gloo on CPU) or 1 (nccl, one GPU per worker)")
+    gpus_per_worker: int = Field(0, ge=0, le=1, description="0: CPU workers (gloo); 1: one GPU per worker (nccl)")
     keep: int = Field(3, ge=1, description="Ray checkpoints kept, the most recent; best.pt is kept besides")
     max_failures: int = Field(3, ge=0, description="worker failures recovered from the last checkpoint")
-    start_timeout_s: float | None = Field(None, gt=0, description="default: 30 s; 900 s on an autoscaling cluster")
-    actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on a cluster with GPUs, else 0")
-    cpus_per_actor: float | None = Field(None, gt=0, description="default: the node's CPUs per GPU, else 1")
+    start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="seconds to wait for the workers to be placed, per attempt (default: 30 s; 900 s on an autoscaling cluster)",
+    )
+    actors: int | None = Field(None, ge=1, description="actors to start (default: one per GPU, else one per CPU)")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per actor (default: 1 on a cluster with GPUs, else 0)"
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs per actor, also its torch threads (default: the node's CPUs per GPU, else 1)"
+    )
 
 
 class RuntimeConfig(_Strict):

@@ -6,9 +6,9 @@ can be fields of the experiment config without an import cycle."""
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 def _number(v: Any) -> Any:
@@ -23,6 +23,11 @@ def _number(v: Any) -> Any:
         except ValueError as e:
             raise ValueError(f"not a number: {v!r}") from e
     return v
+
+
+#: A float that may also be written as a fraction, as l-inf budgets are (``8/255``); its command-line
+#: flag takes text, so that the config reads the fraction.
+Number = Annotated[float, BeforeValidator(_number)]
 
 
 class _Strict(BaseModel):

@@ -14,11 +14,11 @@ from tbn_ray.config import (
     CalibrateConfig,
     CertifyConfig,
     TrainConfig,
-    _number,
     _read_yaml,
     _Strict,
     parse_config,
 )
+from tbn_ray.config.base import _number
 
 #: Objectives a sweep can maximise: ACR, or certified accuracy at one of the report radii.
 SWEEP_OBJECTIVES = ("acr", *(f"certified_accuracy@{r:g}" for r in REPORT_RADII))
