@@ -23,6 +23,9 @@
    network nearly every image abstains after its pilot; pass ``--run`` (a trained run with TBN
    statistics at sigma 0.25, e.g. the quickstart's ``tbn-results/quickstart``) for figures
    that mean something. ``bench/adaptive_sampling.py`` simulates n = 100,000 on real vote counts.
+5. The tuned engine (``--parts tuned``): tbn-ray's in-process certification, as ``tbn-ray certify
+   --local`` runs it, with every speed option on (packed, bf16, channels-last, BN folded, cuDNN
+   autotuning), then with torch.compile, then with the sequential sample size.
 
 The model is untrained (He-initialised, seed 0) with TBN statistics calibrated on noisy
 held-out images: throughput does not depend on the weights. Every configuration certifies
@@ -39,6 +42,7 @@ than this process when only this process had 2 OpenMP threads (torch.set_num_thr
 on top), and 2% slower when both had OMP_NUM_THREADS=1: give the Ray part the same setting.
     python bench/certify_throughput.py --parts gpu          # GPU part only (prints "skipped" without CUDA)
     python bench/certify_throughput.py --parts engine --run tbn-results/quickstart   # engine rows, CPU
+    python bench/certify_throughput.py --parts tuned        # the tuned engine (part 5), CUDA by default
 Figures go to bench/results/certify_throughput.{json,md}.
 """
 
@@ -442,7 +446,90 @@ def gpu_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def tuned_part(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The tuned engine through tbn-ray's own in-process certification (what ``tbn-ray certify --local``
+    runs): packed, bf16, channels-last, BN folded, cuDNN autotuning; then with torch.compile; then
+    with the sequential sample size. The engine rows are fp32 without these options."""
+    device = torch.device(args.tuned_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("tuned part skipped: no CUDA device", flush=True)
+        return {"skipped": "no CUDA device"}
+    run = Run(Storage.open(args.run)) if args.run else make_run(tmp / "tuned-run", args.arch)
+    tuned = {"images_per_pass": args.images_per_pass, "cudnn_autotune": True}
+    configs = {
+        "tuned fixed n (packed, bf16, channels-last, BN folded, cuDNN autotuning)": tuned,
+        f"tuned fixed n + torch.compile ({args.compile})": {**tuned, "compile": args.compile},
+        "tuned + sequential sample size": {**tuned, "sample_size": "sequential"},
+    }
+    rows = []
+    for i, (name, options) in enumerate(configs.items()):
+        cfg = CertifyConfig(
+            sigmas=(SIGMA,),
+            n0=args.n0,
+            n=args.n,
+            batch_size=args.tuned_batch_size,
+            max_images=args.tuned_images,
+            shards=1,
+            channels_last=True,
+            fold_bn=True,
+            amp="bf16",
+            **options,
+        )
+        plan = plan_certify(run, cfg, Storage.open(tmp / f"tuned-{i}"), device_type=device.type)
+        t0 = time.perf_counter()
+        location = run_plan_in_process(plan, device, progress=False).outputs[0].location
+        wall = time.perf_counter() - t0
+        summary = Storage.open(location).read_json("summary.json")
+        spi = summary["params"]["compute_seconds"] / summary["images"]
+        rows.append(
+            {
+                "config": name,
+                "seconds_per_image": spi,
+                "wall_seconds": wall,
+                "forward_passes_per_image": summary.get("forward_passes_per_image", args.n0 + args.n),
+                "gpu_hours_10k_images_per_sigma": spi * 10_000 / 3600 if device.type == "cuda" else None,
+                "certified_accuracy": summary["certified_accuracy"],
+                "images": summary["images"],
+                "amp": summary["params"]["amp"],
+                "run_id": summary["params"]["run_id"],
+            }
+        )
+        print(
+            f"{name}: {spi:.3f} s/image, {rows[-1]['forward_passes_per_image']:,.0f} passes/image ({wall:.1f} s in all)",
+            flush=True,
+        )
+    return {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": args.run or f"{args.arch} (untrained)",
+        "n0": args.n0,
+        "n": args.n,
+        "images": args.tuned_images,
+        "rows": rows,
+        "note": "seconds per image: compute time of the certification (first shard included: compilation, cuDNN search)",
+    }
+
+
 # --- main -----------------------------------------------------------------------------------------
+
+
+def _device_table(title: str, part: dict[str, Any]) -> list[str]:
+    """A GPU-style part as markdown: seconds and forward passes per image, GPU-hours for 10k images."""
+    if "skipped" in part:
+        return [f"## {title}", "", f"Skipped: {part['skipped']}.", ""]
+    images = f", {part['images']} images, n0={part['n0']}" if "images" in part else ""
+    lines = [
+        f"## {title} ({part['device']}, {part['model']}{images}, n={part['n']})",
+        "",
+        "| config | s / image | forward passes / image | GPU-hours, 10k images per sigma |",
+        "|---|---|---|---|",
+    ]
+    for r in part["rows"]:
+        gh = r["gpu_hours_10k_images_per_sigma"]
+        lines.append(
+            f"| {r['config']} | {r['seconds_per_image']:.3f} | {r['forward_passes_per_image']:,.0f} "
+            f"| {'-' if gh is None else f'{gh:.2f}'} |"
+        )
+    return [*lines, "", *([part["note"], ""] if "note" in part else [])]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -511,30 +598,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"{s['first_shard_s']['actor']:.1f} s vs {s['first_shard_s']['in_process']:.1f} s in-process (plan fetch, model build, first passes).",
             "",
         ]
-    if "gpu" in report:
-        g = report["gpu"]
-        if "skipped" in g:
-            lines += ["## GPU", "", f"Skipped: {g['skipped']}.", ""]
-        else:
-            lines += [
-                f"## GPU ({g['device']}, {g['model']}, n={g['n']})",
-                "",
-                "| config | seconds per image | forward passes per image | GPU-hours, 10k images per sigma |",
-                "|---|---|---|---|",
-            ]
-            lines += [
-                f"| {row['config']} | {row['seconds_per_image']:.2f} | {row['forward_passes_per_image']:,.0f} "
-                f"| {row['gpu_hours_10k_images_per_sigma']:.1f} |"
-                for row in g["rows"]
-            ]
-            lines.append("")
+    for key, title in (("gpu", "GPU"), ("tuned", "Tuned engine")):
+        if key in report:
+            lines += _device_table(title, report[key])
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--parts", default="cpu,engine,ray,ray-steady,gpu", help="comma-separated: cpu, engine, ray, ray-steady, gpu"
+        "--parts",
+        default="cpu,engine,ray,ray-steady,gpu",
+        help="comma-separated: cpu, engine, ray, ray-steady, gpu, tuned",
     )
     parser.add_argument(
         "--run",
@@ -559,6 +634,10 @@ def main() -> None:
     parser.add_argument("--gpu-images", type=int, default=3)
     parser.add_argument("--gpu-n", type=int, default=100_000)
     parser.add_argument("--gpu-batch-size", type=int, default=4000)
+    parser.add_argument("--tuned-device", default="cuda", help="the tuned part's device (cpu: its rehearsal)")
+    parser.add_argument("--tuned-images", type=int, default=16)
+    parser.add_argument("--tuned-batch-size", type=int, default=4000)
+    parser.add_argument("--compile", default="inductor", help="the tuned part's torch.compile backend")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -584,6 +663,8 @@ def main() -> None:
             report["ray-steady"] = ray_steady_part(run, tmp, args)
         if "gpu" in parts:
             report["gpu"] = gpu_part(tmp, args)
+        if "tuned" in parts:
+            report["tuned"] = tuned_part(tmp, args)
     report["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "certify_throughput.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

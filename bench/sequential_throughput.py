@@ -75,8 +75,7 @@ def measure(
         batch_size=args.batch_size,
         seed=0,
         images_per_pass=per_pass,
-        adaptive=mode == "sequential",
-        adaptive_design="sequential",
+        sample_size="sequential" if mode == "sequential" else "fixed",
     )
     records = certify_examples(counted, images, labels, range(len(images)), cfg, sigma=args.sigma, device="cpu")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

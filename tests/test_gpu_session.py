@@ -38,7 +38,7 @@ BUDGET_S = 1200
 def _session(*args: str | Path, timeout: float = BUDGET_S + 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TBN_CACHE", "RAY_ADDRESS")}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "run", "--device", "cpu", "--tiny", "--budget", str(BUDGET_S), *map(str, args)],
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--budget", str(BUDGET_S), *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -123,9 +123,9 @@ def test_engine_table_has_the_reference_loop_and_engine_rows(rehearsal: dict[str
     assert all(r["seconds_per_image"] > 0 for r in rows.values())
     summary = (rehearsal["results"] / "summary.md").read_text()  # type: ignore[operator]
     assert "| engine | fixed n, one image at a time |" in summary
-    tuned = json.loads((rehearsal["results"] / "engine-tuned" / "tuned.json").read_text())  # type: ignore[operator]
+    tuned = json.loads((rehearsal["results"] / "engine-tuned" / "certify_throughput.json").read_text())["tuned"]  # type: ignore[operator]
     names = [r["config"] for r in tuned["rows"]]
-    assert len(names) == 3 and "torch.compile (eager)" in names[1] and "adaptive" in names[2]
+    assert len(names) == 3 and "torch.compile (eager)" in names[1] and "sequential" in names[2]
     assert [r["forward_passes_per_image"] for r in tuned["rows"][:2]] == [110, 110]
     assert len({r["run_id"] for r in tuned["rows"]}) == 3 and all(r["images"] == 2 for r in tuned["rows"])
     assert "| tuned | tuned fixed n" in summary
@@ -234,7 +234,7 @@ def test_ray_trim_drops_unneeded_parts_and_keeps_modes(tmp_path: Path) -> None:
 
 
 _TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
-#: A trimmed Ray for this Python: made by ``gpu_session.py prepare`` (the GPU machine's) or ``ray_trim.py`` by hand.
+#: A trimmed Ray for this Python: made by ``bench/gpu_carry.py`` (the GPU machine's) or ``ray_trim.py`` by hand.
 TRIMMED = next(
     iter(
         [*(REPO / ".gpu-carry").glob(f"ray-{_TAG}.tar.xz"), *(REPO / ".gpu-carry-build").glob(f"**/ray-{_TAG}.tar.xz")]
