@@ -12,10 +12,13 @@ not used: with pytest >= 9 the xdist versions here ignore the marker.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+
+from .helpers import HANG_S
 
 # Ray >= 2.59 turns on token auth for ray.init() clusters; tests need it off before the first init.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -29,36 +32,75 @@ _S3_ENV = {
 _S3_ENV_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3")
 
 
+class HeldRequest:
+    """The first request whose path holds ``key_part``, held by the S3 server until ``release``:
+    a test waits for ``held`` (an upload has begun) and acts while it cannot complete, so the
+    outcome depends on events, not on how fast the machine is."""
+
+    def __init__(self, key_part: str) -> None:
+        self.key_part = key_part
+        self.held, self.release = threading.Event(), threading.Event()
+        self.ended = False
+
+    def before(self, path: str) -> None:
+        if self.key_part in path and not self.held.is_set():
+            self.held.set()
+            self.release.wait(timeout=HANG_S)
+
+    def end(self) -> None:
+        """Let everything through, and wake whoever waits for ``held``."""
+        self.ended = True
+        self.release.set()
+        self.held.set()
+
+
 class MotoS3:
-    """moto's S3 server on a fixed loopback port, which can be stopped and started again.
+    """moto's S3 server (its WSGI application, served over HTTP by werkzeug, as moto's
+    ``ThreadedMotoServer`` does) on a fixed loopback port, which can be stopped and started again,
+    and can hold one request (``hold``).
 
     moto keeps its buckets in a process-global backend, so a server restarted on the
     same port still serves what was written before it stopped (like a real S3 outage).
     """
 
     def __init__(self) -> None:
-        self._server = self._make(0)
-        host, port = self._server.get_host_and_port()
-        self.port = int(port)
-        self.endpoint = f"http://{host}:{self.port}"
+        self.hold: HeldRequest | None = None
+        self._server, self._thread = self._make(0)
+        self.port = int(self._server.server_port)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.running = True
 
-    @staticmethod
-    def _make(port: int):  # type: ignore[no-untyped-def]
-        from moto.server import ThreadedMotoServer
+    def _make(self, port: int):  # type: ignore[no-untyped-def]
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import WSGIRequestHandler, make_server
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        return server
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def wsgi(environ, start_response):  # type: ignore[no-untyped-def]
+            hold = self.hold
+            if hold is not None:
+                hold.before(environ.get("PATH_INFO", ""))
+            return app(environ, start_response)
+
+        class Quiet(WSGIRequestHandler):
+            def log_request(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+        server = make_server("127.0.0.1", port, wsgi, threaded=True, request_handler=Quiet)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        return server, thread
 
     def stop(self) -> None:
         if self.running:
-            self._server.stop()
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
             self.running = False
 
     def start(self) -> None:
         if not self.running:
-            self._server = self._make(self.port)
+            self._server, self._thread = self._make(self.port)
             self.running = True
 
 
@@ -86,6 +128,21 @@ def restartable_s3(_moto_s3: MotoS3) -> Iterator[MotoS3]:
     """The session's S3 server with ``.stop()``/``.start()`` (same port, data kept); running again after the test."""
     yield _moto_s3
     _moto_s3.start()
+
+
+@pytest.fixture
+def s3_hold(_moto_s3: MotoS3) -> Iterator[Callable[[str], HeldRequest]]:
+    """``s3_hold(key_part)`` makes the session's S3 server hold the first request for such a key;
+    everything passes again after the test."""
+
+    def arm(key_part: str) -> HeldRequest:
+        _moto_s3.hold = HeldRequest(key_part)
+        return _moto_s3.hold
+
+    yield arm
+    if _moto_s3.hold is not None:
+        _moto_s3.hold.end()
+    _moto_s3.hold = None
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tbn_ray.science.models import build_model
 from tbn_ray.store.runs import Run, make_checkpoint
 from tbn_ray.store.storage import Storage
 
-from .conftest import free_port
+from .conftest import HeldRequest, free_port
 
 pytest.importorskip("ray.train.torch", reason='Ray missing: pip install "ray[default,train]==2.60.0"')
 
@@ -149,32 +150,42 @@ def test_two_workers_on_s3_then_resume_with_more_epochs(ray_local, s3_bucket: st
     assert "sigma=0.25" in sets and run.storage.exists("bn_stats.pt")
 
 
-def _kill_one_worker_once_checkpointed(run: Run, dashboard: str, stop: threading.Event, outcome: list[Any]) -> None:
-    """Wait for the first checkpoint, then SIGKILL one Train worker process (mid-epoch 2)."""
+def _kill_one_worker_while_held(held: HeldRequest, dashboard: str, outcome: list[Any]) -> None:
+    """Once the held checkpoint upload has started, SIGKILL one Train worker process, then let the upload go."""
     from ray.util.state import list_actors
 
     try:
-        while not stop.is_set() and not run.storage.exists("checkpoint.pt"):
-            time.sleep(0.1)
-        while not stop.is_set() and not outcome:
+        if not held.held.wait(timeout=HANG_S) or held.ended:
+            outcome.append(f"the run ended, or {HANG_S} s passed, without a request for {held.key_part}")
+            return
+        deadline = time.monotonic() + HANG_S
+        while not outcome and time.monotonic() < deadline:
             alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             workers = list_actors(address=dashboard, filters=alive, raise_on_missing_output=False)
             if workers:
                 pid = int(max(workers, key=lambda a: a.pid).pid)
                 os.kill(pid, signal.SIGKILL)
                 outcome.append(pid)
-            time.sleep(0.2)
+            else:
+                time.sleep(0.2)  # the state API lists the workers a moment after they start
     except Exception as e:  # reported by the test, not lost with the thread
         outcome.append(e)
+    finally:
+        held.release.set()
 
 
-def test_worker_killed_mid_run_recovers_from_last_checkpoint(ray_local, s3_bucket: str) -> None:
+def test_worker_killed_mid_run_recovers_from_last_checkpoint(
+    ray_local, s3_bucket: str, s3_hold: Callable[[str], HeldRequest]
+) -> None:
+    """The epoch-2 checkpoint's upload is held by the S3 server while a worker is killed: the run
+    cannot finish before the kill, and resumes from epoch 1's checkpoint (or epoch 2's)."""
+    held = s3_hold(f"{ray_train.RAY_CHECKPOINT_PREFIX}0002")
     root = Storage.open(f"{s3_bucket}/runs")
     cfg = tiny_cfg("killed", 4)
     run = Run(root.child(cfg.name))
-    stop, killed = threading.Event(), []
+    killed: list[Any] = []
     killer = threading.Thread(
-        target=_kill_one_worker_once_checkpointed, args=(run, ray_local.dashboard_url, stop, killed), daemon=True
+        target=_kill_one_worker_while_held, args=(held, ray_local.dashboard_url, killed), daemon=True
     )
     killer.start()
     try:
@@ -182,8 +193,8 @@ def test_worker_killed_mid_run_recovers_from_last_checkpoint(ray_local, s3_bucke
             cfg, root, Scaling(workers=2, cpus_per_worker=1), ray_local, recovery=Recovery(keep=2, max_failures=2)
         )
     finally:
-        stop.set()
-        killer.join(timeout=10)
+        held.end()
+        killer.join(timeout=HANG_S)
 
     assert killed and isinstance(killed[0], int), f"no worker was killed: {killed}"
     starts = final.meta["started_at_epochs"]
