@@ -84,26 +84,35 @@ class ModuleRun(Run):
         return copy.deepcopy(self.network).to(device).eval(), self.load_checkpoint()
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Frozen BN statistics: "clean" plus one set per sigma, each with what it was estimated from."""
-
-    sets: dict[str, dict[str, Any]]
+class _Table:
+    """Results that read as rows, for pandas."""
 
     def rows(self) -> list[dict[str, Any]]:
-        return [
-            {"set": name, **{k: v for k, v in entry.get("meta", {}).items() if not isinstance(v, (dict, list))}}
-            for name, entry in self.sets.items()
-        ]
+        raise NotImplementedError
 
     def to_pandas(self):  # type: ignore[no-untyped-def]
+        """The rows as a pandas DataFrame (pandas is imported only when asked for)."""
         import pandas as pd
 
         return pd.DataFrame(self.rows())
 
 
 @dataclass(frozen=True)
-class Certification:
+class Calibration(_Table):
+    """Frozen BN statistics: "clean" plus one set per sigma, each with what it was estimated from."""
+
+    sets: dict[str, dict[str, Any]]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per statistics set: its name and the scalar facts of how it was estimated."""
+        return [
+            {"set": name, **{k: v for k, v in entry.get("meta", {}).items() if not isinstance(v, (dict, list))}}
+            for name, entry in self.sets.items()
+        ]
+
+
+@dataclass(frozen=True)
+class Certification(_Table):
     """Per-sigma certificates: ``records`` in Cohen's format plus vote counts, ``summaries`` with
     certified accuracy at the report radii, ACR and every parameter that produced them."""
 
@@ -115,11 +124,6 @@ class Certification:
     def rows(self) -> list[dict[str, Any]]:
         """One row per (sigma, image): sigma, idx, label, predict, radius, correct, p_a_lower, ..."""
         return [{"sigma": sigma, **r} for sigma, recs in self.records.items() for r in recs]
-
-    def to_pandas(self):  # type: ignore[no-untyped-def]
-        import pandas as pd
-
-        return pd.DataFrame(self.rows())
 
     def certified_accuracy(self, sigma: float, radius: float) -> float:
         """The share of the certified images that are correct with a radius of at least ``radius``,
@@ -152,7 +156,7 @@ class Certification:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(_Table):
     """One evaluation's result.json: per BN mode, accuracies per corruption/severity or per attack."""
 
     eval_id: str
@@ -179,6 +183,7 @@ class Evaluation:
         return float(row[attack])
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per BN mode (and attack variant): its accuracies and the settings that produced them."""
         out = []
         for mode, body in self.result["modes"].items():
             if "variants" in body:  # attacks: one row per variant
@@ -192,11 +197,6 @@ class Evaluation:
                     }
                 )
         return out
-
-    def to_pandas(self):  # type: ignore[no-untyped-def]
-        import pandas as pd
-
-        return pd.DataFrame(self.rows())
 
 
 @contextmanager
