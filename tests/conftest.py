@@ -22,6 +22,14 @@ from .helpers import HANG_S
 
 # Ray >= 2.59 turns on token auth for ray.init() clusters; tests need it off before the first init.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray starts its workers at niceness 15. Beside other busy processes they then get a few percent of a
+# core, and a Ray test waits for minutes on scheduling priority, not on the code it checks: the
+# tests' Ray instances (and those of the commands they start) run their workers at the priority
+# of the test itself.
+os.environ.setdefault("RAY_worker_niceness", "0")
+# Ray waits 60 s for a dashboard it starts (`ray start --head`, ``Cluster``); a busy machine may need
+# longer, and the tests' one hang guard is HANG_S.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(HANG_S)))
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
