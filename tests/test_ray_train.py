@@ -293,19 +293,63 @@ def test_cli_train_on_a_local_instance_prints_no_ray_internals(tmp_path: Path) -
     assert Run.open(str(tmp_path / "quiet")).load_checkpoint().epoch == 1
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = HANG_S) -> None:
+def _start_head(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, Path]:
+    """``ray start --head --block`` on free ports, its dashboard's URL once it answers, and its temp dir.
+
+    Ray gives its own start-up steps fixed waits (30 s for the raylet to register); on a busy machine
+    a head can exit on one of them. Such a head is started again, on new ports, until one comes up
+    or the tests' hang guard passes: the test waits on the head, not on Ray's clock."""
     import urllib.request
 
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + HANG_S
+    attempts = 0
     while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start --head exited with {head.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"the head's dashboard did not answer within {timeout_s} s: {log.read_text()[-2000:]}")
+        attempts += 1
+        port, dashboard = free_port(), free_port()
+        # Ports Ray would otherwise take at fixed defaults (52365 for the job agent), shared with other sessions.
+        agent_ports = [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+            )
+        ]
+        # Ray's unix socket paths must stay under 107 bytes: a short temp dir, not pytest's.
+        temp_dir = Path(tempfile.mkdtemp(prefix="tbnray-", dir="/tmp"))
+        with log.open("a") as out:
+            head = subprocess.Popen(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={port}",
+                    f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1",
+                    "--include-dashboard=true",
+                    "--num-cpus=2",
+                    f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats",
+                    *agent_ports,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{dashboard}"
+        while head.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    return head, url, temp_dir
+            except OSError:
+                time.sleep(1)
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=HANG_S)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    pytest.fail(f"no head came up in {attempts} attempt(s) within {HANG_S} s: {log.read_text()[-2000:]}")
 
 
 def test_cli_local_trains_in_process_without_ray(tmp_path: Path) -> None:
@@ -329,18 +373,6 @@ def test_cli_local_trains_in_process_without_ray(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
     """The documented cluster flow against a separate local head: ray start, ray job submit, stop."""
-    port, dashboard = free_port(), free_port()
-    # Ports Ray would otherwise take at fixed defaults (52365 for the job agent), shared with other sessions.
-    agent_ports = [
-        f"--{flag}={free_port()}"
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-        )
-    ]
-    url = f"http://127.0.0.1:{dashboard}"
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -349,32 +381,8 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
     }
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # they would override --address
         env.pop(name, None)
-    # Ray's unix socket paths must stay under 107 bytes: a short temp dir, not pytest's.
-    temp_dir = Path(tempfile.mkdtemp(prefix="tbnray-", dir="/tmp"))
-    log = tmp_path / "head.log"
-    with log.open("w") as out:
-        head = subprocess.Popen(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                "--block",
-                f"--port={port}",
-                f"--dashboard-port={dashboard}",
-                "--dashboard-host=127.0.0.1",
-                "--include-dashboard=true",
-                "--num-cpus=2",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-                *agent_ports,
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    head, url, temp_dir = _start_head(env, tmp_path / "head.log")
     try:
-        _wait_for_dashboard(url, head, log)
         config = tmp_path / "tiny.yaml"
         config.write_text(yaml.safe_dump({"train": tiny("job", 1)}))
         storage = tmp_path / "results"
@@ -402,7 +410,7 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
             "2",
             "--fresh",
         ]
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_S
         while True:  # the dashboard answers before the head's job agent is ready
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_S)
             if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
