@@ -341,11 +341,14 @@ def _start_head(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, 
             )
         url = f"http://127.0.0.1:{dashboard}"
         while head.poll() is None and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                    return head, url, temp_dir
-            except OSError:
-                time.sleep(1)
+            # the dashboard may answer before the raylet has registered: up means `ray start` said so
+            if "Ray runtime started" in log.read_text(errors="replace").split("Local node IP")[-1]:
+                try:
+                    with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                        return head, url, temp_dir
+                except OSError:
+                    pass
+            time.sleep(1)
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=HANG_S)
         shutil.rmtree(temp_dir, ignore_errors=True)
