@@ -22,18 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import busy_processes
+
 RESULTS = Path(__file__).resolve().parent / "results"
-BUSY_LOOP = "while True: pass"
 
 
 def run_quickstart(threads: str, busy: int, timeout: float) -> dict:
     """One quickstart with ``threads`` (``--threads``) beside ``busy`` spinning processes."""
-    spinners = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
-    time.sleep(5 if busy else 0)  # let the load average see them, as it would on a busy laptop
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TBN_THREADS")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="tbn-busy-") as storage:
+    with busy_processes(busy), tempfile.TemporaryDirectory(prefix="tbn-busy-") as storage:
+        time.sleep(5 if busy else 0)  # let the load average see them, as it would on a busy laptop
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "tbn_ray", "--threads", threads, "quickstart", "--storage", storage],
@@ -50,9 +50,6 @@ def run_quickstart(threads: str, busy: int, timeout: float) -> dict:
             out, _ = proc.communicate()
             finished = False
         wall = time.perf_counter() - t0
-    for s in spinners:
-        s.kill()
-        s.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {

@@ -23,19 +23,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from timing import busy_processes
+
 RESULTS = Path(__file__).resolve().parent / "results"
-BUSY_LOOP = "while True: pass"
 
 
 def run_busy(pytest_args: list[str], spinners: int) -> tuple[int, float, str]:
     """pytest beside ``spinners`` busy processes: its exit status, wall seconds and summary line.
 
     pytest's output is passed through as it comes; its last line is pytest's summary."""
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(spinners)]
-    print(f"busy: {spinners} spinning processes, PIDs {' '.join(str(p.pid) for p in busy)}", flush=True)
     t0 = time.perf_counter()
     last = ""
-    try:
+    with busy_processes(spinners) as busy:
+        print(f"busy: {spinners} spinning processes, PIDs {' '.join(str(p.pid) for p in busy)}", flush=True)
         with subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
             stdout=subprocess.PIPE,
@@ -50,10 +50,6 @@ def run_busy(pytest_args: list[str], spinners: int) -> tuple[int, float, str]:
                 if line.strip():
                     last = line.strip()
             rc = pytest_run.wait()
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
     return rc, time.perf_counter() - t0, last
 
 

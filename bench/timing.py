@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
+    """``count`` spinning processes (``while True: pass``), ended by their PIDs whatever happens:
+    the other work of a busy machine, started and stopped by the benchmark itself."""
+    spinners = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        yield spinners
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:

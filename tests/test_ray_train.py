@@ -349,10 +349,19 @@ def _start_head(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, 
                 except OSError:
                     pass
             time.sleep(1)
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=HANG_S)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_head(head, temp_dir)
     pytest.fail(f"no head came up in {attempts} attempt(s) within {HANG_S} s: {log.read_text()[-2000:]}")
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: Path) -> None:
+    """Stop a head of ``_start_head`` (its session's processes too) and remove its temp dir."""
+    head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_cli_local_trains_in_process_without_ray(tmp_path: Path) -> None:
@@ -428,10 +437,4 @@ def test_ray_job_submit_runs_a_tiny_training(tmp_path: Path) -> None:
         assert ckpt.config.model.arch == "tiny" and ckpt.meta["started_at_epochs"] == [0]
         assert not previous.storage.exists("bn_stats.pt")
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_head(head, temp_dir)
